@@ -1,0 +1,370 @@
+// Split-KV paged decode, stage 1: the "hip" backend's kernel (one source for CUDA and HIP;
+// every platform construct is in compat.cuh).
+//
+// Grid (partitions, kv heads, sequences); one CTA walks `partition_size` tokens (a multiple
+// of 256) of one sequence for one kv head and serves all ROWS = GQA * QLEN query rows of
+// that head's group at once: row m = i * GQA + g is new token i, group member g, and the
+// rows form the M = 16 dim of mma.sync m16n8k16 tiles (rows past ROWS are masked).
+//
+// Work split: the CTA's cache blocks are dealt round-robin to its warps; each warp streams
+// its blocks through a private STAGES-deep ring of shared memory with 16-byte cp.async
+// copies (one stage = one cache block's K tile and V tile, copied as stored), keeps its own
+// online softmax, and the warps merge through shared memory at the end. So the main loop
+// needs no CTA-wide barrier.
+//
+// The shuffled layouts feed the tensor cores without transposes:
+//   K [HEAD/X][BS][X]: the 16 bytes of (dim chunk c, token t) are row t of an 8x8 B-matrix
+//                      of S = Q K^T (k = dims, n = tokens): ldmatrix, rows contiguous.
+//   V [BS/X][HEAD][X]: the 16 bytes of (token group g, dim d) are row d of an 8x8 B-matrix
+//                      of O = P V (k = tokens, n = dims): ldmatrix again.
+// 8-bit caches (X = 16) build the same fragments from two 16-bit shared loads per register
+// and widen them (compat.cuh's widen2); their per-tensor scales fold into the softmax scale
+// (K) and the final normalization (V).
+//
+// Output: the partial format of pa_hybrid/kernels/reduce.py (max_logits in natural-log
+// units, exp_sums, normalized tmp_out), or `out` itself when one partition covers every
+// context (write_out), so stage 2 is skipped.
+#include "compat.cuh"
+
+namespace pa {
+
+// One launch's arguments, passed by value. Field order and types are mirrored by
+// pa_hybrid/backends/hip.py (SplitKvParams); a test checks sizes and offsets.
+struct SplitKvParams {
+  void* out;                // [rows, num_heads, HEAD], query dtype
+  float* exp_sums;          // [rows, num_heads, max_partitions]
+  float* max_logits;        // same shape and strides as exp_sums
+  void* tmp_out;            // [rows, num_heads, max_partitions, HEAD], tmp_kind dtype
+  const void* q;            // [rows, num_heads, HEAD], last dim contiguous
+  const void* k;            // [num_blocks, num_kv_heads, HEAD / X, BS, X]
+  const void* v;            // [num_blocks, num_kv_heads, BS / X, HEAD, X]
+  const float* k_scale;     // 1 element, 8-bit caches only
+  const float* v_scale;
+  const int* block_tables;  // [num_seqs, max_blocks]
+  const int* context_lens;  // [num_seqs]
+  const int* qo_indptr;     // [num_seqs + 1], read when QLEN > 1
+  float scale_log2;         // softmax scale * log2(e)
+  int partition_size;       // tokens per CTA, a multiple of 256
+  int write_out;            // 1: one partition covers max_seq_len; write out, no partials
+  int tmp_kind;             // tmp_out dtype: 0 fp32, 1 bf16, 2 fp16
+  i64 stride_q_row, stride_q_head;
+  i64 stride_out_row, stride_out_head;
+  i64 stride_es_row, stride_es_head;
+  i64 stride_tmp_row, stride_tmp_head, stride_tmp_part;
+  i64 stride_k_block, stride_k_head;  // in elements
+  i64 stride_v_block, stride_v_head;
+  i64 stride_bt;
+};
+
+template <bool IS_BF16, int KV_KIND, int HEAD, int BS, int GQA, int QLEN>
+struct SplitKvConfig {
+  static constexpr int KV_BYTES = KV_KIND == KV_16BIT ? 2 : 1;
+  static constexpr int X = 16 / KV_BYTES;
+  static constexpr int ROWS = GQA * QLEN;
+  static constexpr int KV_TILE = HEAD * BS * KV_BYTES;  // one cache block of K (or of V)
+  static constexpr int STAGE = 2 * KV_TILE;
+  // keep 2 CTAs per SM within 227 KB: fewer warps and stages for big tiles
+  static constexpr int WARPS = STAGE >= 32768 ? 2 : 4;
+  static constexpr int THREADS = 32 * WARPS;
+  static constexpr int STAGES = STAGE <= 8192 ? 3 : 2;
+  static constexpr int Q_STRIDE = HEAD + 8;  // elements; the pad spreads ldmatrix rows over banks
+  static constexpr int Q_BYTES = 16 * Q_STRIDE * 2;
+  static constexpr int RING_BYTES = WARPS * STAGES * STAGE;
+  static constexpr int MERGE_BYTES = WARPS * 16 * (HEAD + 2) * 4;  // O, max and sum per warp and row
+  static constexpr int SMEM_BYTES = Q_BYTES + (RING_BYTES > MERGE_BYTES ? RING_BYTES : MERGE_BYTES);
+  static constexpr int NT = BS / 8;  // n-tiles of S per block
+  static_assert(ROWS >= 1 && ROWS <= 16, "GQA * QLEN must fit one 16-row tile");
+  static_assert(HEAD % 16 == 0 && BS % 16 == 0 && BS % X == 0, "unsupported head/block size");
+  static_assert(KV_TILE % 512 == 0, "a warp copies tiles in 512-byte steps");
+};
+
+// Dynamic shared memory of one variant; the launcher reads it from the module.
+template <bool IS_BF16, int KV_KIND, int HEAD, int BS, int GQA, int QLEN>
+__device__ const int split_kv_smem_bytes = SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, GQA, QLEN>::SMEM_BYTES;
+template <bool IS_BF16, int KV_KIND, int HEAD, int BS, int GQA, int QLEN>
+__device__ const int split_kv_threads = SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, GQA, QLEN>::THREADS;
+
+template <bool IS_BF16, int KV_KIND, int HEAD, int BS, int GQA, int QLEN>
+__global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, GQA, QLEN>::THREADS)
+    paged_decode_split_kv(const __grid_constant__ SplitKvParams p) {
+  using C = SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, GQA, QLEN>;
+  using Q = q16<IS_BF16>;
+  using qt = typename Q::t;
+  constexpr float LN2 = 0.6931471805599453f;
+  extern __shared__ __align__(128) unsigned char smem[];
+  qt* q_s = reinterpret_cast<qt*>(smem);  // [16][Q_STRIDE]
+  unsigned char* ring = smem + C::Q_BYTES;
+
+  const int part = blockIdx.x, kv_head = blockIdx.y, seq = blockIdx.z;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int context_len = p.context_lens[seq];
+  int first_row = seq, num_new = 1;
+  if constexpr (QLEN > 1) {
+    first_row = p.qo_indptr[seq];
+    num_new = p.qo_indptr[seq + 1] - first_row;
+  }
+  const int start = part * p.partition_size;
+
+  // ---- phase 0: an empty partition writes nothing, except zeros for an empty context ----
+  if (start >= context_len) {
+    if (p.write_out) {
+      for (int idx = threadIdx.x; idx < C::ROWS * HEAD; idx += C::THREADS) {
+        const int m = idx / HEAD, d = idx % HEAD, i = m / GQA;
+        if (i < num_new) {
+          qt* o = static_cast<qt*>(p.out) + (first_row + i) * p.stride_out_row +
+                  (kv_head * GQA + m % GQA) * p.stride_out_head;
+          o[d] = Q::from_float(0.f);
+        }
+      }
+    }
+    return;
+  }
+  const int end = min(start + p.partition_size, context_len);
+
+  // ---- phase 1: the group's query rows into shared memory (rows past ROWS are zero) ----
+  for (int idx = threadIdx.x; idx < 16 * HEAD; idx += C::THREADS) {
+    const int m = idx / HEAD, d = idx % HEAD, i = m / GQA;
+    qt val = Q::from_float(0.f);
+    if (m < C::ROWS && i < num_new) {
+      const qt* q = static_cast<const qt*>(p.q) + (first_row + i) * p.stride_q_row +
+                    (kv_head * GQA + m % GQA) * p.stride_q_head;
+      val = q[d];
+    }
+    q_s[m * C::Q_STRIDE + d] = val;
+  }
+  __syncthreads();
+
+  // tokens each of this lane's two rows sees, capped by the partition end
+  const int row0 = lane / 4, row1 = lane / 4 + 8;
+  auto limit_of = [&](int m) {
+    const int i = m / GQA;
+    if (m >= C::ROWS || i >= num_new) return 0;
+    const int visible = QLEN > 1 ? context_len - num_new + i + 1 : context_len;
+    return min(end, visible);
+  };
+  const int limit0 = limit_of(row0), limit1 = limit_of(row1);
+
+  float qk_scale = p.scale_log2;
+  if constexpr (KV_KIND != KV_16BIT) qk_scale *= *p.k_scale;
+
+  // ---- phase 2: this warp's blocks through its cp.async ring ----
+  const int block_begin = start / BS;
+  const int num_blocks = (end + BS - 1) / BS - block_begin;
+  const int mine = warp < num_blocks ? (num_blocks - warp + C::WARPS - 1) / C::WARPS : 0;
+  unsigned char* my_ring = ring + warp * C::STAGES * C::STAGE;
+  const int* table = p.block_tables + seq * p.stride_bt;
+  const unsigned char* k_head = static_cast<const unsigned char*>(p.k) + kv_head * p.stride_k_head * C::KV_BYTES;
+  const unsigned char* v_head = static_cast<const unsigned char*>(p.v) + kv_head * p.stride_v_head * C::KV_BYTES;
+
+  auto issue = [&](int j) {  // copy this warp's j-th block into stage j % STAGES
+    const i64 blk = table[block_begin + warp + j * C::WARPS];
+    const unsigned char* kg = k_head + blk * p.stride_k_block * C::KV_BYTES;
+    const unsigned char* vg = v_head + blk * p.stride_v_block * C::KV_BYTES;
+    unsigned char* ks = my_ring + (j % C::STAGES) * C::STAGE;
+#pragma unroll
+    for (int off = lane * 16; off < C::KV_TILE; off += 512) {
+      cp_async_16(ks + off, kg + off);
+      cp_async_16(ks + C::KV_TILE + off, vg + off);
+    }
+  };
+
+  float o[HEAD / 8][4];
+#pragma unroll
+  for (int dt = 0; dt < HEAD / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
+  float max0 = PA_NEG_INF, max1 = PA_NEG_INF, sum0 = 0.f, sum1 = 0.f;
+
+#pragma unroll
+  for (int j = 0; j < C::STAGES - 1; ++j) {
+    if (j < mine) issue(j);
+    cp_async_commit();
+  }
+  for (int j = 0; j < mine; ++j) {
+    if (j + C::STAGES - 1 < mine) issue(j + C::STAGES - 1);
+    cp_async_commit();
+    cp_async_wait<C::STAGES - 1>();
+    warp_sync();
+
+    const int token0 = (block_begin + warp + j * C::WARPS) * BS;
+    unsigned char* ks = my_ring + (j % C::STAGES) * C::STAGE;
+    unsigned char* vs = ks + C::KV_TILE;
+    if (token0 + BS > end) {
+      // the cache block ends the context: stale V there could be NaN, and 0 * NaN is NaN
+      const int valid = end - token0;
+      for (int idx = lane; idx < HEAD * (BS - valid); idx += 32) {
+        const int t = valid + idx / HEAD, d = idx % HEAD;
+        unsigned char* e = vs + ((t / C::X) * HEAD * C::X + d * C::X + t % C::X) * C::KV_BYTES;
+        for (int b = 0; b < C::KV_BYTES; ++b) e[b] = 0;
+      }
+      warp_sync();
+    }
+
+    // S = Q K^T for this block's BS tokens
+    float s[C::NT][4];
+#pragma unroll
+    for (int nt = 0; nt < C::NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+    for (int kstep = 0; kstep < HEAD / 16; ++kstep) {
+      unsigned a[4];
+      ldmatrix_x4(a, q_s + (lane % 16) * C::Q_STRIDE + kstep * 16 + (lane / 16) * 8);
+      if constexpr (KV_KIND == KV_16BIT) {
+#pragma unroll
+        for (int nt = 0; nt < C::NT; nt += 2) {  // two n-tiles per ldmatrix_x4
+          unsigned b[4];
+          const int mat = lane / 8, chunk = 2 * kstep + (mat & 1), tok = nt * 8 + (mat >> 1) * 8 + lane % 8;
+          ldmatrix_x4(b, ks + (chunk * BS + tok) * 16);
+          mma_16816<IS_BF16>(s[nt], a, b[0], b[1]);
+          mma_16816<IS_BF16>(s[nt + 1], a, b[2], b[3]);
+        }
+      } else {
+#pragma unroll
+        for (int nt = 0; nt < C::NT; ++nt) {
+          const unsigned char* row = ks + (kstep * BS + nt * 8 + lane / 4) * 16 + (lane % 4) * 2;
+          const unsigned b0 = widen2<KV_KIND, IS_BF16>(*reinterpret_cast<const unsigned short*>(row));
+          const unsigned b1 = widen2<KV_KIND, IS_BF16>(*reinterpret_cast<const unsigned short*>(row + 8));
+          mma_16816<IS_BF16>(s[nt], a, b0, b1);
+        }
+      }
+    }
+
+    // online softmax in base 2 over this block; lane holds rows row0/row1, 2 columns per n-tile
+    float block_max0 = PA_NEG_INF, block_max1 = PA_NEG_INF;
+#pragma unroll
+    for (int nt = 0; nt < C::NT; ++nt) {
+      const int t = token0 + nt * 8 + (lane % 4) * 2;
+      s[nt][0] = t < limit0 ? s[nt][0] * qk_scale : PA_NEG_INF;
+      s[nt][1] = t + 1 < limit0 ? s[nt][1] * qk_scale : PA_NEG_INF;
+      s[nt][2] = t < limit1 ? s[nt][2] * qk_scale : PA_NEG_INF;
+      s[nt][3] = t + 1 < limit1 ? s[nt][3] * qk_scale : PA_NEG_INF;
+      block_max0 = fmaxf(block_max0, fmaxf(s[nt][0], s[nt][1]));
+      block_max1 = fmaxf(block_max1, fmaxf(s[nt][2], s[nt][3]));
+    }
+    block_max0 = fmaxf(block_max0, shfl_xor(block_max0, 1));
+    block_max0 = fmaxf(block_max0, shfl_xor(block_max0, 2));
+    block_max1 = fmaxf(block_max1, shfl_xor(block_max1, 1));
+    block_max1 = fmaxf(block_max1, shfl_xor(block_max1, 2));
+    const float new_max0 = fmaxf(max0, block_max0), new_max1 = fmaxf(max1, block_max1);
+    // rows that have seen nothing keep -inf: shift by 0 so exp2 gives 0, not NaN
+    const float shift0 = new_max0 == PA_NEG_INF ? 0.f : new_max0;
+    const float shift1 = new_max1 == PA_NEG_INF ? 0.f : new_max1;
+    const float alpha0 = fast_exp2(max0 - shift0), alpha1 = fast_exp2(max1 - shift1);
+    max0 = new_max0;
+    max1 = new_max1;
+    sum0 *= alpha0;
+    sum1 *= alpha1;
+#pragma unroll
+    for (int nt = 0; nt < C::NT; ++nt) {
+      s[nt][0] = fast_exp2(s[nt][0] - shift0);
+      s[nt][1] = fast_exp2(s[nt][1] - shift0);
+      s[nt][2] = fast_exp2(s[nt][2] - shift1);
+      s[nt][3] = fast_exp2(s[nt][3] - shift1);
+      sum0 += s[nt][0] + s[nt][1];
+      sum1 += s[nt][2] + s[nt][3];
+    }
+#pragma unroll
+    for (int dt = 0; dt < HEAD / 8; ++dt) {
+      o[dt][0] *= alpha0;
+      o[dt][1] *= alpha0;
+      o[dt][2] *= alpha1;
+      o[dt][3] *= alpha1;
+    }
+
+    // O += P V, 16 tokens per k-step; S's accumulator fragments are P's A fragments
+#pragma unroll
+    for (int kt = 0; kt < BS / 16; ++kt) {
+      const unsigned a[4] = {
+          as_u32(Q::from_floats(s[2 * kt][0], s[2 * kt][1])),
+          as_u32(Q::from_floats(s[2 * kt][2], s[2 * kt][3])),
+          as_u32(Q::from_floats(s[2 * kt + 1][0], s[2 * kt + 1][1])),
+          as_u32(Q::from_floats(s[2 * kt + 1][2], s[2 * kt + 1][3])),
+      };
+      if constexpr (KV_KIND == KV_16BIT) {
+#pragma unroll
+        for (int dt = 0; dt < HEAD / 8; dt += 2) {  // two dim tiles per ldmatrix_x4
+          unsigned b[4];
+          const int mat = lane / 8, group = 2 * kt + (mat & 1), d = (dt + (mat >> 1)) * 8 + lane % 8;
+          ldmatrix_x4(b, vs + (group * HEAD + d) * 16);
+          mma_16816<IS_BF16>(o[dt], a, b[0], b[1]);
+          mma_16816<IS_BF16>(o[dt + 1], a, b[2], b[3]);
+        }
+      } else {
+#pragma unroll
+        for (int dt = 0; dt < HEAD / 8; ++dt) {
+          const unsigned char* row = vs + (kt * HEAD + dt * 8 + lane / 4) * 16 + (lane % 4) * 2;
+          const unsigned b0 = widen2<KV_KIND, IS_BF16>(*reinterpret_cast<const unsigned short*>(row));
+          const unsigned b1 = widen2<KV_KIND, IS_BF16>(*reinterpret_cast<const unsigned short*>(row + 8));
+          mma_16816<IS_BF16>(o[dt], a, b0, b1);
+        }
+      }
+    }
+    warp_sync();  // every lane is done with this stage before it is refilled
+  }
+  cp_async_wait<0>();
+
+  // ---- phase 3: merge the warps' (max, sum, O) through shared memory ----
+  sum0 += shfl_xor(sum0, 1);
+  sum0 += shfl_xor(sum0, 2);
+  sum1 += shfl_xor(sum1, 1);
+  sum1 += shfl_xor(sum1, 2);
+  __syncthreads();  // the ring is free: reuse it
+  float* merge_o = reinterpret_cast<float*>(ring);  // [WARPS][16][HEAD]
+  float* merge_max = merge_o + C::WARPS * 16 * HEAD;  // [WARPS][16]
+  float* merge_sum = merge_max + C::WARPS * 16;
+  if (lane % 4 == 0) {
+    merge_max[warp * 16 + row0] = max0;
+    merge_max[warp * 16 + row1] = max1;
+    merge_sum[warp * 16 + row0] = sum0;
+    merge_sum[warp * 16 + row1] = sum1;
+  }
+#pragma unroll
+  for (int dt = 0; dt < HEAD / 8; ++dt) {
+    const int d = dt * 8 + (lane % 4) * 2;
+    float* r0 = merge_o + (warp * 16 + row0) * HEAD + d;
+    float* r1 = merge_o + (warp * 16 + row1) * HEAD + d;
+    r0[0] = o[dt][0];
+    r0[1] = o[dt][1];
+    r1[0] = o[dt][2];
+    r1[1] = o[dt][3];
+  }
+  __syncthreads();
+
+  float v_scale = 1.f;
+  if constexpr (KV_KIND != KV_16BIT) v_scale = *p.v_scale;
+  for (int idx = threadIdx.x; idx < C::ROWS * HEAD; idx += C::THREADS) {
+    const int m = idx / HEAD, d = idx % HEAD, i = m / GQA;
+    if (i >= num_new) continue;
+    float row_max = PA_NEG_INF;
+#pragma unroll
+    for (int w = 0; w < C::WARPS; ++w) row_max = fmaxf(row_max, merge_max[w * 16 + m]);
+    const float shift = row_max == PA_NEG_INF ? 0.f : row_max;
+    float total = 0.f, acc = 0.f;
+#pragma unroll
+    for (int w = 0; w < C::WARPS; ++w) {
+      const float weight = fast_exp2(merge_max[w * 16 + m] - shift);
+      total += merge_sum[w * 16 + m] * weight;
+      acc += merge_o[(w * 16 + m) * HEAD + d] * weight;
+    }
+    // total >= 1 for a row that saw a token here; rows that saw none stay 0
+    const float result = acc / fmaxf(total, 1e-30f) * v_scale;
+    const i64 row = first_row + i;
+    const int head = kv_head * GQA + m % GQA;
+    if (p.write_out) {
+      static_cast<qt*>(p.out)[row * p.stride_out_row + head * p.stride_out_head + d] = Q::from_float(result);
+    } else {
+      const i64 t = row * p.stride_tmp_row + head * p.stride_tmp_head + part * p.stride_tmp_part + d;
+      if (p.tmp_kind == 0) {
+        static_cast<float*>(p.tmp_out)[t] = result;
+      } else if (p.tmp_kind == 1) {
+        static_cast<q16<true>::t*>(p.tmp_out)[t] = q16<true>::from_float(result);
+      } else {
+        static_cast<q16<false>::t*>(p.tmp_out)[t] = q16<false>::from_float(result);
+      }
+      if (d == 0) {
+        const i64 e = row * p.stride_es_row + head * p.stride_es_head + part;
+        p.exp_sums[e] = total;
+        p.max_logits[e] = row_max * LN2;  // natural-log units, as the partial format says
+      }
+    }
+  }
+}
+
+}  // namespace pa

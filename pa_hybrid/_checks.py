@@ -1,0 +1,57 @@
+"""Argument checks shared by every public function.
+
+Each raises ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong shape,
+device or value) whose message names the argument, what was expected and what
+was given. None of them reads device memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_tensor(t, name: str, *, optional: bool = False) -> None:
+    if t is None and optional:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+
+
+def check_rank(t: torch.Tensor, rank: int, name: str, layout: str = "") -> None:
+    check_tensor(t, name)
+    if t.dim() != rank:
+        shape = f" {layout}" if layout else ""
+        raise ValueError(f"{name}: expected a {rank}-D tensor{shape}, got shape {tuple(t.shape)}")
+
+
+def check_shape(t: torch.Tensor, shape: tuple, name: str, layout: str = "") -> None:
+    check_tensor(t, name)
+    if tuple(t.shape) != tuple(shape):
+        hint = f" {layout}" if layout else ""
+        raise ValueError(f"{name}: expected shape {tuple(shape)}{hint}, got {tuple(t.shape)}")
+
+
+def check_dtype(t: torch.Tensor, dtypes, name: str) -> None:
+    check_tensor(t, name)
+    if isinstance(dtypes, torch.dtype):
+        dtypes = (dtypes,)
+    if t.dtype not in dtypes:
+        names = " or ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name}: expected dtype {names}, got {str(t.dtype).replace('torch.', '')}")
+
+
+def check_device_match(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name}: expected a tensor on {ref.device} (the device of {ref_name}), got {t.device}")
+
+
+def check_last_dim_contiguous(t: torch.Tensor, name: str) -> None:
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name}: the last dim must be contiguous (stride 1), got strides {t.stride()}")
+
+
+def check_positive_int(v, name: str, *, allow_zero: bool = False) -> None:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+    if v < 0 or (v == 0 and not allow_zero):
+        raise ValueError(f"{name}: expected a {'non-negative' if allow_zero else 'positive'} int, got {v}")

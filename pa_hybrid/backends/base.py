@@ -1,0 +1,102 @@
+"""The interface every backend exposes to the dispatcher, and capability checks as data.
+
+A backend declares what it covers as class data (dtypes, head and block sizes,
+GQA and qlen ranges, scale kinds, device types); :meth:`Backend.supports` applies
+one rule per field and returns every reason that fails, joined, or None.
+:meth:`Backend.available` says whether it can run on a device at all (a missing
+toolchain, driver or GPU), with the reason.
+"""
+
+from __future__ import annotations
+
+import abc
+import functools
+
+import torch
+import triton
+
+from ..call import CallKey, DecodeCall
+from ..layouts import PARTITION_SIZE
+
+
+def _names(values) -> str:
+    return ", ".join(str(v).replace("torch.", "") for v in values)
+
+
+class Backend(abc.ABC):
+    name: str = ""
+    device_types: tuple = ("cuda",)
+    q_dtypes: tuple = (torch.bfloat16, torch.float16)
+    kv_dtypes: tuple = ()
+    head_sizes: tuple | None = None  # None: any
+    block_sizes: tuple | None = None
+    max_gqa: int | None = None
+    max_qlen: int | None = None
+    scales: tuple = ("none", "per_tensor", "per_token")
+    high_precision: tuple = (0, 1, 2)
+    accepts_kernel_name: bool = False  # kernelName picks a row of the asm manifest
+
+    def available(self, device_type: str, device_index: int) -> str | None:
+        """None if this backend can run on the device, else why not."""
+        return None
+
+    def supports(self, key: CallKey) -> str | None:
+        reasons = [r for r in self._capability_reasons(key) if r]
+        return "; ".join(reasons) if reasons else None
+
+    def _capability_reasons(self, key: CallKey):
+        yield None if key.device_type in self.device_types else f"runs on {_names(self.device_types)}, not {key.device_type}"
+        yield None if key.q_dtype in self.q_dtypes else f"query dtype {_names([key.q_dtype])} not in ({_names(self.q_dtypes)})"
+        yield None if key.kv_dtype in self.kv_dtypes else f"kv dtype {_names([key.kv_dtype])} not in ({_names(self.kv_dtypes)})"
+        if self.head_sizes is not None and key.head_size not in self.head_sizes:
+            yield f"head_size {key.head_size} not in ({_names(self.head_sizes)})"
+        if self.block_sizes is not None and key.block_size not in self.block_sizes:
+            yield f"block_size {key.block_size} not in ({_names(self.block_sizes)})"
+        if self.max_gqa is not None and key.gqa > self.max_gqa:
+            yield f"GQA ratio {key.gqa} above {self.max_gqa}"
+        if self.max_qlen is not None and key.max_qlen > self.max_qlen:
+            yield f"max_qlen {key.max_qlen} above {self.max_qlen}"
+        if key.scales not in self.scales:
+            yield f"{key.scales} scales not supported (only {_names(self.scales)})"
+        if key.high_precision not in self.high_precision:
+            yield f"high_precision={key.high_precision} not offered (only {_names(self.high_precision)})"
+        if key.kernel_name is not None and not self.accepts_kernel_name:
+            yield f"kernelName={key.kernel_name!r} names an asm kernel; only the asm backend takes it"
+
+    @abc.abstractmethod
+    def run(self, call: DecodeCall) -> None:
+        """Compute ``call.out`` in place on the current stream, without a host sync."""
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_device_ok(device_index: int) -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA device (torch.cuda.is_available() is False)"
+    if device_index >= torch.cuda.device_count():
+        return f"cuda:{device_index} does not exist ({torch.cuda.device_count()} devices)"
+    return None
+
+
+CPU_PARALLELISM = 1024
+"""What :func:`sm_count` reports for the CPU: large, so interpreted runs split into
+256-token partitions and exercise the split-KV path."""
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device_type: str, device_index: int) -> int:
+    if device_type == "cuda":
+        return torch.cuda.get_device_properties(device_index).multi_processor_count
+    return CPU_PARALLELISM
+
+
+def split_kv_partition_size(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int, programs_per_sm: int) -> int:
+    """Tokens per stage-1 CTA/program of a split-KV kernel: the longest multiple of 256
+    (doubling) that still gives every SM ``programs_per_sm`` of them, so long walks
+    amortize a pipeline's start when the batch alone fills the GPU, while short contexts
+    or few sequences still split finely. Never more partitions than the 256-token scratch
+    holds; ``>= max_seq_len`` means one partition: write ``out``, skip stage 2."""
+    partition = PARTITION_SIZE
+    target = programs_per_sm * num_sms
+    while partition < max_seq_len and num_seqs * num_kv_heads * triton.cdiv(max_seq_len, 2 * partition) >= target:
+        partition *= 2
+    return partition

@@ -1,0 +1,68 @@
+"""The portable backend: split-KV decode in Triton (kernels/decode.py) + the Triton reduce.
+
+Runs wherever Triton runs, including Triton's CPU interpreter (TRITON_INTERPRET=1),
+which is how the test suite exercises it without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..call import SCALES_PER_TENSOR, SCALES_PER_TOKEN, DecodeCall
+from ..kernels.decode import SCALE_NONE, SCALE_PER_TENSOR, SCALE_PER_TOKEN, launch_paged_decode
+from ..kernels.reduce import launch_split_kv_reduce
+from ..layouts import KV_DTYPES, x_for
+from .base import Backend, cuda_device_ok, sm_count, split_kv_partition_size
+
+PROGRAMS_PER_SM = 2
+"""Measured on an H100: 1-2 programs per SM were best for bulk calls (benchmarks/RESULTS.md)."""
+
+_SCALE_KINDS = {SCALES_PER_TENSOR: SCALE_PER_TENSOR, SCALES_PER_TOKEN: SCALE_PER_TOKEN}
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    device_types = ("cuda", "cpu")
+    kv_dtypes = KV_DTYPES
+    head_sizes = (64, 128, 256)
+    block_sizes = (16, 32)
+    max_gqa = 16
+    max_qlen = 4
+
+    def available(self, device_type, device_index):
+        if device_type == "cpu":
+            if os.environ.get("TRITON_INTERPRET", "0") != "1":
+                return "CPU tensors run only under Triton's interpreter (set TRITON_INTERPRET=1 before importing triton)"
+            return None
+        return cuda_device_ok(device_index)
+
+    def run(self, call: DecodeCall) -> None:
+        key = call.key
+        partition_size = split_kv_partition_size(
+            call.num_seqs, key.num_kv_heads, key.max_seq_len, sm_count(key.device_type, key.device_index), PROGRAMS_PER_SM
+        )
+        common = dict(
+            scale=call.scale,
+            max_qlen=key.max_qlen,
+            max_seq_len=key.max_seq_len,
+            partition_size=partition_size,
+            head_size=key.head_size,
+            block_size=key.block_size,
+            x=x_for(key.kv_dtype),
+            gqa=key.gqa,
+        )
+        split = partition_size < key.max_seq_len
+        exp_sums, max_logits, tmp_out = call.scratch() if split else (None, None, None)
+        launch_paged_decode(
+            call.out, exp_sums, max_logits, tmp_out, call.Q, call.K, call.V, call.k_scale, call.v_scale,
+            _SCALE_KINDS.get(key.scales, SCALE_NONE), call.block_tables, call.context_lens, call.qo_indptr,
+            **common,
+        )  # fmt: skip
+        if split:
+            launch_split_kv_reduce(
+                call.out, exp_sums, max_logits, tmp_out, call.context_lens, call.qo_indptr, key.max_qlen,
+                partition_size,
+            )  # fmt: skip
+
+
+BACKEND = TritonBackend()

@@ -1,0 +1,141 @@
+"""Which backend runs a call: the selection policy and its data table.
+
+Backends register themselves (``register``); the dispatcher only sees their
+``available(device)``, ``supports(key)`` and ``run(call)``. The policy orders the
+candidates from a small data table (``DispatchRules``, one per GPU model, the
+``"default"`` row until a tuning step measures others); ``supports`` and
+``available`` filter them, and every skipped backend keeps its reason, which
+``explain`` reports. Choices are cached per :class:`~pa_hybrid.call.CallKey`, so a
+steady-state call pays one dict lookup.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+
+from .call import CallKey
+
+BACKEND_NAMES = ("hip", "asm", "triton", "torch")
+"""Every backend name the policy knows, fastest-first in general."""
+
+
+@dataclass(frozen=True)
+class DispatchRules:
+    """The thresholds of the selection policy for one GPU model."""
+
+    hip_below_concurrency: int = 128
+    """16-bit KV: the split-KV "hip" kernel below this many sequences (query rows with
+    max_qlen > 1), the single-pass "asm" kernel from it on."""
+
+
+RULES_BY_DEVICE: dict[str, DispatchRules] = {"default": DispatchRules()}
+"""Per-GPU rules keyed by ``torch.cuda.get_device_name``; "default" elsewhere."""
+
+
+@dataclass
+class Selection:
+    """The outcome of selection: the backend that runs and why the others did not."""
+
+    backend: str
+    rule: str
+    skipped: dict = field(default_factory=dict)  # name -> reason, in preference order
+
+    def __str__(self):
+        lines = [f"backend: {self.backend} ({self.rule})"]
+        lines += [f"  skipped {name}: {reason}" for name, reason in self.skipped.items()]
+        return "\n".join(lines)
+
+
+_REGISTRY: dict = {}
+
+
+def set_rules(device_name: str, rules: DispatchRules) -> None:
+    """Install the rules for a GPU model ("default" for every other device)."""
+    RULES_BY_DEVICE[device_name] = rules
+    rules_for.cache_clear()
+    select.cache_clear()
+
+
+def register(backend) -> None:
+    """Make a backend (an object with ``name``, ``available``, ``supports``, ``run``) selectable."""
+    _REGISTRY[backend.name] = backend
+    select.cache_clear()
+
+
+def registered() -> dict:
+    return dict(_REGISTRY)
+
+
+def unavailable_reason(name: str, key: CallKey) -> str | None:
+    """Why backend ``name`` cannot run this call (not built, not on this device, not supported), or None."""
+    backend = _REGISTRY.get(name)
+    if backend is None:
+        return f"no '{name}' backend is built into this version of pa_hybrid"
+    return backend.available(key.device_type, key.device_index) or backend.supports(key)
+
+
+@functools.lru_cache(maxsize=None)
+def rules_for(device_type: str, device_index: int) -> DispatchRules:
+    if device_type == "cuda" and torch.cuda.is_available():
+        return RULES_BY_DEVICE.get(torch.cuda.get_device_name(device_index), RULES_BY_DEVICE["default"])
+    return RULES_BY_DEVICE["default"]
+
+
+def preference(key: CallKey, rules: DispatchRules) -> tuple[tuple[str, ...], str]:
+    """The backends to try, in order, and the rule that ordered them."""
+    if key.kernel_name is not None:
+        return ("asm",), "kernelName names an asm kernel"
+    if key.kv_is_8bit:
+        return ("asm", "hip", "triton", "torch"), "8-bit KV cache: asm first"
+    if key.high_precision == 2:
+        return ("asm", "hip", "triton", "torch"), "high_precision=2: asm first"
+    if key.concurrency < rules.hip_below_concurrency:
+        return (
+            ("hip", "asm", "triton", "torch"),
+            f"concurrency {key.concurrency} < {rules.hip_below_concurrency}: split-KV hip first",
+        )
+    return (
+        ("asm", "hip", "triton", "torch"),
+        f"concurrency {key.concurrency} >= {rules.hip_below_concurrency}: single-pass asm first",
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def select(key: CallKey) -> Selection:
+    """The backend "auto" runs for this call. Raises ValueError when none can."""
+    order, rule = preference(key, rules_for(key.device_type, key.device_index))
+    skipped = {}
+    for name in order:
+        reason = unavailable_reason(name, key)
+        if reason is None:
+            return Selection(name, rule, skipped)
+        skipped[name] = reason
+    details = "; ".join(f"{n}: {r}" for n, r in skipped.items())
+    raise ValueError(f"no backend can run this call ({key}): {details}")
+
+
+def forced(name: str, key: CallKey):
+    """The backend object for ``backend=name``; raises ValueError with the reason if it cannot run."""
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"backend: expected 'auto' or one of {BACKEND_NAMES}, got {name!r}")
+    reason = unavailable_reason(name, key)
+    if reason is not None:
+        raise ValueError(f"backend={name!r} cannot run this call ({key}): {reason}")
+    return _REGISTRY[name]
+
+
+def backend_for(name: str, key: CallKey):
+    """The backend object that runs a call with ``backend=name`` ("auto" selects)."""
+    if name == "auto":
+        return _REGISTRY[select(key).backend]
+    return forced(name, key)
+
+
+def available_backends(device) -> list[str]:
+    """Names of the registered backends that can run on ``device`` at all."""
+    device = torch.device(device)
+    index = device.index if device.index is not None else 0
+    return [n for n in BACKEND_NAMES if n in _REGISTRY and _REGISTRY[n].available(device.type, index) is None]

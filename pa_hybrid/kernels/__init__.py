@@ -1,0 +1,2 @@
+"""Triton kernels. Each module holds private ``@triton.jit`` kernels beside the
+launcher that allocates, computes the grid and passes explicit strides."""

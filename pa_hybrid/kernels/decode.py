@@ -1,0 +1,315 @@
+"""Split-KV paged decode, stage 1, in Triton (the portable backend's kernel).
+
+One program per (partition of 256 tokens, kv head, sequence) serves every query
+row of the kv head's GQA group (and every new token when ``max_qlen > 1``): the
+rows ``m = i * GQA + g`` (new token ``i``, group member ``g``) form the M dim of
+``tl.dot`` tiles, padded to 16, so K and V are read once per group. The loop over
+the partition walks ``BLOCK_N`` tokens at a time (several cache blocks), with an
+online softmax in base 2. It writes the partial format of ``kernels/reduce.py``,
+or ``out`` directly when one partition covers every context (``max_seq_len <= 256``).
+
+8-bit caches are widened to the query dtype (exact for e4m3 and int8) and their
+scales applied in fp32: a per-token K scale multiplies its logit column, a
+per-token V scale folds into the probabilities before P @ V (the row sum keeps the
+unscaled probabilities), per-tensor scales fold into the softmax scale and the
+final normalization.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ..layouts import PARTITION_SIZE
+from .common import dot_dtype, k_tile_offset, v_tile_offset, visible_tokens
+
+LOG2E = 1.4426950408889634
+
+SCALE_NONE, SCALE_PER_TENSOR, SCALE_PER_TOKEN = 0, 1, 2
+
+
+@triton.jit
+def _decode_tile(
+    q,  # [M, HEAD_SIZE] in DOT_DTYPE
+    acc,
+    row_max,
+    row_sum,
+    start,
+    block_ids_ptr,  # this sequence's row of the block table
+    k_head_ptr,  # K + kv_head * stride_k_head
+    v_head_ptr,
+    k_scale_head_ptr,  # per-token scales + kv_head * stride_scale_head
+    v_scale_head_ptr,
+    stride_k_block,
+    stride_v_block,
+    stride_scale_block,
+    end,  # first token this program does not own
+    visible,  # [M] tokens each row sees
+    qk_scale,  # softmax scale * log2(e) (* per-tensor K scale)
+    HEAD_SIZE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    X: tl.constexpr,
+    SCALES: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+):
+    """Online-softmax update with tokens [start, start + BLOCK_N); ``start`` is block aligned."""
+    n = tl.arange(0, BLOCK_N)
+    dim = tl.arange(0, HEAD_SIZE)
+    token = start + n
+    token_ok = token < end
+    in_block = n % BLOCK_SIZE
+    # each token looks up its block; runs of BLOCK_SIZE tokens share one id, which the
+    # hint passes on so that X-token runs of V count as contiguous
+    block_id = tl.load(block_ids_ptr + token // BLOCK_SIZE, mask=token_ok, other=0)
+    block_id = tl.max_constancy(block_id.to(tl.int64), BLOCK_SIZE)
+
+    # K as [BLOCK_N, HEAD_SIZE]: X dims of a token are 16 contiguous bytes
+    k = tl.load(
+        k_head_ptr + block_id[:, None] * stride_k_block + k_tile_offset(in_block[:, None], dim[None, :], BLOCK_SIZE, X),
+        mask=token_ok[:, None],
+        other=0.0,
+    )
+    s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)))  # [M, BLOCK_N] fp32
+    if SCALES == 2:
+        k_sc = tl.load(k_scale_head_ptr + block_id * stride_scale_block + in_block, mask=token_ok, other=0.0)
+        s = s * k_sc[None, :]
+    s = s * qk_scale
+    s = tl.where(token[None, :] < visible[:, None], s, float("-inf"))
+    new_max = tl.maximum(row_max, tl.max(s, axis=1))
+    # rows that have seen nothing yet keep -inf; shift by 0 so exp2 gives 0, not NaN
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    p = tl.exp2(s - shift[:, None])
+    alpha = tl.exp2(row_max - shift)
+    row_sum = row_sum * alpha + tl.sum(p, axis=1)
+
+    # V as [HEAD_SIZE, BLOCK_N]: X tokens of a dim are 16 contiguous bytes
+    v_t = tl.load(
+        v_head_ptr + block_id[None, :] * stride_v_block + v_tile_offset(in_block[None, :], dim[:, None], HEAD_SIZE, X),
+        mask=token_ok[None, :],
+        other=0.0,
+    )
+    if SCALES == 2:
+        v_sc = tl.load(v_scale_head_ptr + block_id * stride_scale_block + in_block, mask=token_ok, other=0.0)
+        p = p * v_sc[None, :]
+    acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), tl.trans(v_t.to(DOT_DTYPE)))
+    return acc, new_max, row_sum
+
+
+@triton.jit
+def _paged_decode_kernel(
+    out_ptr,  # [rows, num_heads, HEAD_SIZE]
+    exp_sums_ptr,  # [rows, num_heads, max_partitions] fp32
+    max_logits_ptr,
+    tmp_out_ptr,  # [rows, num_heads, max_partitions, HEAD_SIZE]
+    q_ptr,  # [rows, num_heads, HEAD_SIZE], last dim contiguous
+    k_ptr,  # [num_blocks, num_kv_heads, HEAD_SIZE // X, BLOCK_SIZE, X]
+    v_ptr,  # [num_blocks, num_kv_heads, BLOCK_SIZE // X, HEAD_SIZE, X]
+    k_scale_ptr,  # per-tensor [1] or per-token [num_blocks, num_kv_heads, BLOCK_SIZE] fp32
+    v_scale_ptr,
+    block_tables_ptr,  # [num_seqs, max_blocks] int32
+    context_lens_ptr,  # [num_seqs] int32
+    qo_indptr_ptr,  # [num_seqs + 1] int32, read only when MAX_QLEN > 1
+    sm_scale_log2,  # softmax scale * log2(e)
+    stride_q_row,
+    stride_q_head,
+    stride_out_row,
+    stride_out_head,
+    stride_es_row,
+    stride_es_head,
+    stride_tmp_row,
+    stride_tmp_head,
+    stride_tmp_part,
+    stride_k_block,
+    stride_k_head,
+    stride_v_block,
+    stride_v_head,
+    stride_scale_block,
+    stride_scale_head,
+    stride_bt_seq,
+    GQA: tl.constexpr,
+    MAX_QLEN: tl.constexpr,
+    M: tl.constexpr,  # rows per program: MAX_QLEN * GQA padded to a power of 2 >= 16
+    HEAD_SIZE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    X: tl.constexpr,
+    SCALES: tl.constexpr,  # SCALE_NONE / SCALE_PER_TENSOR / SCALE_PER_TOKEN
+    PARTITION: tl.constexpr,
+    WRITE_OUT: tl.constexpr,  # one partition covers every context: write out, skip stage 2
+    BLOCK_N: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,  # operand dtype of tl.dot (the query dtype on GPUs)
+):
+    part = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = tl.program_id(2)
+
+    context_len = tl.load(context_lens_ptr + seq)
+    start = part * PARTITION
+    end = tl.minimum(start + PARTITION, context_len)
+    if start < context_len:
+        m_idx = tl.arange(0, M)
+        new_tok = m_idx // GQA
+        head = kv_head * GQA + m_idx % GQA
+        if MAX_QLEN > 1:
+            first_row = tl.load(qo_indptr_ptr + seq)
+            num_new = tl.load(qo_indptr_ptr + seq + 1) - first_row
+            row_ok = new_tok < num_new
+            visible = tl.where(row_ok, visible_tokens(context_len, num_new, new_tok), 0)
+            row = first_row + new_tok
+        else:
+            row_ok = m_idx < GQA
+            visible = tl.where(row_ok, context_len, 0)
+            row = tl.zeros([M], dtype=tl.int32) + seq
+        row = row.to(tl.int64)
+        dim = tl.arange(0, HEAD_SIZE)
+        q = tl.load(
+            q_ptr + row[:, None] * stride_q_row + head[:, None] * stride_q_head + dim[None, :],
+            mask=row_ok[:, None],
+            other=0.0,
+        ).to(DOT_DTYPE)
+
+        qk_scale = sm_scale_log2
+        if SCALES == 1:
+            qk_scale = qk_scale * tl.load(k_scale_ptr)
+        k_head_ptr = k_ptr + kv_head.to(tl.int64) * stride_k_head
+        v_head_ptr = v_ptr + kv_head.to(tl.int64) * stride_v_head
+        k_scale_head_ptr = k_scale_ptr + kv_head * stride_scale_head
+        v_scale_head_ptr = v_scale_ptr + kv_head * stride_scale_head
+        block_ids_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
+
+        acc = tl.zeros([M, HEAD_SIZE], dtype=tl.float32)
+        row_max = tl.full([M], float("-inf"), dtype=tl.float32)
+        row_sum = tl.zeros([M], dtype=tl.float32)
+        for tile_start in range(start, end, BLOCK_N):
+            acc, row_max, row_sum = _decode_tile(
+                q, acc, row_max, row_sum, tile_start,
+                block_ids_ptr, k_head_ptr, v_head_ptr, k_scale_head_ptr, v_scale_head_ptr,
+                stride_k_block, stride_v_block, stride_scale_block,
+                end, visible, qk_scale,
+                HEAD_SIZE, BLOCK_SIZE, BLOCK_N, X, SCALES, DOT_DTYPE,
+            )  # fmt: skip
+
+        if SCALES == 1:
+            acc = acc * tl.load(v_scale_ptr)
+        # row_sum >= 1 for a row that saw a token; rows that saw none stay 0
+        result = acc / tl.maximum(row_sum, 1e-30)[:, None]
+        if WRITE_OUT:
+            o_offs = row[:, None] * stride_out_row + head[:, None] * stride_out_head + dim[None, :]
+            tl.store(out_ptr + o_offs, result.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+        else:
+            es_offs = row * stride_es_row + head * stride_es_head + part
+            tl.store(exp_sums_ptr + es_offs, row_sum, mask=row_ok)
+            # natural-log units, as the partial format says
+            tl.store(max_logits_ptr + es_offs, row_max / 1.4426950408889634, mask=row_ok)
+            t_offs = row[:, None] * stride_tmp_row + head[:, None] * stride_tmp_head + part * stride_tmp_part
+            tl.store(
+                tmp_out_ptr + t_offs + dim[None, :], result.to(tmp_out_ptr.dtype.element_ty), mask=row_ok[:, None]
+            )
+    elif WRITE_OUT:
+        # an empty context gives zeros; only partition 0 exists when WRITE_OUT
+        m_idx = tl.arange(0, M)
+        head = kv_head * GQA + m_idx % GQA
+        if MAX_QLEN > 1:
+            first_row = tl.load(qo_indptr_ptr + seq)
+            num_new = tl.load(qo_indptr_ptr + seq + 1) - first_row
+            row_ok = m_idx // GQA < num_new
+            row = (first_row + m_idx // GQA).to(tl.int64)
+        else:
+            row_ok = m_idx < GQA
+            row = tl.zeros([M], dtype=tl.int64) + seq
+        dim = tl.arange(0, HEAD_SIZE)
+        o_offs = row[:, None] * stride_out_row + head[:, None] * stride_out_head + dim[None, :]
+        tl.store(out_ptr + o_offs, tl.zeros([M, HEAD_SIZE], dtype=out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+def decode_tile_config(head_size: int, block_size: int) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages). Measured on an H100 (benchmarks/RESULTS.md):
+    128-token tiles with 4 warps and 2 stages were the best or within 2% of it on
+    every bulk bf16 shape; 8 warps lost 20-30% (the M=16 rows leave them idle)."""
+    block_n = 64 if head_size >= 256 else 128
+    return max(block_n, block_size), 4, 2
+
+
+def launch_paged_decode(
+    out,
+    exp_sums,
+    max_logits,
+    tmp_out,
+    Q,
+    K,
+    V,
+    k_scale,
+    v_scale,
+    scales_kind: int,
+    block_tables,
+    context_lens,
+    qo_indptr,
+    *,
+    scale: float,
+    max_qlen: int,
+    max_seq_len: int,
+    partition_size: int,
+    head_size: int,
+    block_size: int,
+    x: int,
+    gqa: int,
+):
+    """Launch stage 1 with partitions of ``partition_size`` tokens (a multiple of 256);
+    when one partition covers ``max_seq_len`` it writes ``out`` and no stage 2 is needed."""
+    num_partitions = triton.cdiv(max_seq_len, partition_size)
+    num_seqs = context_lens.shape[0]
+    num_kv_heads = K.shape[1]
+    rows = max(16, triton.next_power_of_2(max_qlen * gqa))
+    block_n, num_warps, num_stages = decode_tile_config(head_size, block_size)
+    write_out = num_partitions == 1
+    # unused pointers still need a valid tensor
+    k_scale = k_scale if k_scale is not None else context_lens
+    v_scale = v_scale if v_scale is not None else context_lens
+    scale_strides = (k_scale.stride(0), k_scale.stride(1)) if scales_kind == SCALE_PER_TOKEN else (0, 0)
+    if write_out:
+        es, tmp = context_lens, context_lens
+        es_strides, tmp_strides = (0, 0), (0, 0, 0)
+    else:
+        es, tmp = exp_sums, tmp_out
+        es_strides = (exp_sums.stride(0), exp_sums.stride(1))
+        tmp_strides = (tmp_out.stride(0), tmp_out.stride(1), tmp_out.stride(2))
+    _paged_decode_kernel[(num_partitions, num_kv_heads, num_seqs)](
+        out,
+        es,
+        max_logits if not write_out else context_lens,
+        tmp,
+        Q,
+        K,
+        V,
+        k_scale,
+        v_scale,
+        block_tables,
+        context_lens,
+        qo_indptr if max_qlen > 1 else context_lens,
+        scale * LOG2E,
+        Q.stride(0),
+        Q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        *es_strides,
+        *tmp_strides,
+        K.stride(0),
+        K.stride(1),
+        V.stride(0),
+        V.stride(1),
+        *scale_strides,
+        block_tables.stride(0),
+        GQA=gqa,
+        MAX_QLEN=max_qlen,
+        M=rows,
+        HEAD_SIZE=head_size,
+        BLOCK_SIZE=block_size,
+        X=x,
+        SCALES=scales_kind,
+        PARTITION=partition_size,
+        WRITE_OUT=write_out,
+        BLOCK_N=block_n,
+        DOT_DTYPE=dot_dtype(Q.dtype),
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )

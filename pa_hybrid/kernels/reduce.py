@@ -1,0 +1,185 @@
+"""Split-KV stage 2: merge per-partition partial results into the output.
+
+The partial format, written by every split-KV stage 1 of the package: for query
+row ``r``, head ``h`` and partition ``p`` (tokens ``[P p, P (p + 1))`` of what the
+row sees, ``P`` the partition size: 256, or a multiple of it when a stage 1 walks
+longer stretches; the scratch is always sized for 256), with logits
+``s_j = scale * q . k_j``:
+
+* ``max_logits[r, h, p] = m_p = max_j s_j``
+* ``exp_sums[r, h, p]   = l_p = sum_j exp(s_j - m_p)``
+* ``tmp_out[r, h, p, :] = sum_j exp(s_j - m_p) v_j / l_p``
+
+Only partitions ``p < ceil(visible / P)`` are read, where ``visible`` is the
+number of tokens the row sees, so stage 1 need not write the others.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._checks import (
+    check_dtype,
+    check_last_dim_contiguous,
+    check_positive_int,
+    check_rank,
+    check_shape,
+    check_tensor,
+)
+from ..layouts import PARTITION_SIZE
+from .common import visible_tokens
+
+
+@triton.jit
+def _split_kv_reduce_kernel(
+    out_ptr,  # [rows, num_heads, head_size] (strided rows/heads)
+    exp_sums_ptr,  # [rows, num_heads, max_partitions] fp32
+    max_logits_ptr,  # same shape and strides as exp_sums
+    tmp_out_ptr,  # [rows, num_heads, max_partitions, head_size]
+    context_lens_ptr,  # [num_seqs] int32
+    qo_indptr_ptr,  # [num_seqs + 1] int32, read only when MAX_QLEN > 1
+    stride_out_row,
+    stride_out_head,
+    stride_es_row,
+    stride_es_head,
+    stride_tmp_row,
+    stride_tmp_head,
+    stride_tmp_part,
+    HEAD_SIZE: tl.constexpr,
+    PARTITION: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    MAX_QLEN: tl.constexpr,
+):
+    """out = sum_p w_p tmp_out_p / sum_p w_p with w_p = l_p exp(m_p - max_p m_p).
+
+    One program per (sequence, head, new-token index); rows that see no token get 0.
+    """
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    token = tl.program_id(2)
+    context_len = tl.load(context_lens_ptr + seq)
+    if MAX_QLEN > 1:
+        first_row = tl.load(qo_indptr_ptr + seq)
+        num_new = tl.load(qo_indptr_ptr + seq + 1) - first_row
+        row = first_row + token
+        row_valid = token < num_new
+        visible = tl.where(row_valid, visible_tokens(context_len, num_new, token), 0)
+    else:
+        row = seq
+        row_valid = True
+        visible = context_len
+    num_parts = tl.cdiv(visible, PARTITION)
+
+    part = tl.arange(0, BLOCK_P)
+    dims = tl.arange(0, HEAD_SIZE)
+    es_row = row.to(tl.int64) * stride_es_row + head * stride_es_head
+    tmp_row = row.to(tl.int64) * stride_tmp_row + head * stride_tmp_head
+
+    # pass 1: the largest partition maximum, so no weight overflows
+    global_max = float("-inf")
+    for p0 in range(0, num_parts, BLOCK_P):
+        m = tl.load(max_logits_ptr + es_row + p0 + part, mask=p0 + part < num_parts, other=float("-inf"))
+        global_max = tl.maximum(global_max, tl.max(m, axis=0))
+
+    # pass 2: weighted sum of the normalized partials
+    acc = tl.zeros([HEAD_SIZE], dtype=tl.float32)
+    weight_sum = 0.0
+    for p0 in range(0, num_parts, BLOCK_P):
+        valid = p0 + part < num_parts
+        m = tl.load(max_logits_ptr + es_row + p0 + part, mask=valid, other=float("-inf"))
+        l = tl.load(exp_sums_ptr + es_row + p0 + part, mask=valid, other=0.0)
+        w = tl.where(valid, l * tl.exp(m - global_max), 0.0)
+        partial = tl.load(
+            tmp_out_ptr + tmp_row + (p0 + part)[:, None] * stride_tmp_part + dims[None, :],
+            mask=valid[:, None],
+            other=0.0,
+        ).to(tl.float32)
+        acc += tl.sum(w[:, None] * partial, axis=0)
+        weight_sum += tl.sum(w, axis=0)
+
+    # weight_sum >= 1 whenever the row sees a token (the largest partition contributes l >= 1)
+    result = acc / tl.maximum(weight_sum, 1e-30)
+    out_offs = row.to(tl.int64) * stride_out_row + head * stride_out_head + dims
+    dims_to_store = tl.where(row_valid, HEAD_SIZE, 0)  # padding rows (token >= num_new) store nothing
+    tl.store(out_ptr + out_offs, result.to(out_ptr.dtype.element_ty), mask=dims < dims_to_store)
+
+
+def split_kv_reduce(
+    out, exp_sums, max_logits, tmp_out, context_lens, qo_indptr=None, max_qlen: int = 1, partition_size: int = PARTITION_SIZE
+):
+    """Merge split-KV partials into ``out`` (in place) and return it.
+
+    ``out``: ``[rows, num_heads, head_size]`` (last dim contiguous);
+    ``exp_sums``/``max_logits``: ``[rows, num_heads, max_partitions]`` fp32, same strides;
+    ``tmp_out``: ``[rows, num_heads, max_partitions, head_size]`` bf16/fp16/fp32, last dim
+    contiguous; ``context_lens``: ``[num_seqs]`` int32. With ``max_qlen > 1``,
+    ``qo_indptr`` (``[num_seqs + 1]`` int32) maps sequences to rows; otherwise row = sequence.
+    """
+    check_reduce_args(out, exp_sums, max_logits, tmp_out, context_lens, qo_indptr, max_qlen)
+    if not isinstance(partition_size, int) or partition_size <= 0 or partition_size % PARTITION_SIZE:
+        raise ValueError(f"partition_size: expected a positive multiple of {PARTITION_SIZE}, got {partition_size!r}")
+    return launch_split_kv_reduce(out, exp_sums, max_logits, tmp_out, context_lens, qo_indptr, max_qlen, partition_size)
+
+
+def launch_split_kv_reduce(out, exp_sums, max_logits, tmp_out, context_lens, qo_indptr, max_qlen, partition_size):
+    """:func:`split_kv_reduce` without the checks, for backends whose call was validated already."""
+    num_seqs = context_lens.shape[0]
+    _, num_heads, head_size = out.shape
+    max_partitions = exp_sums.shape[2]
+    block_p = min(triton.next_power_of_2(max_partitions), 64)
+    _split_kv_reduce_kernel[(num_seqs, num_heads, max_qlen)](
+        out,
+        exp_sums,
+        max_logits,
+        tmp_out,
+        context_lens,
+        qo_indptr if max_qlen > 1 else context_lens,
+        out.stride(0),
+        out.stride(1),
+        exp_sums.stride(0),
+        exp_sums.stride(1),
+        tmp_out.stride(0),
+        tmp_out.stride(1),
+        tmp_out.stride(2),
+        HEAD_SIZE=head_size,
+        PARTITION=partition_size,
+        BLOCK_P=block_p,
+        MAX_QLEN=max_qlen,
+        num_warps=4 if head_size <= 128 else 8,
+    )
+    return out
+
+
+def check_reduce_args(out, exp_sums, max_logits, tmp_out, context_lens, qo_indptr, max_qlen):
+    check_tensor(qo_indptr, "qo_indptr", optional=True)
+    check_positive_int(max_qlen, "max_qlen")
+    check_rank(out, 3, "out", "[rows, num_heads, head_size]")
+    rows, num_heads, head_size = out.shape
+    check_rank(exp_sums, 3, "exp_sums", "[rows, num_heads, max_partitions]")
+    check_dtype(exp_sums, torch.float32, "exp_sums")
+    check_dtype(max_logits, torch.float32, "max_logits")
+    parts = exp_sums.shape[2]
+    check_shape(exp_sums, (rows, num_heads, parts), "exp_sums", "[rows, num_heads, max_partitions]")
+    check_shape(max_logits, (rows, num_heads, parts), "max_logits", "(the shape of exp_sums)")
+    if max_logits.stride() != exp_sums.stride():
+        raise ValueError(f"max_logits: expected the strides of exp_sums {exp_sums.stride()}, got {max_logits.stride()}")
+    if exp_sums.stride(2) != 1:
+        raise ValueError(f"exp_sums: the partition dim must be contiguous, got strides {exp_sums.stride()}")
+    check_shape(tmp_out, (rows, num_heads, parts, head_size), "tmp_out", "[rows, num_heads, max_partitions, head_size]")
+    check_dtype(tmp_out, (torch.float32, torch.bfloat16, torch.float16), "tmp_out")
+    check_last_dim_contiguous(tmp_out, "tmp_out")
+    check_last_dim_contiguous(out, "out")
+    check_rank(context_lens, 1, "context_lens", "[num_seqs]")
+    check_dtype(context_lens, torch.int32, "context_lens")
+    if max_qlen > 1:
+        if qo_indptr is None:
+            raise ValueError("qo_indptr: required with max_qlen > 1 ([num_seqs + 1] int32 row offsets)")
+        check_dtype(qo_indptr, torch.int32, "qo_indptr")
+        check_shape(qo_indptr, (context_lens.shape[0] + 1,), "qo_indptr", "[num_seqs + 1]")
+    elif rows != context_lens.shape[0]:
+        raise ValueError(f"out: expected {context_lens.shape[0]} rows (one per sequence), got {rows}")
+    for name, t in (("exp_sums", exp_sums), ("max_logits", max_logits), ("tmp_out", tmp_out), ("context_lens", context_lens)):
+        if t.device != out.device:
+            raise ValueError(f"{name}: expected a tensor on {out.device} (the device of out), got {t.device}")

@@ -1,0 +1,159 @@
+"""The selection policy as a decision table, with stand-in backends whose
+availability and capabilities each row sets."""
+
+import pytest
+import torch
+
+from pa_hybrid import dispatch
+from pa_hybrid.backends.base import Backend
+from pa_hybrid.call import CallKey
+
+
+class StandIn(Backend):
+    device_types = ("cuda", "cpu")
+    kv_dtypes = (torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.int8)
+
+    def __init__(self, name, *, unavailable=None, **caps):
+        self.name = name
+        self._unavailable = unavailable
+        for k, v in caps.items():
+            setattr(self, k, v)
+
+    def available(self, device_type, device_index):
+        return self._unavailable
+
+    def run(self, call):
+        raise AssertionError("the policy tests never launch")
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """Install stand-ins; returns a function that (re)installs a set of them."""
+
+    def install(*backends):
+        monkeypatch.setattr(dispatch, "_REGISTRY", {b.name: b for b in backends})
+        dispatch.select.cache_clear()
+
+    yield install
+    dispatch.select.cache_clear()
+
+
+def key(**changes):
+    base = dict(
+        device_type="cuda",
+        device_index=0,
+        q_dtype=torch.bfloat16,
+        kv_dtype=torch.bfloat16,
+        head_size=128,
+        block_size=16,
+        gqa=4,
+        num_kv_heads=8,
+        max_qlen=1,
+        scales="none",
+        high_precision=1,
+        kernel_name=None,
+        concurrency=16,
+        max_seq_len=4096,
+    )
+    base.update(changes)
+    return CallKey(**base)
+
+
+def all_four(**per_name):
+    defaults = {"asm": {"accepts_kernel_name": True}}
+    return [StandIn(n, **{**defaults.get(n, {}), **per_name.get(n, {})}) for n in ("hip", "asm", "triton", "torch")]
+
+
+BF16, FP8, INT8 = torch.bfloat16, torch.float8_e4m3fn, torch.int8
+
+# (call changes, backend changes, expected backend, names expected among skipped)
+TABLE = [
+    ({"concurrency": 1}, {}, "hip", []),
+    ({"concurrency": 127}, {}, "hip", []),
+    ({"concurrency": 128}, {}, "asm", []),
+    ({"concurrency": 512}, {}, "asm", []),
+    ({"concurrency": 32, "max_qlen": 4}, {}, "hip", []),  # concurrency counts query rows; 32 < 128
+    ({"kv_dtype": FP8, "scales": "per_token", "concurrency": 1}, {}, "asm", []),
+    ({"kv_dtype": INT8, "scales": "per_token", "concurrency": 1}, {}, "asm", []),
+    ({"high_precision": 2, "concurrency": 1}, {}, "asm", []),
+    ({"kernel_name": "pa_bf16_gqa8"}, {}, "asm", []),
+    # preferred backend missing or refusing: the next one that can
+    ({"concurrency": 1}, {"hip": {"unavailable": "no cuda-python"}}, "asm", ["hip"]),
+    ({"concurrency": 1}, {"hip": {"head_sizes": (64,)}}, "asm", ["hip"]),
+    ({"concurrency": 512}, {"asm": {"max_gqa": 2}}, "hip", ["asm"]),
+    ({"kv_dtype": FP8, "scales": "per_token"}, {"asm": {"unavailable": "x"}, "hip": {"scales": ("none", "per_tensor")}}, "triton", ["asm", "hip"]),
+    ({"head_size": 96}, {"hip": {"head_sizes": (128,)}, "asm": {"head_sizes": (128,)}, "triton": {"head_sizes": (64, 128)}}, "torch", ["hip", "asm", "triton"]),
+]
+
+
+@pytest.mark.parametrize("changes,backend_changes,expected,skipped", TABLE)
+def test_decision_table(registry, changes, backend_changes, expected, skipped):
+    registry(*all_four(**backend_changes))
+    sel = dispatch.select(key(**changes))
+    assert sel.backend == expected
+    assert list(sel.skipped) == skipped
+    assert all(sel.skipped.values()), "every skipped backend keeps its reason"
+
+
+def test_missing_backends_are_named(registry):
+    registry(StandIn("triton"), StandIn("torch"))
+    sel = dispatch.select(key(concurrency=1))
+    assert sel.backend == "triton"
+    assert "no 'hip' backend is built" in sel.skipped["hip"]
+    assert "no 'asm' backend is built" in sel.skipped["asm"]
+    text = str(sel)
+    assert "triton" in text and "skipped hip" in text and "concurrency 1 < 128" in text
+
+
+def test_kernel_name_without_asm_raises(registry):
+    registry(StandIn("hip"), StandIn("triton"), StandIn("torch"))
+    with pytest.raises(ValueError, match="no backend can run.*asm"):
+        dispatch.select(key(kernel_name="pa_fp8_gqa16"))
+
+
+def test_nothing_supports_the_call(registry):
+    registry(StandIn("torch", kv_dtypes=(BF16,)))
+    with pytest.raises(ValueError, match="torch: kv dtype float8_e4m3fn"):
+        dispatch.select(key(kv_dtype=FP8, scales="per_token"))
+
+
+def test_forcing_an_unsupported_backend_raises_with_the_reason(registry):
+    registry(*all_four(hip={"block_sizes": (16,)}))
+    with pytest.raises(ValueError, match="backend='hip'.*block_size 32 not in"):
+        dispatch.forced("hip", key(block_size=32))
+    assert dispatch.forced("hip", key()).name == "hip"
+    with pytest.raises(ValueError, match="backend: expected 'auto' or one of"):
+        dispatch.forced("cudnn", key())
+
+
+def test_capability_reasons_are_all_reported():
+    b = StandIn("hip", head_sizes=(128,), max_gqa=8, max_qlen=1, device_types=("cuda",))
+    reason = b.supports(key(head_size=64, gqa=16, max_qlen=2, device_type="cpu"))
+    for part in ("runs on cuda, not cpu", "head_size 64", "GQA ratio 16 above 8", "max_qlen 2 above 1"):
+        assert part in reason
+    assert b.supports(key()) is None
+
+
+def test_rules_table_moves_the_threshold(registry, monkeypatch):
+    registry(*all_four())
+    monkeypatch.setitem(dispatch.RULES_BY_DEVICE, "default", dispatch.DispatchRules(hip_below_concurrency=32))
+    dispatch.rules_for.cache_clear()
+    try:
+        assert dispatch.select(key(concurrency=31)).backend == "hip"
+        assert dispatch.select(key(concurrency=32)).backend == "asm"
+    finally:
+        dispatch.rules_for.cache_clear()
+
+
+def test_selection_is_cached_per_key(registry):
+    registry(*all_four())
+    k = key(concurrency=3)
+    assert dispatch.select(k) is dispatch.select(k)
+
+
+def test_registered_backends_declare_reasons_on_this_machine():
+    from pa_hybrid import backends  # noqa: F401  (registers the real backends)
+
+    real = dispatch.registered()
+    assert {"triton", "torch"} <= set(real)
+    assert real["torch"].supports(key(head_size=96, device_type="cpu")) is None

@@ -1,0 +1,173 @@
+"""paged_attention_common end to end, every backend this machine can run, against the reference.
+
+One case function (``check_against_reference``) serves every backend: the output
+is poisoned with NaN first, the call goes through the public API, and the result
+is compared with ``reference_paged_attention`` (float32) under per-dtype tolerances.
+"""
+
+import pytest
+import torch
+
+import pa_hybrid
+from pa_hybrid import dispatch, paged_attention_common, reference_paged_attention
+from pa_hybrid.layouts import allocate_scratch
+from pa_hybrid.testing import make_decode_case
+
+from conftest import DEVICE
+
+BACKENDS = [b for b in dispatch.available_backends(DEVICE)]
+
+# relative Frobenius error bounds (the issue's bars), and elementwise bounds for bf16/fp16 outputs
+REL_TOL = {2: 1e-2, 1: 3e-2}
+ELEM_TOL = {torch.bfloat16: 3e-2, torch.float16: 1e-2}
+
+
+def check_against_reference(case, backend, *, give_scratch=False, give_out=True, scratch_seq_len=None):
+    q = case["Q"]
+    out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=q.device) if give_out else None
+    scratch = (None, None, None)
+    if give_scratch:
+        scratch = allocate_scratch(q.shape[0], q.shape[1], q.shape[2], scratch_seq_len or case["max_seq_len"], q.device)
+        for t in scratch:
+            t.fill_(float("nan"))
+    result = paged_attention_common(
+        exp_sums=scratch[0], max_logits=scratch[1], tmp_out=scratch[2], out_=out, backend=backend, **case
+    )
+    if give_out:
+        assert result is out
+    assert result.shape == q.shape and result.dtype == q.dtype
+    ref = reference_paged_attention(**case)
+    assert not torch.isnan(result).any(), "unwritten (NaN-poisoned) output elements"
+    kv_bytes = case["K"].element_size()
+    rel = ((result.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    assert rel < REL_TOL[kv_bytes], f"relative error {rel:.3e} with backend {backend}"
+    tol = ELEM_TOL[q.dtype] * (2 if kv_bytes == 1 else 1)
+    torch.testing.assert_close(result.float(), ref, rtol=tol, atol=tol)
+    return result, ref
+
+
+# (kv dtype, q dtype, gqa, max_qlen, head_size, block_size, scales)
+CONFIGS = [
+    (torch.bfloat16, torch.bfloat16, 1, 1, 128, 16, "per_token"),
+    (torch.bfloat16, torch.bfloat16, 4, 1, 128, 16, "per_token"),
+    (torch.bfloat16, torch.bfloat16, 8, 1, 64, 32, "per_token"),
+    (torch.bfloat16, torch.bfloat16, 16, 1, 256, 16, "per_token"),
+    (torch.float16, torch.float16, 6, 1, 128, 16, "per_token"),
+    (torch.float16, torch.float16, 2, 2, 64, 16, "per_token"),
+    (torch.bfloat16, torch.bfloat16, 4, 4, 128, 32, "per_token"),
+    (torch.bfloat16, torch.bfloat16, 16, 4, 64, 16, "per_token"),
+    (torch.bfloat16, torch.bfloat16, 5, 3, 128, 16, "per_token"),
+    (torch.float8_e4m3fn, torch.bfloat16, 8, 1, 128, 16, "per_token"),
+    (torch.float8_e4m3fn, torch.bfloat16, 4, 3, 64, 32, "per_tensor"),
+    (torch.float8_e4m3fn, torch.float16, 2, 1, 128, 16, "both"),
+    (torch.int8, torch.bfloat16, 16, 1, 128, 16, "per_token"),
+    (torch.int8, torch.float16, 3, 2, 64, 16, "per_tensor"),
+    (torch.int8, torch.bfloat16, 1, 1, 256, 32, "per_token"),
+]
+
+# ragged: empty, single token, around block and partition edges, several partitions
+RAGGED = [0, 1, 15, 16, 17, 255, 256, 257, 700]
+
+
+def _id(cfg):
+    kv, q, gqa, qlen, hs, bs, sc = cfg
+    return f"kv={str(kv)[6:]}-q={str(q)[6:]}-gqa{gqa}-qlen{qlen}-d{hs}-bs{bs}-{sc}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["auto"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=_id)
+def test_matches_reference(device, backend, cfg):
+    kv, q, gqa, qlen, hs, bs, scales = cfg
+    case = make_decode_case(
+        RAGGED,
+        num_heads=2 * gqa,
+        num_kv_heads=2,
+        head_size=hs,
+        block_size=bs,
+        kv_dtype=kv,
+        q_dtype=q,
+        max_qlen=qlen,
+        scales=scales,
+        strided_q=(gqa % 2 == 0),
+        device=device,
+    )
+    check_against_reference(case, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_caller_scratch_larger_than_needed(device, backend):
+    case = make_decode_case([300, 5, 1000], num_heads=8, num_kv_heads=2, head_size=64, device=device)
+    check_against_reference(case, backend, give_scratch=True, scratch_seq_len=2000)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_allocates_out_and_scratch(device, backend):
+    case = make_decode_case([600, 3], num_heads=4, num_kv_heads=1, head_size=64, device=device)
+    check_against_reference(case, backend, give_out=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_contexts_empty_give_zeros(device, backend):
+    case = make_decode_case([0, 0], num_heads=4, num_kv_heads=2, head_size=64, device=device)
+    case["max_seq_len"] = 300  # scratch for two partitions, none used
+    case["block_tables"] = torch.zeros(2, 19, dtype=torch.int32, device=device)
+    case["block_tables_stride0"] = 19
+    out = torch.full_like(case["Q"], float("nan"))
+    paged_attention_common(exp_sums=None, max_logits=None, tmp_out=None, out_=out, backend=backend, **case)
+    assert out.abs().max() == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_long_context_many_partitions(device, backend):
+    case = make_decode_case([5000, 2100], num_heads=4, num_kv_heads=1, head_size=64, device=device)
+    check_against_reference(case, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_uniform_qlen_without_qo_indptr(device, backend):
+    case = make_decode_case([40, 300], num_heads=4, num_kv_heads=2, head_size=64, max_qlen=2, device=device)
+    case["qo_indptr"] = None  # every sequence has max_qlen new tokens
+    check_against_reference(case, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp8_cache_stored_as_uint8(device, backend):
+    case = make_decode_case([70, 300], num_heads=8, num_kv_heads=2, head_size=64, kv_dtype=torch.float8_e4m3fn, device=device)
+    expected = reference_paged_attention(**case)
+    for extra in ({"kv_cache_dtype": "fp8"}, {"kv_cache_tensor_dtype": torch.float8_e4m3fn}):
+        c = dict(case, K=case["K"].view(torch.uint8), V=case["V"].view(torch.uint8), **extra)
+        out = paged_attention_common(exp_sums=None, max_logits=None, tmp_out=None, backend=backend, **c)
+        rel = ((out.float() - expected).norm() / expected.norm()).item()
+        assert rel < REL_TOL[1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cache_views_with_padded_block_and_head_strides(device, backend):
+    case = make_decode_case([200, 33], num_heads=4, num_kv_heads=2, head_size=64, device=device)
+    K, V = case["K"], case["V"]
+    # K and V as views into larger allocations: block and head strides differ from contiguous
+    big_k = torch.randn((K.shape[0], K.shape[1] + 1) + K.shape[2:], device=device).to(K.dtype)
+    big_v = torch.randn((V.shape[0], V.shape[1] + 2) + V.shape[2:], device=device).to(V.dtype)
+    big_k[:, 1:].copy_(K)
+    big_v[:, :2].copy_(V)
+    case.update(K=big_k[:, 1:], V=big_v[:, :2])
+    check_against_reference(case, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fresh_inputs_give_fresh_outputs(device, backend):
+    """Two different problems of the same shapes through the same (cached) selection."""
+    for _ in range(2):
+        case = make_decode_case([90, 400], num_heads=8, num_kv_heads=2, head_size=64, device=device)
+        check_against_reference(case, backend, give_scratch=True)
+
+
+def test_auto_picks_a_backend_that_exists(device):
+    case = make_decode_case([10], num_heads=4, num_kv_heads=1, head_size=64, device=device)
+    no_scratch = dict(exp_sums=None, max_logits=None, tmp_out=None)
+    sel = pa_hybrid.explain(**no_scratch, **case)
+    assert sel.backend in BACKENDS
+    assert pa_hybrid.select_backend(**no_scratch, **case) == sel.backend
+    # the native backends are not part of this build: they are skipped with a reason
+    for name, reason in sel.skipped.items():
+        assert reason
