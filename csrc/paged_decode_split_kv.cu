@@ -2,9 +2,10 @@
 // every platform construct is in compat.cuh).
 //
 // Grid (partitions, kv heads, sequences); one CTA walks `partition_size` tokens (a multiple
-// of 256) of one sequence for one kv head and serves all ROWS = GQA * QLEN query rows of
-// that head's group at once: row m = i * GQA + g is new token i, group member g, and the
-// rows form the M = 16 dim of mma.sync m16n8k16 tiles (rows past ROWS are masked).
+// of 256) of one sequence for one kv head and serves all gqa * max_qlen (<= 16) query rows
+// of that head's group at once: row m = i * gqa + g is new token i, group member g, and the
+// rows form the M = 16 dim of mma.sync m16n8k16 tiles (rows past them are masked). GQA and
+// qlen are run-time values, so one variant per (dtypes, head size, block size) serves all.
 //
 // Work split: the CTA's cache blocks are dealt round-robin to its warps; each warp streams
 // its blocks through a private STAGES-deep ring of shared memory with 16-byte cp.async
@@ -42,11 +43,13 @@ struct SplitKvParams {
   const float* v_scale;
   const int* block_tables;  // [num_seqs, max_blocks]
   const int* context_lens;  // [num_seqs]
-  const int* qo_indptr;     // [num_seqs + 1], read when QLEN > 1
+  const int* qo_indptr;     // [num_seqs + 1], read when max_qlen > 1
   float scale_log2;         // softmax scale * log2(e)
   int partition_size;       // tokens per CTA, a multiple of 256
   int write_out;            // 1: one partition covers max_seq_len; write out, no partials
   int tmp_kind;             // tmp_out dtype: 0 fp32, 1 bf16, 2 fp16
+  int gqa;                  // query heads per kv head
+  int max_qlen;             // new tokens per sequence at most; gqa * max_qlen <= 16
   i64 stride_q_row, stride_q_head;
   i64 stride_out_row, stride_out_head;
   i64 stride_es_row, stride_es_head;
@@ -56,11 +59,10 @@ struct SplitKvParams {
   i64 stride_bt;
 };
 
-template <bool IS_BF16, int KV_KIND, int HEAD, int BS, int GQA, int QLEN>
+template <bool IS_BF16, int KV_KIND, int HEAD, int BS>
 struct SplitKvConfig {
   static constexpr int KV_BYTES = KV_KIND == KV_16BIT ? 2 : 1;
   static constexpr int X = 16 / KV_BYTES;
-  static constexpr int ROWS = GQA * QLEN;
   static constexpr int KV_TILE = HEAD * BS * KV_BYTES;  // one cache block of K (or of V)
   static constexpr int STAGE = 2 * KV_TILE;
   // keep 2 CTAs per SM within 227 KB: fewer warps and stages for big tiles
@@ -73,21 +75,20 @@ struct SplitKvConfig {
   static constexpr int MERGE_BYTES = WARPS * 16 * (HEAD + 2) * 4;  // O, max and sum per warp and row
   static constexpr int SMEM_BYTES = Q_BYTES + (RING_BYTES > MERGE_BYTES ? RING_BYTES : MERGE_BYTES);
   static constexpr int NT = BS / 8;  // n-tiles of S per block
-  static_assert(ROWS >= 1 && ROWS <= 16, "GQA * QLEN must fit one 16-row tile");
   static_assert(HEAD % 16 == 0 && BS % 16 == 0 && BS % X == 0, "unsupported head/block size");
   static_assert(KV_TILE % 512 == 0, "a warp copies tiles in 512-byte steps");
 };
 
 // Dynamic shared memory of one variant; the launcher reads it from the module.
-template <bool IS_BF16, int KV_KIND, int HEAD, int BS, int GQA, int QLEN>
-__device__ const int split_kv_smem_bytes = SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, GQA, QLEN>::SMEM_BYTES;
-template <bool IS_BF16, int KV_KIND, int HEAD, int BS, int GQA, int QLEN>
-__device__ const int split_kv_threads = SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, GQA, QLEN>::THREADS;
+template <bool IS_BF16, int KV_KIND, int HEAD, int BS>
+__device__ const int split_kv_smem_bytes = SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS>::SMEM_BYTES;
+template <bool IS_BF16, int KV_KIND, int HEAD, int BS>
+__device__ const int split_kv_threads = SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS>::THREADS;
 
-template <bool IS_BF16, int KV_KIND, int HEAD, int BS, int GQA, int QLEN>
-__global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, GQA, QLEN>::THREADS)
+template <bool IS_BF16, int KV_KIND, int HEAD, int BS>
+__global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS>::THREADS)
     paged_decode_split_kv(const __grid_constant__ SplitKvParams p) {
-  using C = SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, GQA, QLEN>;
+  using C = SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS>;
   using Q = q16<IS_BF16>;
   using qt = typename Q::t;
   constexpr float LN2 = 0.6931471805599453f;
@@ -98,8 +99,9 @@ __global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, GQA,
   const int part = blockIdx.x, kv_head = blockIdx.y, seq = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int context_len = p.context_lens[seq];
+  const int gqa = p.gqa, rows = p.gqa * p.max_qlen;
   int first_row = seq, num_new = 1;
-  if constexpr (QLEN > 1) {
+  if (p.max_qlen > 1) {
     first_row = p.qo_indptr[seq];
     num_new = p.qo_indptr[seq + 1] - first_row;
   }
@@ -108,11 +110,11 @@ __global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, GQA,
   // ---- phase 0: an empty partition writes nothing, except zeros for an empty context ----
   if (start >= context_len) {
     if (p.write_out) {
-      for (int idx = threadIdx.x; idx < C::ROWS * HEAD; idx += C::THREADS) {
-        const int m = idx / HEAD, d = idx % HEAD, i = m / GQA;
+      for (int idx = threadIdx.x; idx < rows * HEAD; idx += C::THREADS) {
+        const int m = idx / HEAD, d = idx % HEAD, i = m / gqa;
         if (i < num_new) {
           qt* o = static_cast<qt*>(p.out) + (first_row + i) * p.stride_out_row +
-                  (kv_head * GQA + m % GQA) * p.stride_out_head;
+                  (kv_head * gqa + m % gqa) * p.stride_out_head;
           o[d] = Q::from_float(0.f);
         }
       }
@@ -123,11 +125,11 @@ __global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, GQA,
 
   // ---- phase 1: the group's query rows into shared memory (rows past ROWS are zero) ----
   for (int idx = threadIdx.x; idx < 16 * HEAD; idx += C::THREADS) {
-    const int m = idx / HEAD, d = idx % HEAD, i = m / GQA;
+    const int m = idx / HEAD, d = idx % HEAD, i = m / gqa;
     qt val = Q::from_float(0.f);
-    if (m < C::ROWS && i < num_new) {
+    if (m < rows && i < num_new) {
       const qt* q = static_cast<const qt*>(p.q) + (first_row + i) * p.stride_q_row +
-                    (kv_head * GQA + m % GQA) * p.stride_q_head;
+                    (kv_head * gqa + m % gqa) * p.stride_q_head;
       val = q[d];
     }
     q_s[m * C::Q_STRIDE + d] = val;
@@ -137,9 +139,9 @@ __global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, GQA,
   // tokens each of this lane's two rows sees, capped by the partition end
   const int row0 = lane / 4, row1 = lane / 4 + 8;
   auto limit_of = [&](int m) {
-    const int i = m / GQA;
-    if (m >= C::ROWS || i >= num_new) return 0;
-    const int visible = QLEN > 1 ? context_len - num_new + i + 1 : context_len;
+    const int i = m / gqa;
+    if (m >= rows || i >= num_new) return 0;
+    const int visible = p.max_qlen > 1 ? context_len - num_new + i + 1 : context_len;
     return min(end, visible);
   };
   const int limit0 = limit_of(row0), limit1 = limit_of(row1);
@@ -329,8 +331,8 @@ __global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, GQA,
 
   float v_scale = 1.f;
   if constexpr (KV_KIND != KV_16BIT) v_scale = *p.v_scale;
-  for (int idx = threadIdx.x; idx < C::ROWS * HEAD; idx += C::THREADS) {
-    const int m = idx / HEAD, d = idx % HEAD, i = m / GQA;
+  for (int idx = threadIdx.x; idx < rows * HEAD; idx += C::THREADS) {
+    const int m = idx / HEAD, d = idx % HEAD, i = m / gqa;
     if (i >= num_new) continue;
     float row_max = PA_NEG_INF;
 #pragma unroll
@@ -346,7 +348,7 @@ __global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, GQA,
     // total >= 1 for a row that saw a token here; rows that saw none stay 0
     const float result = acc / fmaxf(total, 1e-30f) * v_scale;
     const i64 row = first_row + i;
-    const int head = kv_head * GQA + m % GQA;
+    const int head = kv_head * gqa + m % gqa;
     if (p.write_out) {
       static_cast<qt*>(p.out)[row * p.stride_out_row + head * p.stride_out_head + d] = Q::from_float(result);
     } else {

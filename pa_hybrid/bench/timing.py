@@ -1,0 +1,184 @@
+"""Measurement primitives for memory-bound GPU kernels, shared by the benchmarks.
+
+* :func:`measure_read_bandwidth`: the DRAM read bandwidth a streaming kernel
+  reaches on this GPU, the denominator of every "% of floor" figure. A Triton
+  kernel with wide unmasked loads, best of a few (BLOCK, num_warps, chunk)
+  configurations; a torch reduction reads about 2% slower on an H100, which
+  would make every kernel look better than it is.
+* :func:`time_graph_replay`: a call timed the way engines run it: captured once
+  in a CUDA graph, then per sample an L2 flush, an event, one replay, an event.
+* :func:`time_eager`: the same samples with plain launches (host launch
+  overhead included), for comparison.
+
+All of these need a CUDA device.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+FLUSH_BYTES = 256 << 20
+"""Bytes overwritten before each sample: several times the L2 of current GPUs (50 MB on an H100)."""
+
+READ_BANDWIDTH_CONFIGS = tuple(
+    (block, num_warps, blocks_per_program)
+    for block in (2048, 4096)
+    for num_warps in (4, 8)
+    for blocks_per_program in (4, 16, 64)
+)
+"""``(BLOCK, num_warps, BLOCKS_PER_PROGRAM)`` tried by :func:`read_bandwidth_by_config`:
+BLOCK int32 elements per load step (4 to 16 per thread: 128-bit vector loads),
+each program streaming BLOCK * BLOCKS_PER_PROGRAM elements (32 KiB to 1 MiB; small
+chunks shorten the tail of the last wave)."""
+
+
+@triton.jit
+def _stream_read_kernel(src_ptr, partial_ptr, BLOCK: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr):
+    """``partial[p] = sum(src[p * CHUNK:(p + 1) * CHUNK])`` with ``CHUNK = BLOCK * BLOCKS_PER_PROGRAM``.
+
+    The buffer is a whole number of chunks, so loads carry no mask and compile to
+    full-width vector loads; the one store per program keeps the reads alive.
+    """
+    program = tl.program_id(0).to(tl.int64)
+    chunk_ptr = src_ptr + program * (BLOCK * BLOCKS_PER_PROGRAM)
+    offsets = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=tl.int32)
+    for i in range(BLOCKS_PER_PROGRAM):
+        acc += tl.load(chunk_ptr + i * BLOCK + offsets)
+    tl.store(partial_ptr + program, tl.sum(acc, axis=0))
+
+
+def _stream_read(buffer, partial, block: int, num_warps: int, blocks_per_program: int):
+    """Launch :func:`_stream_read_kernel` over all of ``buffer`` (a whole number of chunks)."""
+    _stream_read_kernel[(buffer.numel() // (block * blocks_per_program),)](
+        buffer, partial, BLOCK=block, BLOCKS_PER_PROGRAM=blocks_per_program, num_warps=num_warps
+    )
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Per-sample times of one call, in microseconds."""
+
+    samples_us: tuple
+
+    @property
+    def median_us(self) -> float:
+        return statistics.median(self.samples_us)
+
+    @property
+    def min_us(self) -> float:
+        return min(self.samples_us)
+
+
+def read_bandwidth_by_config(
+    device=None,
+    nbytes: int = 2 << 30,
+    *,
+    configs=READ_BANDWIDTH_CONFIGS,
+    samples: int = 5,
+) -> dict:
+    """Read bandwidth (bytes/s, median of ``samples`` launches) of each streaming-read configuration.
+
+    The buffer (about ``nbytes``, at least 1 GB is meant: far beyond L2) holds random
+    small integers (no constant pattern a memory system could compress), and every
+    configuration's partial sums are checked against the buffer's sum, so a
+    configuration that skipped data would raise instead of looking fast.
+    Keys are ``"BLOCK=..,warps=..,chunk=.."``.
+    """
+    device = torch.device("cuda" if device is None else device)
+    largest_chunk = max(block * blocks for block, _, blocks in configs)
+    numel = (nbytes // 4) // largest_chunk * largest_chunk
+    if numel == 0:
+        raise ValueError(f"nbytes: expected at least {largest_chunk * 4} bytes, got {nbytes}")
+    src = torch.randint(0, 4, (numel,), dtype=torch.int32, device=device)
+    expected_sum = int(src.sum(dtype=torch.int64))
+    # read (not written: no dirty lines to write back during the timed read) before each
+    # sample, so L2 holds none of the buffer's tail from the previous sample
+    l2_evictor = torch.zeros(FLUSH_BYTES // 4 // largest_chunk * largest_chunk, dtype=torch.int32, device=device)
+    results = {}
+    with torch.cuda.device(device):
+        for block, num_warps, blocks_per_program in configs:
+            chunk = block * blocks_per_program
+            partial = torch.empty(numel // chunk, dtype=torch.int32, device=device)
+            read_src = functools.partial(_stream_read, src, partial, block, num_warps, blocks_per_program)
+            read_src()  # compile
+            if int(partial.sum(dtype=torch.int64)) != expected_sum:
+                raise RuntimeError(f"streaming-read kernel BLOCK={block} chunk={chunk} did not read the whole buffer")
+            evict = functools.partial(_stream_read, l2_evictor, partial, block, num_warps, blocks_per_program)
+            timing = _event_samples(read_src, samples=samples, warmup=1, before_each=evict)
+            results[f"BLOCK={block},warps={num_warps},chunk={chunk}"] = numel * 4 / (timing.median_us * 1e-6)
+    del src, l2_evictor
+    return results
+
+
+def measure_read_bandwidth(
+    device=None, nbytes: int = 2 << 30, *, configs=READ_BANDWIDTH_CONFIGS, samples: int = 5
+) -> float:
+    """The read bandwidth of this GPU in bytes/s: the best configuration of
+    :func:`read_bandwidth_by_config` (its arguments have the same meaning)."""
+    return max(read_bandwidth_by_config(device, nbytes, configs=configs, samples=samples).values())
+
+
+def time_graph_replay(fn, *, samples: int = 40, warmup: int = 3, flush_bytes: int = FLUSH_BYTES) -> Timing:
+    """Times of one replay of ``fn`` captured in a CUDA graph, with a cold L2.
+
+    ``fn`` runs ``warmup`` times eagerly on a side stream (JIT compilation, lazy
+    allocations, cuBLAS workspaces; the order PyTorch's CUDA-graph docs give), is
+    captured once, and is replayed ``warmup`` times untimed; then each sample
+    overwrites ``flush_bytes`` (evicting the call's data from L2), records an
+    event, replays, records an event. ``fn`` must not synchronize with the host
+    (capture would fail) and must use tensors that outlive the graph.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    try:
+        return _event_samples(graph.replay, samples=samples, warmup=warmup, before_each=_l2_flush(flush_bytes))
+    finally:
+        graph.reset()  # frees the graph's private memory pool now, not at garbage collection
+
+
+def time_eager(fn, *, samples: int = 40, warmup: int = 3, flush_bytes: int = FLUSH_BYTES) -> Timing:
+    """Times of one eager ``fn()`` with a cold L2 (same samples as :func:`time_graph_replay`,
+    host launch overhead included where the GPU waits for it)."""
+    return _event_samples(fn, samples=samples, warmup=warmup, before_each=_l2_flush(flush_bytes))
+
+
+def _l2_flush(flush_bytes: int):
+    """A function that overwrites ``flush_bytes`` of a fresh buffer (None if 0): the
+    L2 flush of the peers' method (``bench/PEERS.md``), kept identical for comparison."""
+    if not flush_bytes:
+        return None
+    buffer = torch.empty(flush_bytes, dtype=torch.uint8, device="cuda")
+    return lambda: buffer.fill_(0)
+
+
+def _event_samples(launch, *, samples: int, warmup: int, before_each=None) -> Timing:
+    """``launch()`` bracketed by CUDA events, ``samples`` times after ``warmup`` untimed
+    launches, each sample preceded by an untimed ``before_each()`` (the L2 flush).
+    Synchronizes once, at the end."""
+    if samples < 1:
+        raise ValueError(f"samples: expected at least 1, got {samples}")
+    for _ in range(warmup):
+        launch()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(samples)]
+    for start, end in events:
+        if before_each is not None:
+            before_each()
+        start.record()
+        launch()
+        end.record()
+    torch.cuda.synchronize()
+    return Timing(tuple(start.elapsed_time(end) * 1e3 for start, end in events))
