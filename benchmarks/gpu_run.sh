@@ -19,8 +19,9 @@ for step in "$@"; do
     tests)
       python3 -m pytest -q -p no:cacheprovider -rs 2>&1 | tee "$out/pytest.log" | tail -25 || status=1 ;;
     sanitize:*)
-      # compute-sanitizer memcheck over a test subset (pytest -k expression after the colon)
-      compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -p no:cacheprovider -k "${step#sanitize:}" \
+      # memcheck over a test subset (pytest -k expression after the colon); driver API probing
+      # by torch and cuda-python (cuGetProcAddress) is not a memory error, so it is not reported
+      compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 9 python3 -m pytest -q -p no:cacheprovider -k "${step#sanitize:}" \
         2>&1 | tee "$out/memcheck.log" | tail -15 || status=1 ;;
     cache)
       python3 benchmarks/bench_cache_write.py --json "$out/cache_write.json" 2>&1 | tee "$out/cache_write.log" | tail -20 || status=1 ;;

@@ -25,7 +25,7 @@
 #include <cuda_fp8.h>
 
 #define PA_DEVICE __device__ __forceinline__
-#define PA_NEG_INF (-__builtin_huge_valf())
+#define PA_NEG_INF (__int_as_float(0xff800000))
 
 namespace pa {
 

@@ -30,7 +30,7 @@
 namespace pa {
 
 // One launch's arguments, passed by value. Field order and types are mirrored by
-// pa_hybrid/backends/hip.py (SplitKvParams); a test checks sizes and offsets.
+// pa_hybrid/backends/hip.py (SplitKvParams); tests/test_hip_backend.py checks sizes and offsets.
 struct SplitKvParams {
   void* out;                // [rows, num_heads, HEAD], query dtype
   float* exp_sums;          // [rows, num_heads, max_partitions]
@@ -60,7 +60,7 @@ struct SplitKvParams {
 };
 
 template <bool IS_BF16, int KV_KIND, int HEAD, int BS>
-struct SplitKvConfig {
+struct SplitKvConfig {  // restated by hip.py's kernel_config; the same test checks both agree
   static constexpr int KV_BYTES = KV_KIND == KV_16BIT ? 2 : 1;
   static constexpr int X = 16 / KV_BYTES;
   static constexpr int KV_TILE = HEAD * BS * KV_BYTES;  // one cache block of K (or of V)
@@ -78,12 +78,6 @@ struct SplitKvConfig {
   static_assert(HEAD % 16 == 0 && BS % 16 == 0 && BS % X == 0, "unsupported head/block size");
   static_assert(KV_TILE % 512 == 0, "a warp copies tiles in 512-byte steps");
 };
-
-// Dynamic shared memory of one variant; the launcher reads it from the module.
-template <bool IS_BF16, int KV_KIND, int HEAD, int BS>
-__device__ const int split_kv_smem_bytes = SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS>::SMEM_BYTES;
-template <bool IS_BF16, int KV_KIND, int HEAD, int BS>
-__device__ const int split_kv_threads = SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS>::THREADS;
 
 template <bool IS_BF16, int KV_KIND, int HEAD, int BS>
 __global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS>::THREADS)
@@ -329,24 +323,37 @@ __global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS>::THR
   }
   __syncthreads();
 
-  float v_scale = 1.f;
-  if constexpr (KV_KIND != KV_16BIT) v_scale = *p.v_scale;
-  for (int idx = threadIdx.x; idx < rows * HEAD; idx += C::THREADS) {
-    const int m = idx / HEAD, d = idx % HEAD, i = m / gqa;
-    if (i >= num_new) continue;
+  // per row: the merged max and sum, the partial stats, and each warp's weight
+  // exp2(max_w - max) / sum (with the V scale), written over merge_max
+  if (threadIdx.x < rows) {
+    const int m = threadIdx.x, i = m / gqa;
     float row_max = PA_NEG_INF;
 #pragma unroll
     for (int w = 0; w < C::WARPS; ++w) row_max = fmaxf(row_max, merge_max[w * 16 + m]);
     const float shift = row_max == PA_NEG_INF ? 0.f : row_max;
-    float total = 0.f, acc = 0.f;
+    float total = 0.f;
 #pragma unroll
-    for (int w = 0; w < C::WARPS; ++w) {
-      const float weight = fast_exp2(merge_max[w * 16 + m] - shift);
-      total += merge_sum[w * 16 + m] * weight;
-      acc += merge_o[(w * 16 + m) * HEAD + d] * weight;
-    }
+    for (int w = 0; w < C::WARPS; ++w) total += merge_sum[w * 16 + m] * fast_exp2(merge_max[w * 16 + m] - shift);
+    float v_scale = 1.f;
+    if constexpr (KV_KIND != KV_16BIT) v_scale = *p.v_scale;
     // total >= 1 for a row that saw a token here; rows that saw none stay 0
-    const float result = acc / fmaxf(total, 1e-30f) * v_scale;
+    const float norm = v_scale / fmaxf(total, 1e-30f);
+#pragma unroll
+    for (int w = 0; w < C::WARPS; ++w) merge_max[w * 16 + m] = fast_exp2(merge_max[w * 16 + m] - shift) * norm;
+    if (!p.write_out && i < num_new) {
+      const i64 e = (first_row + i) * p.stride_es_row + (kv_head * gqa + m % gqa) * p.stride_es_head + part;
+      p.exp_sums[e] = total;
+      p.max_logits[e] = row_max * LN2;  // natural-log units, as the partial format says
+    }
+  }
+  __syncthreads();
+  const float* merge_weight = merge_max;
+  for (int idx = threadIdx.x; idx < rows * HEAD; idx += C::THREADS) {
+    const int m = idx / HEAD, d = idx % HEAD, i = m / gqa;
+    if (i >= num_new) continue;
+    float result = 0.f;
+#pragma unroll
+    for (int w = 0; w < C::WARPS; ++w) result += merge_o[(w * 16 + m) * HEAD + d] * merge_weight[w * 16 + m];
     const i64 row = first_row + i;
     const int head = kv_head * gqa + m % gqa;
     if (p.write_out) {
@@ -359,11 +366,6 @@ __global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS>::THR
         static_cast<q16<true>::t*>(p.tmp_out)[t] = q16<true>::from_float(result);
       } else {
         static_cast<q16<false>::t*>(p.tmp_out)[t] = q16<false>::from_float(result);
-      }
-      if (d == 0) {
-        const i64 e = row * p.stride_es_row + head * p.stride_es_head + part;
-        p.exp_sums[e] = total;
-        p.max_logits[e] = row_max * LN2;  // natural-log units, as the partial format says
       }
     }
   }

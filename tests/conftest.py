@@ -34,3 +34,18 @@ def pytest_report_header(config):
 
 
 requires_gpu = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU (none found; CPU runs use the Triton interpreter)")
+
+
+def skip_if_unsupported(backend: str, case: dict) -> None:
+    """Skip (with the backend's own reason) when a forced backend cannot run this call."""
+    if backend == "auto":
+        return
+    from pa_hybrid import dispatch
+    from pa_hybrid.call import build_call
+
+    scratchless = dict(case, exp_sums=None, max_logits=None, tmp_out=None)
+    for name in ("out_", "backend"):
+        scratchless.pop(name, None)
+    reason = dispatch.unavailable_reason(backend, build_call(**scratchless).key)
+    if reason is not None:
+        pytest.skip(f"{backend} cannot run this call: {reason}")

@@ -13,7 +13,7 @@ from pa_hybrid import dispatch, paged_attention_common, reference_paged_attentio
 from pa_hybrid.layouts import allocate_scratch
 from pa_hybrid.testing import make_decode_case
 
-from conftest import DEVICE
+from conftest import DEVICE, skip_if_unsupported
 
 BACKENDS = [b for b in dispatch.available_backends(DEVICE)]
 
@@ -23,6 +23,7 @@ ELEM_TOL = {torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
 
 def check_against_reference(case, backend, *, give_scratch=False, give_out=True, scratch_seq_len=None):
+    skip_if_unsupported(backend, case)
     q = case["Q"]
     out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=q.device) if give_out else None
     scratch = (None, None, None)
@@ -133,6 +134,7 @@ def test_uniform_qlen_without_qo_indptr(device, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fp8_cache_stored_as_uint8(device, backend):
     case = make_decode_case([70, 300], num_heads=8, num_kv_heads=2, head_size=64, kv_dtype=torch.float8_e4m3fn, device=device)
+    skip_if_unsupported(backend, case)
     expected = reference_paged_attention(**case)
     for extra in ({"kv_cache_dtype": "fp8"}, {"kv_cache_tensor_dtype": torch.float8_e4m3fn}):
         c = dict(case, K=case["K"].view(torch.uint8), V=case["V"].view(torch.uint8), **extra)

@@ -11,7 +11,7 @@ from pa_hybrid import dispatch, paged_attention_common, reference_paged_attentio
 from pa_hybrid.layouts import allocate_scratch
 from pa_hybrid.testing import make_decode_case, random_cache_values
 
-from conftest import DEVICE, requires_gpu
+from conftest import DEVICE, requires_gpu, skip_if_unsupported
 
 BACKENDS = dispatch.available_backends(DEVICE)
 
@@ -37,6 +37,7 @@ def _op_args(case, out, scratch, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(device, backend):
     case = make_decode_case([300, 20], num_heads=4, num_kv_heads=2, head_size=64, kv_dtype=torch.int8, device=device)
+    skip_if_unsupported(backend, case)
     out = torch.empty_like(case["Q"])
     scratch = allocate_scratch(2, 4, 64, case["max_seq_len"], device)
     torch.library.opcheck(
@@ -73,6 +74,7 @@ def test_torch_compile_fullgraph(device, backend):
 def test_cuda_graph_replays_with_new_contents(backend, kv_dtype, qlen):
     lens = [700, 1, 300, 0, 257]
     case = make_decode_case(lens, num_heads=16, num_kv_heads=2, head_size=128, kv_dtype=kv_dtype, max_qlen=qlen, device="cuda")
+    skip_if_unsupported(backend, case)
     q = case["Q"]
     out = torch.empty_like(q)
     scratch = allocate_scratch(q.shape[0], 16, 128, case["max_seq_len"], "cuda")

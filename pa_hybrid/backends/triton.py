@@ -14,8 +14,9 @@ from ..kernels.reduce import launch_split_kv_reduce
 from ..layouts import KV_DTYPES, x_for
 from .base import Backend, cuda_device_ok, sm_count, split_kv_partition_size
 
-PROGRAMS_PER_SM = 2
-"""Measured on an H100: 1-2 programs per SM were best for bulk calls (benchmarks/RESULTS.md)."""
+PROGRAMS_PER_SM = 1
+"""Measured on an H100 (benchmarks/RESULTS.md): 1 or 2 programs per SM were best for bulk
+calls; 1 also keeps mid-size calls (e.g. 256 x 2048 tokens, 1 kv head) in one pass."""
 
 _SCALE_KINDS = {SCALES_PER_TENSOR: SCALE_PER_TENSOR, SCALES_PER_TOKEN: SCALE_PER_TOKEN}
 

@@ -22,6 +22,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import platform
 import shlex
 import subprocess
@@ -554,14 +555,15 @@ def run_portable_smoke(emit=print) -> int:
 
 
 def _git_commit() -> str | None:
-    """``HEAD`` of the repository (with "+dirty" if the tree has changes), or None."""
+    """``HEAD`` of the repository (with "+dirty" if the tree has changes), else the
+    ``GIT_COMMIT`` environment variable (a copy of the tree without ``.git``), or None."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
 
     try:
         head = git("rev-parse", "HEAD")
         if head.returncode != 0:
-            return None
+            return os.environ.get("GIT_COMMIT")
         return head.stdout.strip() + ("+dirty" if git("status", "--porcelain").stdout.strip() else "")
     except (OSError, subprocess.TimeoutExpired):
         return None

@@ -1,0 +1,195 @@
+"""The "hip" backend: the split-KV C++ kernel of ``csrc/paged_decode_split_kv.cu``
+compiled at first use by the runtime (NVRTC on NVIDIA), then the Triton reduce.
+
+Best at low concurrency: CTAs per (partition, kv head, sequence) keep every SM busy
+even with a handful of sequences. Each (query dtype, kv kind, head size, block size,
+GQA, qlen) is its own template instantiation, compiled once and cached on disk.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from .. import runtime
+from ..call import SCALES_PER_TENSOR, CallKey, DecodeCall
+from ..kernels.reduce import launch_split_kv_reduce
+from ..layouts import KV_DTYPES, is_8bit
+from .base import Backend, cuda_device_ok, sm_count, split_kv_partition_size
+
+LOG2E = 1.4426950408889634
+SOURCE = "paged_decode_split_kv.cu"
+PROGRAMS_PER_SM = 2
+
+_KV_KIND = {torch.float8_e4m3fn: 1, torch.int8: 2}  # 16-bit caches: 0
+_TMP_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+class SplitKvParams(ctypes.Structure):
+    """Mirror of ``pa::SplitKvParams`` (csrc/paged_decode_split_kv.cu), passed by value."""
+
+    _fields_ = [
+        ("out", ctypes.c_void_p),
+        ("exp_sums", ctypes.c_void_p),
+        ("max_logits", ctypes.c_void_p),
+        ("tmp_out", ctypes.c_void_p),
+        ("q", ctypes.c_void_p),
+        ("k", ctypes.c_void_p),
+        ("v", ctypes.c_void_p),
+        ("k_scale", ctypes.c_void_p),
+        ("v_scale", ctypes.c_void_p),
+        ("block_tables", ctypes.c_void_p),
+        ("context_lens", ctypes.c_void_p),
+        ("qo_indptr", ctypes.c_void_p),
+        ("scale_log2", ctypes.c_float),
+        ("partition_size", ctypes.c_int),
+        ("write_out", ctypes.c_int),
+        ("tmp_kind", ctypes.c_int),
+        ("gqa", ctypes.c_int),
+        ("max_qlen", ctypes.c_int),
+        ("stride_q_row", ctypes.c_int64),
+        ("stride_q_head", ctypes.c_int64),
+        ("stride_out_row", ctypes.c_int64),
+        ("stride_out_head", ctypes.c_int64),
+        ("stride_es_row", ctypes.c_int64),
+        ("stride_es_head", ctypes.c_int64),
+        ("stride_tmp_row", ctypes.c_int64),
+        ("stride_tmp_head", ctypes.c_int64),
+        ("stride_tmp_part", ctypes.c_int64),
+        ("stride_k_block", ctypes.c_int64),
+        ("stride_k_head", ctypes.c_int64),
+        ("stride_v_block", ctypes.c_int64),
+        ("stride_v_head", ctypes.c_int64),
+        ("stride_bt", ctypes.c_int64),
+    ]
+
+
+def kernel_config(head_size: int, block_size: int, kv_bytes: int) -> dict:
+    """Threads and dynamic shared memory of a variant: ``SplitKvConfig`` of the C++ source,
+    restated (tests/test_hip_backend.py checks both agree, through static_asserts)."""
+    stage = 2 * head_size * block_size * kv_bytes
+    warps = 2 if stage >= 32768 else 4
+    stages = 3 if stage <= 8192 else 2
+    ring = warps * stages * stage
+    merge = warps * 16 * (head_size + 2) * 4
+    q_bytes = 16 * (head_size + 8) * 2
+    return {"threads": 32 * warps, "smem_bytes": q_bytes + max(ring, merge)}
+
+
+def template_args(q_dtype: torch.dtype, kv_dtype: torch.dtype, head_size: int, block_size: int) -> str:
+    """The variant: query dtype, kv kind, head size, block size (GQA and qlen are run-time values)."""
+    is_bf16 = "true" if q_dtype == torch.bfloat16 else "false"
+    return f"{is_bf16}, {_KV_KIND.get(kv_dtype, 0)}, {head_size}, {block_size}"
+
+
+def kernel_spec(q_dtype, kv_dtype, head_size: int, block_size: int, arch: str) -> "runtime.KernelSpec":
+    args = template_args(q_dtype, kv_dtype, head_size, block_size)
+    return runtime.KernelSpec(source=SOURCE, entries=(f"pa::paged_decode_split_kv<{args}>",), arch=arch)
+
+
+def all_variants():
+    """Every (q dtype, kv dtype, head size, block size) the backend can be asked for."""
+    for q_dtype in HipBackend.q_dtypes:
+        for kv_dtype in (q_dtype, torch.float8_e4m3fn, torch.int8):
+            for head_size in HipBackend.head_sizes:
+                for block_size in HipBackend.block_sizes:
+                    yield q_dtype, kv_dtype, head_size, block_size
+
+
+def warmup_specs(arch: str = "sm_90a"):
+    """The kernel specs of every variant, for ``python -m pa_hybrid.runtime warmup``."""
+    return [kernel_spec(*variant, arch) for variant in all_variants()]
+
+
+@functools.lru_cache(maxsize=None)
+def _loaded(q_dtype, kv_dtype, head_size: int, block_size: int, device_index: int):
+    """(function, threads, dynamic shared bytes) of one variant on one device: compiled
+    (or read from the disk cache) and loaded once per process."""
+    spec = kernel_spec(q_dtype, kv_dtype, head_size, block_size, runtime.arch_of(device_index))
+    cfg = kernel_config(head_size, block_size, 1 if is_8bit(kv_dtype) else 2)
+    return runtime.get_function(spec, device_index), cfg["threads"], cfg["smem_bytes"]
+
+
+class HipBackend(Backend):
+    name = "hip"
+    device_types = ("cuda",)
+    kv_dtypes = KV_DTYPES
+    head_sizes = (64, 128, 256)
+    block_sizes = (16, 32)
+    max_gqa = 16
+    max_qlen = 16
+    scales = ("none", "per_tensor")  # per-token scaled 8-bit caches belong to "asm"
+
+    def available(self, device_type, device_index):
+        reason = runtime.unavailable_reason() or cuda_device_ok(device_index)
+        if reason is None and torch.cuda.get_device_capability(device_index) < (8, 9):
+            reason = "needs compute capability 8.9+ (mma.sync bf16 and packed fp8 converts)"
+        return reason
+
+    def _capability_reasons(self, key: CallKey):
+        yield from super()._capability_reasons(key)
+        if key.gqa * key.max_qlen > 16:
+            yield f"GQA x max_qlen = {key.gqa * key.max_qlen} query rows exceed one 16-row MMA tile"
+        if not key.kv_is_8bit and key.kv_dtype != key.q_dtype:
+            yield f"a 16-bit cache must have the query dtype ({key.q_dtype}), got {key.kv_dtype}"
+
+    def run(self, call: DecodeCall) -> None:
+        key = call.key
+        function, threads, smem_bytes = _loaded(key.q_dtype, key.kv_dtype, key.head_size, key.block_size, key.device_index)
+        partition_size = split_kv_partition_size(
+            call.num_seqs, key.num_kv_heads, key.max_seq_len, sm_count("cuda", key.device_index), PROGRAMS_PER_SM
+        )
+        split = partition_size < key.max_seq_len
+        exp_sums, max_logits, tmp_out = call.scratch() if split else (None, None, None)
+        params = _params(call, partition_size, exp_sums, max_logits, tmp_out)
+        grid = (-(-key.max_seq_len // partition_size), key.num_kv_heads, call.num_seqs)
+        runtime.launch(function, grid, threads, smem_bytes, [params])
+        if split:
+            launch_split_kv_reduce(
+                call.out, exp_sums, max_logits, tmp_out, call.context_lens, call.qo_indptr, key.max_qlen, partition_size
+            )
+
+
+def _params(call: DecodeCall, partition_size: int, exp_sums, max_logits, tmp_out) -> SplitKvParams:
+    q, out = call.Q, call.out
+    split = exp_sums is not None
+    per_tensor = call.key.scales == SCALES_PER_TENSOR
+    return SplitKvParams(
+        out=out.data_ptr(),
+        exp_sums=exp_sums.data_ptr() if split else None,
+        max_logits=max_logits.data_ptr() if split else None,
+        tmp_out=tmp_out.data_ptr() if split else None,
+        q=q.data_ptr(),
+        k=call.K.data_ptr(),
+        v=call.V.data_ptr(),
+        k_scale=call.k_scale.data_ptr() if per_tensor else None,
+        v_scale=call.v_scale.data_ptr() if per_tensor else None,
+        block_tables=call.block_tables.data_ptr(),
+        context_lens=call.context_lens.data_ptr(),
+        qo_indptr=call.qo_indptr.data_ptr() if call.qo_indptr is not None else None,
+        scale_log2=call.scale * LOG2E,
+        partition_size=partition_size,
+        write_out=0 if split else 1,
+        tmp_kind=_TMP_KIND[tmp_out.dtype] if split else 0,
+        gqa=call.key.gqa,
+        max_qlen=call.key.max_qlen,
+        stride_q_row=q.stride(0),
+        stride_q_head=q.stride(1),
+        stride_out_row=out.stride(0),
+        stride_out_head=out.stride(1),
+        stride_es_row=exp_sums.stride(0) if split else 0,
+        stride_es_head=exp_sums.stride(1) if split else 0,
+        stride_tmp_row=tmp_out.stride(0) if split else 0,
+        stride_tmp_head=tmp_out.stride(1) if split else 0,
+        stride_tmp_part=tmp_out.stride(2) if split else 0,
+        stride_k_block=call.K.stride(0),
+        stride_k_head=call.K.stride(1),
+        stride_v_block=call.V.stride(0),
+        stride_v_head=call.V.stride(1),
+        stride_bt=call.block_tables.stride(0),
+    )
+
+
+BACKEND = HipBackend()

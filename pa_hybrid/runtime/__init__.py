@@ -1,0 +1,76 @@
+"""pa_hybrid.runtime: the one place that touches the GPU driver.
+
+Compile a ``csrc/`` kernel variant with NVRTC at first use (cached in memory and on
+disk), load it or a PTX/cubin code object into the device's primary context, and
+launch it on torch's current stream::
+
+    spec = KernelSpec("paged_decode_split_kv.cu", ("pa::paged_decode_split_kv<true, 0, 128, 16>",), arch_of(0))
+    function = get_function(spec, device_index=0)
+    launch(function, grid, block, shared_bytes, [params])      # by-value struct / one-by-one args
+    launch_packed(load_function(ptx_path, symbol, 0), grid, block, shared_bytes, packed_struct)
+
+Nothing here imports cuda-python until it is used, so ``import pa_hybrid`` works
+without it; :func:`unavailable_reason` says whether the runtime can work here.
+``python -m pa_hybrid.runtime info`` / ``warmup`` (see ``__main__.py``).
+
+ROCm: the interface (a spec, a code object, a function handle, a launch on torch's
+stream) is platform-neutral, but only the CUDA half exists: on a ROCm build of torch
+:func:`unavailable_reason` says so. Untested on AMD hardware.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from .compiler import CompileError, CompiledKernel, KernelSpec, WarmupResult, compile_kernel, warmup
+from .driver import DriverError, Function, arch_of, get_function, launch, launch_packed, load_function
+from .env import cache_dir
+from .usage import ResourceUsage, resource_usage
+
+__all__ = [
+    "CompileError",
+    "CompiledKernel",
+    "DriverError",
+    "Function",
+    "KernelSpec",
+    "ResourceUsage",
+    "WarmupResult",
+    "arch_of",
+    "cache_dir",
+    "compile_kernel",
+    "get_function",
+    "launch",
+    "launch_packed",
+    "load_function",
+    "resource_usage",
+    "unavailable_reason",
+    "warmup",
+]
+
+PIP_HINT = "pip install 'cuda-bindings>=13,<14' 'nvidia-cuda-nvrtc>=13,<14'"
+
+
+@functools.cache
+def unavailable_reason() -> str | None:
+    """None when kernels can be compiled and loaded in this process, else why not.
+
+    Checks the platform, cuda-python, that NVRTC loads and that the CUDA headers the
+    kernels include are found; not whether a GPU is present (backends check that)."""
+    import torch
+
+    from .compiler import nvrtc_version
+    from .env import cuda_include_dir
+
+    if torch.version.hip:
+        return "the runtime compiler is not implemented on ROCm in this build (no hipRTC path yet)"
+    try:
+        from cuda.bindings import driver, nvrtc  # noqa: F401
+    except ImportError as error:
+        return f"cuda-python is not installed ({error}): {PIP_HINT}"
+    try:
+        nvrtc_version()
+    except Exception as error:  # the bindings raise their library loader's own error types
+        return f"NVRTC could not be loaded ({type(error).__name__}: {error}): {PIP_HINT}"
+    if cuda_include_dir() is None:
+        return "CUDA headers (cuda_fp16.h) not found: pip install nvidia-cuda-runtime, or set CUDA_HOME"
+    return None

@@ -1,0 +1,100 @@
+"""The "hip" backend: its C++ kernel compiles for sm_90a through NVRTC in every variant
+the dispatcher can pick, without spills; the Python mirror of its argument struct and
+launch configuration matches the C++; and (on a GPU) it runs correctly, including under
+CUDA-graph capture (tests/test_paged_attention_common.py and test_torch_integration.py
+run every available backend, so hip is covered there too)."""
+
+import ctypes
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from pa_hybrid import dispatch, runtime
+from pa_hybrid.backends import hip
+from pa_hybrid.testing import make_decode_case
+
+from conftest import DEVICE, requires_gpu
+
+DATA = Path(__file__).parent / "data"
+
+needs_nvrtc = pytest.mark.skipif(
+    runtime.unavailable_reason() is not None, reason=f"runtime compiler unavailable: {runtime.unavailable_reason()}"
+)
+
+
+@needs_nvrtc
+def test_every_variant_compiles_for_sm90a_without_spills():
+    specs = hip.warmup_specs("sm_90a")
+    assert len(specs) == 36
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        kernels = list(pool.map(runtime.compile_kernel, specs))
+    for spec, kernel in zip(specs, kernels):
+        (usage,) = runtime.resource_usage(kernel.cubin).values()
+        assert usage.stack_bytes == 0, f"{spec.entries[0]} uses local memory (spills): {usage}"
+        assert 0 < usage.registers <= 255, f"{spec.entries[0]}: {usage}"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the check runs in its host pass)")
+def test_python_mirror_matches_the_cpp_struct_and_config(tmp_path):
+    checks = [f"static_assert(sizeof(pa::SplitKvParams) == {ctypes.sizeof(hip.SplitKvParams)});"]
+    for name, _ in hip.SplitKvParams._fields_:
+        offset = getattr(hip.SplitKvParams, name).offset
+        checks.append(f'static_assert(offsetof(pa::SplitKvParams, {name}) == {offset}, "{name}");')
+    for q_dtype, kv_dtype, head_size, block_size in hip.all_variants():
+        cfg = hip.kernel_config(head_size, block_size, kv_dtype.itemsize)
+        cls = f"pa::SplitKvConfig<{hip.template_args(q_dtype, kv_dtype, head_size, block_size)}>"
+        checks.append(f'static_assert({cls}::SMEM_BYTES == {cfg["smem_bytes"]}, "smem");')
+        checks.append(f'static_assert({cls}::THREADS == {cfg["threads"]}, "threads");')
+    (tmp_path / "expected_layout.h").write_text("\n".join(checks) + "\n")
+    command = ["nvcc", "-std=c++17", "-c", f"-I{runtime.env.csrc_dir()}", f"-I{tmp_path}"]
+    command += [str(DATA / "split_kv_layout_check.cu"), "-o", str(tmp_path / "check.o")]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_supports_states_what_the_kernel_covers():
+    from pa_hybrid.call import CallKey
+
+    base = dict(
+        device_type="cuda", device_index=0, q_dtype=torch.bfloat16, kv_dtype=torch.bfloat16, head_size=128,
+        block_size=16, gqa=8, num_kv_heads=8, max_qlen=1, scales="none", high_precision=1, kernel_name=None,
+        concurrency=4, max_seq_len=4096,
+    )  # fmt: skip
+    backend = hip.HipBackend()
+    assert backend.supports(CallKey(**base)) is None
+    assert backend.supports(CallKey(**dict(base, gqa=8, max_qlen=2))) is None
+    cases = {
+        "query rows exceed one 16-row": dict(gqa=8, max_qlen=4),
+        "per_token scales not supported": dict(kv_dtype=torch.int8, scales="per_token"),
+        "must have the query dtype": dict(kv_dtype=torch.float16),
+        "head_size 96": dict(head_size=96),
+        "block_size 64": dict(block_size=64),
+        "runs on cuda, not cpu": dict(device_type="cpu"),
+    }
+    for reason, change in cases.items():
+        assert reason in backend.supports(CallKey(**dict(base, **change)))
+    assert backend.supports(CallKey(**dict(base, kv_dtype=torch.float8_e4m3fn, scales="per_tensor"))) is None
+
+
+@requires_gpu
+@pytest.mark.skipif("hip" not in dispatch.available_backends(DEVICE), reason="hip backend unavailable here")
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn, torch.int8])
+@pytest.mark.parametrize("gqa,qlen,head_size,block_size", [(8, 1, 128, 16), (1, 1, 64, 32), (16, 1, 256, 16), (4, 4, 128, 32), (5, 3, 128, 16)])
+def test_hip_matches_reference_long_and_ragged(kv_dtype, gqa, qlen, head_size, block_size):
+    from pa_hybrid import paged_attention_common, reference_paged_attention
+
+    lens = [0, 1, 16, 17, 255, 256, 257, 2000, 5000]
+    case = make_decode_case(
+        lens, num_heads=2 * gqa, num_kv_heads=2, head_size=head_size, block_size=block_size, kv_dtype=kv_dtype,
+        max_qlen=qlen, scales="per_tensor", strided_q=True, device="cuda",
+    )  # fmt: skip
+    out = torch.full_like(case["Q"], float("nan"))
+    paged_attention_common(exp_sums=None, max_logits=None, tmp_out=None, out_=out, backend="hip", **case)
+    ref = reference_paged_attention(**case)
+    assert not out.isnan().any()
+    rel = ((out.float() - ref).norm() / ref.norm()).item()
+    assert rel < (1e-2 if kv_dtype.itemsize == 2 else 3e-2), rel
