@@ -63,14 +63,17 @@ def register(backend) -> None:
     """Make a backend (an object with ``name``, ``available``, ``supports``, ``run``) selectable."""
     _REGISTRY[backend.name] = backend
     select.cache_clear()
+    unavailable_reason.cache_clear()
 
 
 def registered() -> dict:
     return dict(_REGISTRY)
 
 
+@functools.lru_cache(maxsize=4096)
 def unavailable_reason(name: str, key: CallKey) -> str | None:
-    """Why backend ``name`` cannot run this call (not built, not on this device, not supported), or None."""
+    """Why backend ``name`` cannot run this call (not built, not on this device, not supported), or None.
+    Cached per key: a forced backend pays the capability checks once, like "auto"."""
     backend = _REGISTRY.get(name)
     if backend is None:
         return f"no '{name}' backend is built into this version of pa_hybrid"

@@ -33,9 +33,11 @@ def registry(monkeypatch):
     def install(*backends):
         monkeypatch.setattr(dispatch, "_REGISTRY", {b.name: b for b in backends})
         dispatch.select.cache_clear()
+        dispatch.unavailable_reason.cache_clear()
 
     yield install
     dispatch.select.cache_clear()
+    dispatch.unavailable_reason.cache_clear()
 
 
 def key(**changes):
