@@ -14,6 +14,8 @@
 //   shfl_xor(v, m)         butterfly exchange inside a warp
 //   fast_exp2(x)           2^x
 //   widen2<KV_KIND, ...>   two 8-bit cache values -> one packed 16-bit pair
+//   PA_GRID_CONSTANT       how a by-value parameter struct is declared
+// (__syncthreads, __launch_bounds__, blockIdx/threadIdx and __shared__ are common to both.)
 #pragma once
 
 #if defined(__HIPCC__) || defined(__HIP_PLATFORM_AMD__)
@@ -25,6 +27,8 @@
 #include <cuda_fp8.h>
 
 #define PA_DEVICE __device__ __forceinline__
+// A by-value kernel parameter read in place from the constant bank (no local copy).
+#define PA_GRID_CONSTANT __grid_constant__
 #define PA_NEG_INF (__int_as_float(0xff800000))
 
 namespace pa {

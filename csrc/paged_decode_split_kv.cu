@@ -81,7 +81,7 @@ struct SplitKvConfig {  // restated by hip.py's kernel_config; the same test che
 
 template <bool IS_BF16, int KV_KIND, int HEAD, int BS>
 __global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS>::THREADS)
-    paged_decode_split_kv(const __grid_constant__ SplitKvParams p) {
+    paged_decode_split_kv(const PA_GRID_CONSTANT SplitKvParams p) {
   using C = SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS>;
   using Q = q16<IS_BF16>;
   using qt = typename Q::t;
