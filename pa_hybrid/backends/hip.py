@@ -15,11 +15,11 @@ import torch
 
 from .. import runtime
 from ..call import SCALES_PER_TENSOR, CallKey, DecodeCall
+from ..kernels.decode import LOG2E
 from ..kernels.reduce import launch_split_kv_reduce
 from ..layouts import KV_DTYPES, is_8bit
 from .base import Backend, cuda_device_ok, sm_count, split_kv_partition_size
 
-LOG2E = 1.4426950408889634
 SOURCE = "paged_decode_split_kv.cu"
 PROGRAMS_PER_SM = 2
 
