@@ -84,10 +84,6 @@ class DecodeCall:
     def num_seqs(self) -> int:
         return self.context_lens.shape[0]
 
-    @property
-    def num_heads(self) -> int:
-        return self.Q.shape[1]
-
     def scratch(self):
         """``(exp_sums, max_logits, tmp_out)``: the caller's, or fresh ones (fp32) if none were given."""
         if self.exp_sums is None:

@@ -6,7 +6,6 @@ import inspect
 import pytest
 import torch
 
-import pa_hybrid
 from pa_hybrid import dispatch, paged_attention_common, reference_paged_attention
 from pa_hybrid.layouts import allocate_scratch
 from pa_hybrid.testing import make_decode_case, random_cache_values

@@ -20,7 +20,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..layouts import PARTITION_SIZE
 from .common import dot_dtype, k_tile_offset, v_tile_offset, visible_tokens
 
 LOG2E = 1.4426950408889634
