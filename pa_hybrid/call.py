@@ -46,6 +46,7 @@ class CallKey(NamedTuple):
     kernel_name: str | None
     concurrency: int  # sequences in decode, query rows with max_qlen > 1
     max_seq_len: int
+    aligned: bool = True  # K/V blocks 16-byte aligned, Q/out rows 4-byte aligned (see aligned_for_native)
 
     @property
     def kv_is_8bit(self) -> bool:
@@ -59,6 +60,17 @@ class CallKey(NamedTuple):
             f"max_qlen={self.max_qlen} scales={self.scales} concurrency={self.concurrency} "
             f"max_seq_len={self.max_seq_len} on {self.device_type}"
         )
+
+
+def _aligned(t: torch.Tensor, unit: int, dims: int) -> bool:
+    size = t.element_size()
+    return t.data_ptr() % unit == 0 and all(t.stride(d) * size % unit == 0 for d in range(dims))
+
+
+def aligned_for_native(Q, out, K, V) -> bool:
+    """Whether the native kernels' wide accesses line up: 16-byte copies of K/V rows
+    (block and head strides) and 4-byte accesses of Q/out pairs (row and head strides)."""
+    return _aligned(K, 16, 2) and _aligned(V, 16, 2) and _aligned(Q, 4, 2) and _aligned(out, 4, 2)
 
 
 @dataclass
@@ -278,6 +290,7 @@ def build_call(
         kernel_name=kernelName,
         concurrency=concurrency,
         max_seq_len=max_seq_len,
+        aligned=aligned_for_native(Q, out, K, V),
     )
     return DecodeCall(
         key=key,

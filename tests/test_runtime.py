@@ -369,10 +369,12 @@ Resource usage:
 def test_unavailable_reason_without_cuda_python(monkeypatch):
     monkeypatch.setitem(sys.modules, "cuda.bindings", None)  # makes the import fail
     runtime.unavailable_reason.cache_clear()
+    runtime.driver_unavailable_reason.cache_clear()
     try:
         reason = runtime.unavailable_reason()
     finally:
         runtime.unavailable_reason.cache_clear()
+        runtime.driver_unavailable_reason.cache_clear()
     assert reason is not None and "cuda-python is not installed" in reason and "pip install" in reason
 
 

@@ -35,6 +35,7 @@ class Backend(abc.ABC):
     scales: tuple = ("none", "per_tensor", "per_token")
     high_precision: tuple = (0, 1, 2)
     accepts_kernel_name: bool = False  # kernelName picks a row of the asm manifest
+    needs_alignment: bool = False  # 16-byte K/V rows and 4-byte Q/out rows (CallKey.aligned)
 
     def available(self, device_type: str, device_index: int) -> str | None:
         """None if this backend can run on the device, else why not."""
@@ -60,6 +61,8 @@ class Backend(abc.ABC):
             yield f"{key.scales} scales not supported (only {_names(self.scales)})"
         if key.high_precision not in self.high_precision:
             yield f"high_precision={key.high_precision} not offered (only {_names(self.high_precision)})"
+        if self.needs_alignment and not key.aligned:
+            yield "needs 16-byte aligned K/V blocks and 4-byte aligned Q/out rows (pointers and strides)"
         if key.kernel_name is not None and not self.accepts_kernel_name:
             yield f"kernelName={key.kernel_name!r} names an asm kernel; only the asm backend takes it"
 

@@ -121,6 +121,7 @@ class HipBackend(Backend):
     max_gqa = 16
     max_qlen = 16
     scales = ("none", "per_tensor")  # per-token scaled 8-bit caches belong to "asm"
+    needs_alignment = True
 
     def available(self, device_type, device_index):
         reason = runtime.unavailable_reason() or cuda_device_ok(device_index)

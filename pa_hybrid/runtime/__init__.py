@@ -38,6 +38,7 @@ __all__ = [
     "arch_of",
     "cache_dir",
     "compile_kernel",
+    "driver_unavailable_reason",
     "get_function",
     "launch",
     "launch_packed",
@@ -51,20 +52,35 @@ PIP_HINT = "pip install 'cuda-bindings>=13,<14' 'nvidia-cuda-nvrtc>=13,<14'"
 
 
 @functools.cache
+def driver_unavailable_reason() -> str | None:
+    """None when code objects (PTX, cubins) can be loaded and launched in this process,
+    else why not: the platform and cuda-python's driver bindings; not whether a GPU is
+    present (backends check that)."""
+    import torch
+
+    if torch.version.hip:
+        return "the runtime is not implemented on ROCm in this build (no HIP module loader yet)"
+    try:
+        from cuda.bindings import driver  # noqa: F401
+    except ImportError as error:
+        return f"cuda-python is not installed ({error}): {PIP_HINT}"
+    return None
+
+
+@functools.cache
 def unavailable_reason() -> str | None:
     """None when kernels can be compiled and loaded in this process, else why not.
 
-    Checks the platform, cuda-python, that NVRTC loads and that the CUDA headers the
-    kernels include are found; not whether a GPU is present (backends check that)."""
-    import torch
-
+    Checks what :func:`driver_unavailable_reason` checks, that NVRTC loads and that the
+    CUDA headers the kernels include are found."""
     from .compiler import nvrtc_version
     from .env import cuda_include_dir
 
-    if torch.version.hip:
-        return "the runtime compiler is not implemented on ROCm in this build (no hipRTC path yet)"
+    reason = driver_unavailable_reason()
+    if reason is not None:
+        return reason
     try:
-        from cuda.bindings import driver, nvrtc  # noqa: F401
+        from cuda.bindings import nvrtc  # noqa: F401
     except ImportError as error:
         return f"cuda-python is not installed ({error}): {PIP_HINT}"
     try:

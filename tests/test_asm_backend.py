@@ -1,0 +1,184 @@
+"""The "asm" backend: its PTX is what asm/generate.py renders, assembles for sm_90a
+without spills, matches the manifest and the Python argument block; supports() and
+the kernel choice as a table; and (on a GPU) forced backend="asm" matches the
+reference over dtypes, GQA 1..16, qlen 1..4, ragged/zero/non-multiple lengths and
+strided Q (the shared tests in test_paged_attention_common.py and
+test_torch_integration.py, graph capture included, run it too)."""
+
+import ctypes
+import importlib.util
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from pa_hybrid import dispatch
+from pa_hybrid.backends import asm
+from pa_hybrid.call import CallKey
+from pa_hybrid.runtime.env import asm_dir, find_tool
+from pa_hybrid.runtime.usage import parse_ptxas_report
+from pa_hybrid.testing import make_decode_case
+
+from conftest import requires_gpu
+from test_paged_attention_common import check_against_reference
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("asm_generate", asm_dir() / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+GENERATE = _generator()
+PTXAS = find_tool("ptxas")
+
+
+def test_committed_ptx_and_manifest_are_what_the_generator_renders():
+    for name, text in GENERATE.outputs().items():
+        assert (asm_dir() / name).read_text() == text, f"asm/{name} is stale: run python asm/generate.py"
+
+
+def test_manifest_matches_the_files():
+    kernels = asm.manifest()
+    assert len(kernels) == len(GENERATE.VARIANTS) == 12
+    assert len({k.entry for k in kernels}) == len(kernels)
+    for kernel in kernels:
+        text = (asm_dir() / kernel.file).read_text()
+        assert f".visible .entry {kernel.entry}(" in text
+        assert re.search(rf"\.maxntid {kernel.threads}, 1, 1", text)
+        assert kernel.shared_bytes <= 227 * 1024
+        assert (kernel.head_size, kernel.block_size, kernel.precision) == (128, 16, (0, 1, 2))
+
+
+def test_python_argument_block_mirrors_the_ptx():
+    assert ctypes.sizeof(asm.AsmParams) == GENERATE.ARGS_BYTES
+    assert [name for name, _ in asm.AsmParams._fields_] == [name for name, _, _ in GENERATE.ARGS]
+    sizes = {"u64": 8, "s64": 8, "f32": 4, "s32": 4}
+    for name, kind, offset in GENERATE.ARGS:
+        field = getattr(asm.AsmParams, name)
+        assert (field.offset, field.size) == (offset, sizes[kind]), name
+    header = (asm_dir() / asm.manifest()[0].file).read_text()
+    for name, kind, offset in GENERATE.ARGS:  # the header comment documents the block
+        assert re.search(rf"\+{offset}\s+{kind}\s+{name}\b", header), name
+
+
+def _assemble(path):
+    done = subprocess.run(
+        [PTXAS, "-arch=sm_90a", "-v", str(path), "-o", "/dev/null"], capture_output=True, text=True, timeout=300
+    )
+    return done.returncode, done.stdout + done.stderr
+
+
+@pytest.mark.skipif(PTXAS is None, reason="needs ptxas (CUDA toolkit or Triton's bundled copy)")
+def test_every_kernel_assembles_for_sm90a_without_spills():
+    kernels = asm.manifest()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(_assemble, [asm_dir() / k.file for k in kernels]))
+    for kernel, (code, log) in zip(kernels, results):
+        assert code == 0, f"{kernel.file}:\n{log}"
+        usage = parse_ptxas_report(log)[kernel.entry]
+        assert not usage.spills and usage.stack_bytes == 0, f"{kernel.entry} spills: {usage}"
+        assert usage.registers <= 255
+        # the rows16 kernels keep 2 CTAs (16-bit) / 3 CTAs (8-bit) per SM possible
+        if kernel.max_rows == 16:
+            assert usage.registers * kernel.threads * (3 if kernel.kv_dtype.itemsize == 1 else 2) <= 65536, usage
+
+
+def _key(**change):
+    base = dict(
+        device_type="cuda", device_index=0, q_dtype=torch.bfloat16, kv_dtype=torch.bfloat16, head_size=128,
+        block_size=16, gqa=4, num_kv_heads=8, max_qlen=1, scales="none", high_precision=1, kernel_name=None,
+        concurrency=256, max_seq_len=4096,
+    )
+    return CallKey(**dict(base, **change))
+
+
+def test_supports_states_what_the_kernels_cover():
+    backend = asm.BACKEND
+    assert backend.supports(_key()) is None
+    assert backend.supports(_key(gqa=16, max_qlen=2)) is None
+    assert backend.supports(_key(kv_dtype=torch.int8, scales="per_token", high_precision=2)) is None
+    assert backend.supports(_key(kv_dtype=torch.float8_e4m3fn, scales="per_tensor", q_dtype=torch.float16)) is None
+    for change, reason in [
+        (dict(head_size=64), "head_size 64"),
+        (dict(block_size=32), "block_size 32"),
+        (dict(gqa=16, max_qlen=3), "48 query rows exceed"),
+        (dict(max_qlen=5), "max_qlen 5 above 4"),
+        (dict(kv_dtype=torch.float16), "a 16-bit cache must have the query dtype"),
+        (dict(aligned=False), "16-byte aligned"),
+        (dict(kernel_name="nope"), "'nope' is not in asm/manifest.csv"),
+        (dict(kernel_name="pa_decode_qbf16_kvbf16_rows16", gqa=16, max_qlen=2), "does not serve gqa x max_qlen = 32"),
+        (dict(kernel_name="pa_decode_qf16_kvf16_rows16"), "does not serve query dtype"),
+        (dict(device_type="cpu"), "runs on cuda"),
+    ]:
+        found = backend.supports(_key(**change))
+        assert found is not None and reason in found, (change, found)
+
+
+@pytest.mark.parametrize(
+    "change,entry",
+    [
+        (dict(), "pa_decode_qbf16_kvbf16_rows16"),
+        (dict(gqa=16), "pa_decode_qbf16_kvbf16_rows16"),
+        (dict(gqa=8, max_qlen=2), "pa_decode_qbf16_kvbf16_rows16"),
+        (dict(gqa=5, max_qlen=4), "pa_decode_qbf16_kvbf16_rows32"),
+        (dict(q_dtype=torch.float16, kv_dtype=torch.int8, scales="per_token"), "pa_decode_qf16_kvs8_rows16"),
+        (dict(kv_dtype=torch.float8_e4m3fn, scales="per_tensor", gqa=16, max_qlen=2), "pa_decode_qbf16_kve4m3_rows32"),
+        (dict(kernel_name="pa_decode_qbf16_kvbf16_rows32"), "pa_decode_qbf16_kvbf16_rows32"),
+    ],
+)
+def test_kernel_choice(change, entry):
+    assert asm.kernel_for(_key(**change)).entry == entry
+
+
+def test_kernel_name_routes_to_asm_only():
+    order, rule = dispatch.preference(_key(kernel_name="pa_decode_qbf16_kvbf16_rows16", concurrency=1), dispatch.DispatchRules())
+    assert order == ("asm",) and "kernelName" in rule
+
+
+# ---- on the GPU: forced backend="asm" against the reference ---------------------------------
+
+# (q dtype, kv dtype) x (gqa, max_qlen): every row-tile kernel, GQA 1..16, qlen 1..4
+DTYPES = [
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float16),
+    (torch.bfloat16, torch.float8_e4m3fn),
+    (torch.float16, torch.float8_e4m3fn),
+    (torch.bfloat16, torch.int8),
+    (torch.float16, torch.int8),
+]
+GROUPS = [(1, 1), (3, 1), (4, 1), (8, 1), (16, 1), (2, 4), (5, 3), (8, 2), (8, 4), (16, 2), (7, 4)]
+# ragged: empty, one token, block edges, several blocks per warp, a long one
+LENGTHS = [0, 1, 15, 16, 17, 63, 64, 65, 300, 2049]
+
+
+@requires_gpu
+@pytest.mark.parametrize("q_dtype,kv_dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("gqa,qlen", GROUPS, ids=lambda g: str(g))
+def test_forced_asm_matches_reference(q_dtype, kv_dtype, gqa, qlen):
+    scales = "per_token" if (gqa + qlen) % 2 == 0 else "per_tensor"
+    case = make_decode_case(
+        LENGTHS, num_heads=2 * gqa, num_kv_heads=2, q_dtype=q_dtype, kv_dtype=kv_dtype, max_qlen=qlen,
+        scales=scales, strided_q=(gqa % 2 == 1), device="cuda",
+    )
+    check_against_reference(case, "asm")
+
+
+@requires_gpu
+@pytest.mark.parametrize("high_precision", [0, 1, 2])
+def test_forced_asm_every_precision_level(high_precision):
+    case = make_decode_case(
+        [37, 500, 0, 1024], num_heads=32, num_kv_heads=4, kv_dtype=torch.float8_e4m3fn, device="cuda"
+    )
+    check_against_reference(dict(case, high_precision=high_precision), "asm")
+
+
+@requires_gpu
+def test_kernel_name_forces_a_row():
+    case = make_decode_case([100, 33], num_heads=8, num_kv_heads=2, device="cuda")
+    check_against_reference(dict(case, kernelName="pa_decode_qbf16_kvbf16_rows32"), "asm")
