@@ -22,8 +22,6 @@ HERE = Path(__file__).resolve().parent
 
 HEAD = 128  # head size
 BS = 16  # tokens per cache block
-WARPS = 4
-THREADS = 32 * WARPS
 Q_STRIDE = HEAD + 8  # query row pitch in shared memory (elements): the pad spreads ldmatrix rows over banks
 O_STRIDE = HEAD + 4  # merge row pitch (floats)
 NEG_INF = "0fFF800000"
@@ -66,6 +64,11 @@ class Variant:
     q: str  # "bf16" | "f16"
     kv: str  # "bf16" | "f16" | "e4m3" | "s8"
     row_tiles: int  # 16-row MMA tiles of query rows (gqa * max_qlen <= 16 * row_tiles)
+    warps: int  # 4: several CTAs per SM for large grids; 8: one wide CTA per SM for small ones
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps
 
     @property
     def eight_bit(self) -> bool:
@@ -93,7 +96,8 @@ class Variant:
 
     @property
     def stages(self) -> int:
-        return 4 if self.eight_bit else 3
+        # 8-bit stages are half the size: deeper rings, still 3 (4 warps) or 2 (8 warps) CTAs per SM
+        return 4 if self.eight_bit and self.warps == 4 else 3
 
     @property
     def q_bytes(self) -> int:
@@ -101,11 +105,11 @@ class Variant:
 
     @property
     def ring_bytes(self) -> int:
-        return WARPS * self.stages * self.stage
+        return self.warps * self.stages * self.stage
 
     @property
     def merge_bytes(self) -> int:
-        return WARPS * self.rows * (O_STRIDE + 2) * 4
+        return self.warps * self.rows * (O_STRIDE + 2) * 4
 
     @property
     def smem_bytes(self) -> int:
@@ -113,7 +117,7 @@ class Variant:
 
     @property
     def name(self) -> str:
-        return f"pa_decode_q{self.q}_kv{self.kv}_rows{self.rows}"
+        return f"pa_decode_q{self.q}_kv{self.kv}_rows{self.rows}_w{self.warps}"
 
     @property
     def file(self) -> str:
@@ -121,10 +125,11 @@ class Variant:
 
 
 VARIANTS = [
-    Variant(q, kv, tiles)
+    Variant(q, kv, tiles, warps)
     for q in ("bf16", "f16")
     for kv in (q, "e4m3", "s8")
     for tiles in (1, 2)
+    for warps in (4, 8)
 ]
 
 
@@ -273,7 +278,7 @@ class Kernel:
             f".visible .entry {v.name}(",
             f"    .param .align 8 .b8 args[{ARGS_BYTES}]",
             ")",
-            f".maxntid {THREADS}, 1, 1",
+            f".maxntid {v.threads}, 1, 1",
             "{",
             "    .reg .pred %p<8>;",
         ]
@@ -368,8 +373,8 @@ class Kernel:
         word_bytes = self.tmp("u64", "q_word_bytes")
         p(f"mul.wide.u32 {word_bytes}, {word}, 4")
         m, val, dst = self.tmp("u32", "q_m"), self.tmp("b32", "q_val"), self.tmp("u32", "q_dst")
-        for r in range(v.rows * (HEAD // 2) // THREADS):
-            p(f"add.u32 {m}, {m0}, {2 * r}")
+        for r in range(v.rows * (HEAD // 2) // v.threads):
+            p(f"add.u32 {m}, {m0}, {v.threads // 64 * r}")
             addr = self.row_address(m, self.q_ptr, self.q_row, self.q_head, "q")
             p(f"add.s64 {addr}, {addr}, {word_bytes}")
             p(f"mov.b32 {val}, 0")
@@ -401,13 +406,13 @@ class Kernel:
 
     def main_loop(self):
         p, v = self.p, self.v
-        p.section("phase 2 setup: this warp's cache blocks are warp, warp + 4, ...; per-lane copy offsets")
+        p.section(f"phase 2 setup: this warp's cache blocks are warp, warp + {v.warps}, ...; per-lane copy offsets")
         num_blocks, mine = self.tmp("s32", "num_blocks"), self.tmp("s32", "my_blocks")
         p(f"add.s32 {num_blocks}, {self.ctx}, {BS - 1}")
         p(f"shr.s32 {num_blocks}, {num_blocks}, 4")
         p(f"sub.s32 {mine}, {num_blocks}, {self.warp}")
-        p(f"add.s32 {mine}, {mine}, {WARPS - 1}")
-        p(f"shr.s32 {mine}, {mine}, 2")
+        p(f"add.s32 {mine}, {mine}, {v.warps - 1}")
+        p(f"shr.s32 {mine}, {mine}, {v.warps.bit_length() - 1}")
         self.mine = mine
         # block table row, K/V bases of this kv head (+ this lane's 16-byte column)
         bt = self.global_ptr("block_tables")
@@ -500,7 +505,7 @@ class Kernel:
             self.issue(issue_block, fill)
             p.label(skip)
             p("cp.async.commit_group")
-            p(f"add.s32 {issue_block}, {issue_block}, {WARPS}")
+            p(f"add.s32 {issue_block}, {issue_block}, {v.warps}")
             p(f"add.u32 {fill}, {fill}, {v.stage}")
         j, cur, token0 = self.tmp("s32", "j"), self.tmp("u32", "cur_stage"), self.tmp("s32", "token0")
         p(f"mov.s32 {j}, 0")
@@ -523,8 +528,8 @@ class Kernel:
         self.compute_block(cur, token0)
         p("bar.warp.sync 0xffffffff")  # every lane is done with this stage before it is refilled
         p.comment("advance: next block, next stages (wrapping)")
-        p(f"add.s32 {issue_block}, {issue_block}, {WARPS}")
-        p(f"add.s32 {token0}, {token0}, {WARPS * BS}")
+        p(f"add.s32 {issue_block}, {issue_block}, {v.warps}")
+        p(f"add.s32 {token0}, {token0}, {v.warps * BS}")
         for stage in (fill, cur):
             p(f"add.u32 {stage}, {stage}, {v.stage}")
             p(f"setp.eq.u32 %p1, {stage}, {self.ring_end}")
@@ -705,9 +710,11 @@ class Kernel:
                         p(f"mul.f32 {r}, {r}, {factor[nt, e]}")
                         p(f"selp.f32 {r}, {r}, {NEG_INF}, %p3")
         bmax, tmpf = self.tmp("f32", "block_max"), self.tmp("f32", "shfl_tmp")
-        shift, alpha = self.tmp("f32", "shift"), self.tmp("f32", "alpha")
+        shift = self.tmp("f32", "shift")
+        alphas = [self.tmp("f32", f"alpha{h}") for h in range(2)]
         for mt in range(v.row_tiles):
             for h in range(2):
+                alpha = alphas[h]
                 cols = [s[mt, nt][2 * h + e] for nt in range(2) for e in range(2)]
                 p(f"max.f32 {bmax}, {cols[0]}, {cols[1]}")
                 p(f"max.f32 {bmax}, {bmax}, {cols[2]}")
@@ -728,10 +735,17 @@ class Kernel:
                     p(f"sub.f32 {c}, {c}, {shift}")
                     p(f"ex2.approx.ftz.f32 {c}, {c}")
                     p(f"add.f32 {sm}, {sm}, {c}")
-                for dt in range(HEAD // 8):
-                    for e in range(2):
-                        r = self.o[mt, dt][2 * h + e]
-                        p(f"mul.f32 {r}, {r}, {alpha}")
+            p.comment("rescale O unless no row's max moved in the whole warp (the common case late in a context)")
+            skip = p.new_label("rescale_done")
+            p(f"setp.eq.f32 %p3, {alphas[0]}, 0f3F800000")
+            p(f"setp.eq.and.f32 %p3, {alphas[1]}, 0f3F800000, %p3")
+            p("vote.sync.all.pred %p3, %p3, 0xffffffff")
+            p(f"@%p3 bra.uni {skip}")
+            for dt in range(HEAD // 8):
+                for c in range(4):
+                    r = self.o[mt, dt][c]
+                    p(f"mul.f32 {r}, {r}, {alphas[c // 2]}")
+            p.label(skip)
 
         p.comment("O += P V: S's accumulators are P's A fragments" + (" (V's per-token scale folded in)" if v.eight_bit else ""))
         pa = {mt: [self.tmp("b32", f"p_m{mt}_{i}") for i in range(4)] for mt in range(v.row_tiles)}
@@ -770,11 +784,12 @@ class Kernel:
                 p(f"shfl.sync.bfly.b32 {tmpf}, {sm}, {lane_mask}, 31, 0xffffffff")
                 p(f"add.f32 {sm}, {sm}, {tmpf}")
         p("bar.sync 0")
-        merge_o = self.ring  # [WARPS][R][O_STRIDE] f32
-        merge_max = self.tmp("u32", "merge_max")  # [WARPS][R] f32
+        W = v.warps
+        merge_o = self.ring  # [W][R][O_STRIDE] f32
+        merge_max = self.tmp("u32", "merge_max")  # [W][R] f32
         merge_sum = self.tmp("u32", "merge_sum")
-        p(f"add.u32 {merge_max}, {merge_o}, {WARPS * R * O_STRIDE * 4}")
-        p(f"add.u32 {merge_sum}, {merge_max}, {WARPS * R * 4}")
+        p(f"add.u32 {merge_max}, {merge_o}, {W * R * O_STRIDE * 4}")
+        p(f"add.u32 {merge_sum}, {merge_max}, {W * R * 4}")
         row, addr = self.tmp("u32", "mg_row"), self.tmp("u32", "mg_addr")
         p(f"mad.lo.u32 {row}, {self.warp}, {R}, {self.quad_row}")  # this lane's row 0 in the warp's slab
         p(f"setp.eq.u32 %p1, {self.quad_col}, 0")
@@ -801,20 +816,20 @@ class Kernel:
         p(f"setp.ge.u32 %p1, {self.tid}, {R}")
         p(f"@%p1 bra {skip}")
         mx, tot, shift, t = (self.tmp("f32", n) for n in ("mg_max", "mg_total", "mg_shift", "mg_t"))
-        wmax = [self.tmp("f32", f"mg_wmax{w}") for w in range(WARPS)]
+        wmax = [self.tmp("f32", f"mg_wmax{w}") for w in range(W)]
         wsum = self.tmp("f32", "mg_wsum")
         p(f"mad.lo.u32 {addr}, {self.tid}, 4, {merge_max}")
-        for w in range(WARPS):
+        for w in range(W):
             p(f"ld.shared.f32 {wmax[w]}, [{addr}+{w * R * 4}]")
         p(f"max.f32 {mx}, {wmax[0]}, {wmax[1]}")
-        for w in range(2, WARPS):
+        for w in range(2, W):
             p(f"max.f32 {mx}, {mx}, {wmax[w]}")
         p(f"setp.eq.f32 %p3, {mx}, {NEG_INF}")
         p(f"selp.f32 {shift}, 0f00000000, {mx}, %p3")
         p(f"mov.f32 {tot}, 0f00000000")
         sum_addr = self.tmp("u32", "mg_sum_addr")
         p(f"mad.lo.u32 {sum_addr}, {self.tid}, 4, {merge_sum}")
-        for w in range(WARPS):
+        for w in range(W):
             p(f"sub.f32 {wmax[w]}, {wmax[w]}, {shift}")
             p(f"ex2.approx.ftz.f32 {wmax[w]}, {wmax[w]}")
             p(f"ld.shared.f32 {wsum}, [{sum_addr}+{w * R * 4}]")
@@ -824,7 +839,7 @@ class Kernel:
         p(f"rcp.rn.f32 {t}, {t}")
         if v.eight_bit:
             p(f"mul.f32 {t}, {t}, {self.v_tensor_scale}")
-        for w in range(WARPS):
+        for w in range(W):
             p(f"mul.f32 {wmax[w]}, {wmax[w]}, {t}")
             p(f"st.shared.f32 [{addr}+{w * R * 4}], {wmax[w]}")
         p.label(skip)
@@ -837,8 +852,8 @@ class Kernel:
         wgt = self.tmp("f32", "out_weight")
         packed = self.tmp("b32", "out_packed")
         word_bytes = self.tmp("u64", "q_word_bytes")
-        for r in range(R * (HEAD // 2) // THREADS):
-            p(f"add.u32 {m}, {m0}, {2 * r}")
+        for r in range(R * (HEAD // 2) // v.threads):
+            p(f"add.u32 {m}, {m0}, {v.threads // 64 * r}")
             out_addr = self.row_address(m, self.out_ptr, self.out_row, self.out_head, "o")
             p(f"add.s64 {out_addr}, {out_addr}, {word_bytes}")
             p(f"mad.lo.u32 {addr}, {m}, {O_STRIDE * 4}, {merge_o}")
@@ -847,7 +862,7 @@ class Kernel:
             p(f"mad.lo.u32 {wa}, {m}, 4, {merge_max}")
             for i in range(2):
                 p(f"mov.f32 {acc[i]}, 0f00000000")
-            for w in range(WARPS):
+            for w in range(W):
                 p(f"ld.shared.f32 {wgt}, [{wa}+{w * R * 4}]")
                 p(f"ld.shared.v2.f32 {{{ov[0]}, {ov[1]}}}, [{addr}+{w * R * O_STRIDE * 4}]")
                 for i in range(2):
@@ -872,13 +887,13 @@ Query {DTYPE_NAMES[v.q]}, KV cache {kv} in the shuffled layout
 head size {HEAD}, block size {BS}, up to {v.rows} query rows per kv head (gqa * max_qlen <= {v.rows};
 row m = i * gqa + g is new token i of the sequence, group member g).
 
-Algorithm. Grid (num_seqs, num_kv_heads), {THREADS} threads = {WARPS} warps. One CTA walks
+Algorithm. Grid (num_seqs, num_kv_heads), {v.threads} threads = {v.warps} warps. One CTA walks
 the whole context of one sequence once for one kv head and serves all query rows of
 the group with mma.sync.m16n8k16 ({v.row_tiles} row tile(s) of 16; absent rows are zero
 and never stored). No scratch, one launch.
   1. Q rows -> shared memory (pitch {Q_STRIDE} elements), one barrier.
   2. The context's cache blocks are dealt round-robin to the warps (warp w: blocks
-     w, w+4, ...). Each warp streams its blocks through a private {v.stages}-stage ring:
+     w, w+{v.warps}, ...). Each warp streams its blocks through a private {v.stages}-stage ring:
      16-byte cp.async copies of the block's K tile and V tile{" and its 16+16 per-token scales" if eight else ""}
      as stored ({v.stage} bytes per stage); tokens past the context are zero-filled by the
      copy's src-size, so no stale value (NaN * 0) reaches an MMA. Per block:
@@ -914,8 +929,8 @@ Layouts feed ldmatrix without transposes:
 
 Registers per lane: O {v.row_tiles} x 16 dim tiles x 4 f32, S {v.row_tiles} x 2 n-tiles x 4 f32, running
 max/sum for its two rows per tile, fragments (a*, kb*/vb*, p_*), copy and ldmatrix offsets.
-Shared memory ({v.smem_bytes} bytes, dynamic): [Q {v.q_bytes}][ring {WARPS} warps x {v.stages} stages x {v.stage}],
-the ring later reused as [O: {WARPS} x {v.rows} x {O_STRIDE} f32][max: {WARPS} x {v.rows}][sum: {WARPS} x {v.rows}].
+Shared memory ({v.smem_bytes} bytes, dynamic): [Q {v.q_bytes}][ring {v.warps} warps x {v.stages} stages x {v.stage}],
+the ring later reused as [O: {v.warps} x {v.rows} x {O_STRIDE} f32][max: {v.warps} x {v.rows}][sum: {v.warps} x {v.rows}].
 
 Argument block (one .param of {ARGS_BYTES} bytes; pointers are device addresses, strides
 are in bytes):"""
@@ -942,7 +957,7 @@ def manifest() -> str:
         writer.writerow({
             "q_dtype": DTYPE_NAMES[v.q], "kv_dtype": DTYPE_NAMES[v.kv], "max_gqa": 16, "max_qlen": 4,
             "max_rows": v.rows, "mask": "causal", "precision": "0;1;2", "block_size": BS,
-            "head_size": HEAD, "file": v.file, "entry": v.name, "threads": THREADS,
+            "head_size": HEAD, "file": v.file, "entry": v.name, "threads": v.threads,
             "shared_bytes": v.smem_bytes,
         })
     return out.getvalue()

@@ -45,7 +45,7 @@ def test_committed_ptx_and_manifest_are_what_the_generator_renders():
 
 def test_manifest_matches_the_files():
     kernels = asm.manifest()
-    assert len(kernels) == len(GENERATE.VARIANTS) == 12
+    assert len(kernels) == len(GENERATE.VARIANTS) == 24
     assert len({k.entry for k in kernels}) == len(kernels)
     for kernel in kernels:
         text = (asm_dir() / kernel.file).read_text()
@@ -84,9 +84,11 @@ def test_every_kernel_assembles_for_sm90a_without_spills():
         usage = parse_ptxas_report(log)[kernel.entry]
         assert not usage.spills and usage.stack_bytes == 0, f"{kernel.entry} spills: {usage}"
         assert usage.registers <= 255
-        # the rows16 kernels keep 2 CTAs (16-bit) / 3 CTAs (8-bit) per SM possible
-        if kernel.max_rows == 16:
-            assert usage.registers * kernel.threads * (3 if kernel.kv_dtype.itemsize == 1 else 2) <= 65536, usage
+        # registers allow the CTAs per SM that shared memory allows: 4-warp rows16 kernels
+        # 2 (16-bit) or 3 (8-bit), every other kernel 1
+        per_sm = (3 if kernel.kv_dtype.itemsize == 1 else 2) if (kernel.threads, kernel.max_rows) == (128, 16) else 1
+        assert usage.registers * kernel.threads * per_sm <= 65536, usage
+        assert (kernel.shared_bytes + 1024) * per_sm <= 228 * 1024, kernel
 
 
 def _key(**change):
@@ -112,8 +114,8 @@ def test_supports_states_what_the_kernels_cover():
         (dict(kv_dtype=torch.float16), "a 16-bit cache must have the query dtype"),
         (dict(aligned=False), "16-byte aligned"),
         (dict(kernel_name="nope"), "'nope' is not in asm/manifest.csv"),
-        (dict(kernel_name="pa_decode_qbf16_kvbf16_rows16", gqa=16, max_qlen=2), "does not serve gqa x max_qlen = 32"),
-        (dict(kernel_name="pa_decode_qf16_kvf16_rows16"), "does not serve query dtype"),
+        (dict(kernel_name="pa_decode_qbf16_kvbf16_rows16_w4", gqa=16, max_qlen=2), "does not serve gqa x max_qlen = 32"),
+        (dict(kernel_name="pa_decode_qf16_kvf16_rows16_w8"), "does not serve query dtype"),
         (dict(device_type="cpu"), "runs on cuda"),
     ]:
         found = backend.supports(_key(**change))
@@ -121,23 +123,24 @@ def test_supports_states_what_the_kernels_cover():
 
 
 @pytest.mark.parametrize(
-    "change,entry",
+    "change,ctas,entry",
     [
-        (dict(), "pa_decode_qbf16_kvbf16_rows16"),
-        (dict(gqa=16), "pa_decode_qbf16_kvbf16_rows16"),
-        (dict(gqa=8, max_qlen=2), "pa_decode_qbf16_kvbf16_rows16"),
-        (dict(gqa=5, max_qlen=4), "pa_decode_qbf16_kvbf16_rows32"),
-        (dict(q_dtype=torch.float16, kv_dtype=torch.int8, scales="per_token"), "pa_decode_qf16_kvs8_rows16"),
-        (dict(kv_dtype=torch.float8_e4m3fn, scales="per_tensor", gqa=16, max_qlen=2), "pa_decode_qbf16_kve4m3_rows32"),
-        (dict(kernel_name="pa_decode_qbf16_kvbf16_rows32"), "pa_decode_qbf16_kvbf16_rows32"),
+        (dict(), 1024, "pa_decode_qbf16_kvbf16_rows16_w4"),
+        (dict(), 128, "pa_decode_qbf16_kvbf16_rows16_w8"),
+        (dict(gqa=16), 1024, "pa_decode_qbf16_kvbf16_rows16_w4"),
+        (dict(gqa=8, max_qlen=2), 1024, "pa_decode_qbf16_kvbf16_rows16_w4"),
+        (dict(gqa=5, max_qlen=4), 64, "pa_decode_qbf16_kvbf16_rows32_w8"),
+        (dict(q_dtype=torch.float16, kv_dtype=torch.int8, scales="per_token"), 4096, "pa_decode_qf16_kvs8_rows16_w4"),
+        (dict(kv_dtype=torch.float8_e4m3fn, scales="per_tensor", gqa=16, max_qlen=2), 1, "pa_decode_qbf16_kve4m3_rows32_w8"),
+        (dict(kernel_name="pa_decode_qbf16_kvbf16_rows32_w4"), 1, "pa_decode_qbf16_kvbf16_rows32_w4"),
     ],
 )
-def test_kernel_choice(change, entry):
-    assert asm.kernel_for(_key(**change)).entry == entry
+def test_kernel_choice(change, ctas, entry):
+    assert asm.kernel_for(_key(**change), ctas, num_sms=132).entry == entry
 
 
 def test_kernel_name_routes_to_asm_only():
-    order, rule = dispatch.preference(_key(kernel_name="pa_decode_qbf16_kvbf16_rows16", concurrency=1), dispatch.DispatchRules())
+    order, rule = dispatch.preference(_key(kernel_name="pa_decode_qbf16_kvbf16_rows16_w4", concurrency=1), dispatch.DispatchRules())
     assert order == ("asm",) and "kernelName" in rule
 
 
@@ -153,20 +156,24 @@ DTYPES = [
     (torch.float16, torch.int8),
 ]
 GROUPS = [(1, 1), (3, 1), (4, 1), (8, 1), (16, 1), (2, 4), (5, 3), (8, 2), (8, 4), (16, 2), (7, 4)]
+SHORT = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float8_e4m3fn: "e4m3", torch.int8: "s8"}
 # ragged: empty, one token, block edges, several blocks per warp, a long one
 LENGTHS = [0, 1, 15, 16, 17, 63, 64, 65, 300, 2049]
 
 
 @requires_gpu
+@pytest.mark.parametrize("warps", [4, 8])
 @pytest.mark.parametrize("q_dtype,kv_dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("gqa,qlen", GROUPS, ids=lambda g: str(g))
-def test_forced_asm_matches_reference(q_dtype, kv_dtype, gqa, qlen):
+def test_forced_asm_matches_reference(q_dtype, kv_dtype, gqa, qlen, warps):
     scales = "per_token" if (gqa + qlen) % 2 == 0 else "per_tensor"
     case = make_decode_case(
         LENGTHS, num_heads=2 * gqa, num_kv_heads=2, q_dtype=q_dtype, kv_dtype=kv_dtype, max_qlen=qlen,
         scales=scales, strided_q=(gqa % 2 == 1), device="cuda",
     )
-    check_against_reference(case, "asm")
+    rows = 16 if gqa * qlen <= 16 else 32
+    name = f"pa_decode_q{SHORT[q_dtype]}_kv{SHORT[kv_dtype]}_rows{rows}_w{warps}"
+    check_against_reference(dict(case, kernelName=name), "asm")
 
 
 @requires_gpu
@@ -181,4 +188,4 @@ def test_forced_asm_every_precision_level(high_precision):
 @requires_gpu
 def test_kernel_name_forces_a_row():
     case = make_decode_case([100, 33], num_heads=8, num_kv_heads=2, device="cuda")
-    check_against_reference(dict(case, kernelName="pa_decode_qbf16_kvbf16_rows32"), "asm")
+    check_against_reference(dict(case, kernelName="pa_decode_qbf16_kvbf16_rows32_w4"), "asm")

@@ -109,7 +109,7 @@ def test_allocates_out_and_scratch(device, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_all_contexts_empty_give_zeros(device, backend):
-    case = make_decode_case([0, 0], num_heads=4, num_kv_heads=2, head_size=64, device=device)
+    case = make_decode_case([0, 0], num_heads=4, num_kv_heads=2, device=device)
     case["max_seq_len"] = 300  # scratch for two partitions, none used
     case["block_tables"] = torch.zeros(2, 19, dtype=torch.int32, device=device)
     case["block_tables_stride0"] = 19

@@ -48,8 +48,8 @@ def test_opcheck(device, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_compile_fullgraph(device, backend):
-    case = make_decode_case([100, 700, 0], num_heads=8, num_kv_heads=2, head_size=64, device=device)
-    scratch = allocate_scratch(3, 8, 64, case["max_seq_len"], device)
+    case = make_decode_case([100, 700, 0], num_heads=8, num_kv_heads=2, device=device)
+    scratch = allocate_scratch(3, 8, 128, case["max_seq_len"], device)
 
     def step(q, out):
         # the attention call between two ordinary ops, as in a decoder layer

@@ -19,7 +19,7 @@ from .. import runtime
 from ..call import SCALES_PER_TOKEN, CallKey, DecodeCall
 from ..kernels.decode import LOG2E
 from ..layouts import KV_DTYPES
-from .base import Backend, cuda_device_ok
+from .base import Backend, cuda_device_ok, sm_count
 
 
 class AsmParams(ctypes.Structure):
@@ -94,7 +94,7 @@ def _dtype(name: str) -> torch.dtype:
 
 @functools.cache
 def manifest() -> tuple[AsmKernel, ...]:
-    """The kernels, smallest row tile first (the order the backend tries them in)."""
+    """The kernels, fewest query rows (then fewest threads) first."""
     with open(runtime.env.asm_dir() / "manifest.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     kernels = [
@@ -115,20 +115,31 @@ def manifest() -> tuple[AsmKernel, ...]:
         )
         for r in rows
     ]
-    return tuple(sorted(kernels, key=lambda k: k.max_rows))
+    return tuple(sorted(kernels, key=lambda k: (k.max_rows, k.threads)))
 
 
-def kernel_for(key: CallKey) -> AsmKernel | str:
-    """The manifest row that runs the call (``kernelName`` forces one), or why none does."""
+WIDE_CTAS_BELOW_PER_SM = 2.0
+"""Grids of fewer than this many CTAs per SM get the 8-warp kernels (one CTA per SM,
+twice the warps streaming each context); larger grids the 4-warp ones (several CTAs
+per SM). Measured on the H100: see benchmarks/RESULTS.md, "asm: 4 or 8 warps"."""
+
+
+def kernel_for(key: CallKey, ctas: int | None = None, num_sms: int | None = None) -> AsmKernel | str:
+    """The manifest row that runs the call, or why none does: ``kernelName`` if given,
+    else the fewest query rows that hold the group, with 8 warps when the grid
+    (``ctas`` CTAs on ``num_sms`` SMs; unknown: large) is small."""
     if key.kernel_name is not None:
         named = [k for k in manifest() if k.entry == key.kernel_name]
         if not named:
             return f"kernelName={key.kernel_name!r} is not in asm/manifest.csv"
         return named[0].mismatch(key) or named[0]
-    for kernel in manifest():
-        if kernel.mismatch(key) is None:
-            return kernel
-    return f"no kernel in asm/manifest.csv serves {key}"
+    fitting = [k for k in manifest() if k.mismatch(key) is None]
+    if not fitting:
+        return f"no kernel in asm/manifest.csv serves {key}"
+    rows = fitting[0].max_rows
+    wide = ctas is not None and ctas < WIDE_CTAS_BELOW_PER_SM * num_sms
+    by_threads = sorted((k for k in fitting if k.max_rows == rows), key=lambda k: k.threads)
+    return by_threads[-1] if wide else by_threads[0]
 
 
 class AsmBackend(Backend):
@@ -164,7 +175,7 @@ class AsmBackend(Backend):
 
     def run(self, call: DecodeCall) -> None:
         key = call.key
-        kernel = kernel_for(key)
+        kernel = kernel_for(key, call.num_seqs * key.num_kv_heads, sm_count("cuda", key.device_index))
         function = runtime.load_function(runtime.env.asm_dir() / kernel.file, kernel.entry, key.device_index)
         runtime.launch_packed(
             function, (call.num_seqs, key.num_kv_heads), kernel.threads, kernel.shared_bytes, params(call)
