@@ -118,16 +118,17 @@ def manifest() -> tuple[AsmKernel, ...]:
     return tuple(sorted(kernels, key=lambda k: (k.max_rows, k.threads)))
 
 
-WIDE_CTAS_BELOW_PER_SM = 2.0
-"""Grids of fewer than this many CTAs per SM get the 8-warp kernels (one CTA per SM,
-twice the warps streaming each context); larger grids the 4-warp ones (several CTAs
-per SM). Measured on the H100: see benchmarks/RESULTS.md, "asm: 4 or 8 warps"."""
+def _prefers_four_warps(key: CallKey, ctas: int | None, num_sms: int | None) -> bool:
+    """16-bit caches with fewer CTAs than SMs run 4-warp CTAs (2-3% faster there on the
+    H100); larger grids, mixed lengths and every 8-bit cache run 8 warps (up to 14 points
+    of the floor faster). Measured: benchmarks/RESULTS.md, "asm: 4 or 8 warps"."""
+    return not key.kv_is_8bit and ctas is not None and ctas < num_sms
 
 
 def kernel_for(key: CallKey, ctas: int | None = None, num_sms: int | None = None) -> AsmKernel | str:
     """The manifest row that runs the call, or why none does: ``kernelName`` if given,
-    else the fewest query rows that hold the group, with 8 warps when the grid
-    (``ctas`` CTAs on ``num_sms`` SMs; unknown: large) is small."""
+    else the fewest query rows that hold the group, in the width that suits the grid
+    (``ctas`` CTAs on ``num_sms`` SMs; None: unknown)."""
     if key.kernel_name is not None:
         named = [k for k in manifest() if k.entry == key.kernel_name]
         if not named:
@@ -136,10 +137,8 @@ def kernel_for(key: CallKey, ctas: int | None = None, num_sms: int | None = None
     fitting = [k for k in manifest() if k.mismatch(key) is None]
     if not fitting:
         return f"no kernel in asm/manifest.csv serves {key}"
-    rows = fitting[0].max_rows
-    wide = ctas is not None and ctas < WIDE_CTAS_BELOW_PER_SM * num_sms
-    by_threads = sorted((k for k in fitting if k.max_rows == rows), key=lambda k: k.threads)
-    return by_threads[-1] if wide else by_threads[0]
+    by_threads = [k for k in fitting if k.max_rows == fitting[0].max_rows]  # fewest threads first
+    return by_threads[0] if _prefers_four_warps(key, ctas, num_sms) else by_threads[-1]
 
 
 class AsmBackend(Backend):
