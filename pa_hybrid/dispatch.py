@@ -24,11 +24,22 @@ BACKEND_NAMES = ("hip", "asm", "triton", "torch")
 
 @dataclass(frozen=True)
 class DispatchRules:
-    """The thresholds of the selection policy for one GPU model."""
+    """The thresholds of the selection policy for one GPU model.
 
-    hip_below_concurrency: int = 128
-    """16-bit KV: the split-KV "hip" kernel below this many sequences (query rows with
-    max_qlen > 1), the single-pass "asm" kernel from it on."""
+    The single-pass kernel runs one CTA per (sequence, kv head): it wins once those pairs
+    (``concurrency x num_kv_heads``; concurrency counts query rows when max_qlen > 1)
+    give the GPU enough CTAs, and split-KV kernels win below. Defaults measured on the
+    H100 over the whole benchmark grid (benchmarks/RESULTS.md, section 9): from 64 pairs
+    asm beat hip on every bf16 case, at 32 or fewer it mostly lost; on 8-bit caches
+    asm beat Triton everywhere from 128 pairs, but not at 64 (int8, long contexts)."""
+
+    single_pass_from_pairs: int = 64
+    """16-bit KV: the single-pass "asm" kernel from this many (sequence, kv head) pairs,
+    the split-KV "hip" kernel below."""
+
+    single_pass_8bit_from_pairs: int = 128
+    """fp8/int8 KV: "asm" from this many pairs; below, split-KV ("hip" for per-tensor
+    scales, "triton" for per-token ones)."""
 
 
 RULES_BY_DEVICE: dict[str, DispatchRules] = {"default": DispatchRules()}
@@ -88,21 +99,20 @@ def rules_for(device_type: str, device_index: int) -> DispatchRules:
 
 
 def preference(key: CallKey, rules: DispatchRules) -> tuple[tuple[str, ...], str]:
-    """The backends to try, in order, and the rule that ordered them."""
+    """The backends to try, in order, and the rule that ordered them. (``high_precision``
+    does not reorder them: every backend here keeps K and V at least in bf16.)"""
     if key.kernel_name is not None:
         return ("asm",), "kernelName names an asm kernel"
-    if key.kv_is_8bit:
-        return ("asm", "hip", "triton", "torch"), "8-bit KV cache: asm first"
-    if key.high_precision == 2:
-        return ("asm", "hip", "triton", "torch"), "high_precision=2: asm first"
-    if key.concurrency < rules.hip_below_concurrency:
+    pairs = key.concurrency * key.num_kv_heads
+    kind, threshold = ("8-bit", rules.single_pass_8bit_from_pairs) if key.kv_is_8bit else ("16-bit", rules.single_pass_from_pairs)
+    if pairs >= threshold:
         return (
-            ("hip", "asm", "triton", "torch"),
-            f"concurrency {key.concurrency} < {rules.hip_below_concurrency}: split-KV hip first",
+            ("asm", "hip", "triton", "torch"),
+            f"{kind} KV, {pairs} (sequence, kv head) pairs >= {threshold}: single-pass asm first",
         )
     return (
-        ("asm", "hip", "triton", "torch"),
-        f"concurrency {key.concurrency} >= {rules.hip_below_concurrency}: single-pass asm first",
+        ("hip", "triton", "asm", "torch"),
+        f"{kind} KV, {pairs} (sequence, kv head) pairs < {threshold}: split-KV first",
     )
 
 

@@ -70,21 +70,26 @@ BF16, FP8, INT8 = torch.bfloat16, torch.float8_e4m3fn, torch.int8
 
 # (call changes, backend changes, expected backend, names expected among skipped)
 TABLE = [
+    # 16-bit: pairs = concurrency x num_kv_heads (8 here) against 64
     ({"concurrency": 1}, {}, "hip", []),
-    ({"concurrency": 127}, {}, "hip", []),
-    ({"concurrency": 128}, {}, "asm", []),
+    ({"concurrency": 7}, {}, "hip", []),
+    ({"concurrency": 8}, {}, "asm", []),
     ({"concurrency": 512}, {}, "asm", []),
-    ({"concurrency": 32, "max_qlen": 4}, {}, "hip", []),  # concurrency counts query rows; 32 < 128
-    ({"kv_dtype": FP8, "scales": "per_token", "concurrency": 1}, {}, "asm", []),
-    ({"kv_dtype": INT8, "scales": "per_token", "concurrency": 1}, {}, "asm", []),
-    ({"high_precision": 2, "concurrency": 1}, {}, "asm", []),
+    ({"concurrency": 4, "num_kv_heads": 1, "max_qlen": 4}, {}, "hip", []),  # concurrency counts query rows
+    ({"concurrency": 64, "num_kv_heads": 1}, {}, "asm", []),
+    # 8-bit: against 128; below it split-KV, where hip takes per-tensor scales only
+    ({"kv_dtype": FP8, "scales": "per_token", "concurrency": 15}, {"hip": {"scales": ("none", "per_tensor")}}, "triton", ["hip"]),
+    ({"kv_dtype": INT8, "scales": "per_tensor", "concurrency": 15}, {}, "hip", []),
+    ({"kv_dtype": FP8, "scales": "per_token", "concurrency": 16}, {}, "asm", []),
+    ({"kv_dtype": INT8, "scales": "per_token", "concurrency": 128, "num_kv_heads": 1}, {}, "asm", []),
+    ({"high_precision": 2, "concurrency": 1}, {}, "hip", []),
     ({"kernel_name": "pa_bf16_gqa8"}, {}, "asm", []),
     # preferred backend missing or refusing: the next one that can
-    ({"concurrency": 1}, {"hip": {"unavailable": "no cuda-python"}}, "asm", ["hip"]),
-    ({"concurrency": 1}, {"hip": {"head_sizes": (64,)}}, "asm", ["hip"]),
+    ({"concurrency": 1}, {"hip": {"unavailable": "no cuda-python"}}, "triton", ["hip"]),
+    ({"concurrency": 1}, {"hip": {"head_sizes": (64,)}}, "triton", ["hip"]),
     ({"concurrency": 512}, {"asm": {"max_gqa": 2}}, "hip", ["asm"]),
     ({"kv_dtype": FP8, "scales": "per_token"}, {"asm": {"unavailable": "x"}, "hip": {"scales": ("none", "per_tensor")}}, "triton", ["asm", "hip"]),
-    ({"head_size": 96}, {"hip": {"head_sizes": (128,)}, "asm": {"head_sizes": (128,)}, "triton": {"head_sizes": (64, 128)}}, "torch", ["hip", "asm", "triton"]),
+    ({"head_size": 96}, {"hip": {"head_sizes": (128,)}, "asm": {"head_sizes": (128,)}, "triton": {"head_sizes": (64, 128)}}, "torch", ["asm", "hip", "triton"]),
 ]
 
 
@@ -99,12 +104,13 @@ def test_decision_table(registry, changes, backend_changes, expected, skipped):
 
 def test_missing_backends_are_named(registry):
     registry(StandIn("triton"), StandIn("torch"))
-    sel = dispatch.select(key(concurrency=1))
+    sel = dispatch.select(key(concurrency=512))
     assert sel.backend == "triton"
     assert "no 'hip' backend is built" in sel.skipped["hip"]
     assert "no 'asm' backend is built" in sel.skipped["asm"]
     text = str(sel)
-    assert "triton" in text and "skipped hip" in text and "concurrency 1 < 128" in text
+    assert "triton" in text and "skipped hip" in text and "4096 (sequence, kv head) pairs >= 64" in text
+    assert "8 (sequence, kv head) pairs < 64: split-KV first" in dispatch.select(key(concurrency=1)).rule
 
 
 def test_kernel_name_without_asm_raises(registry):
@@ -138,7 +144,7 @@ def test_capability_reasons_are_all_reported():
 
 def test_rules_table_moves_the_threshold(registry, monkeypatch):
     registry(*all_four())
-    monkeypatch.setitem(dispatch.RULES_BY_DEVICE, "default", dispatch.DispatchRules(hip_below_concurrency=32))
+    monkeypatch.setitem(dispatch.RULES_BY_DEVICE, "default", dispatch.DispatchRules(single_pass_from_pairs=256))
     dispatch.rules_for.cache_clear()
     try:
         assert dispatch.select(key(concurrency=31)).backend == "hip"
