@@ -53,8 +53,9 @@ ARGS = [
     ("gqa", "s32", 164),
     ("max_qlen", "s32", 168),
     ("per_token_scales", "s32", 172),
+    ("table_len", "s32", 176),
 ]
-ARGS_BYTES = 176
+ARGS_BYTES = 184  # padded to 8
 
 DTYPE_NAMES = {"bf16": "bfloat16", "f16": "float16", "e4m3": "float8_e4m3fn", "s8": "int8"}
 
@@ -303,6 +304,7 @@ class Kernel:
         p(f"mul.wide.u32 {addr}, {self.seq}, 4")
         p(f"add.s64 {addr}, {addr}, {lens}")
         p(f"ld.global.nc.s32 {self.ctx}, [{addr}]")
+        self.load_table_chunk(first=True)
         # max_qlen == 1: row = seq, one new token. Otherwise qo_indptr gives them.
         self.first_row, self.num_new = self.tmp("s32", "first_row"), self.tmp("s32", "num_new")
         p(f"mov.s32 {self.first_row}, {self.seq}")
@@ -411,13 +413,7 @@ class Kernel:
         p(f"add.s32 {mine}, {mine}, {v.warps - 1}")
         p(f"shr.s32 {mine}, {mine}, {v.warps.bit_length() - 1}")
         self.mine = mine
-        # block table row, K/V bases of this kv head (+ this lane's 16-byte column)
-        bt = self.global_ptr("block_tables")
-        bt_row = self.arg("block_table_row_bytes")
-        seq64 = self.tmp("u64", "seq64")
-        p(f"cvt.u64.u32 {seq64}, {self.seq}")
-        p(f"mad.lo.s64 {bt}, {seq64}, {bt_row}, {bt}")
-        self.table = bt
+        # K/V bases of this kv head (+ this lane's 16-byte column)
         head64 = self.tmp("u64", "kv_head64")
         p(f"cvt.u64.u32 {head64}, {self.kv_head}")
         lane16 = self.tmp("u64", "lane_x16")
@@ -491,17 +487,20 @@ class Kernel:
 
         p.section(f"phase 1: start this warp's {v.stages}-stage cp.async ring; the copies fly while the query loads")
         issue_block = self.tmp("s32", "issue_block")  # block index (in the sequence) to copy next
+        issued = self.tmp("s32", "issued")  # blocks this warp has copied (or skipped) so far
         fill = self.tmp("u32", "fill_stage")
         p(f"mov.s32 {issue_block}, {self.warp}")
+        p(f"mov.s32 {issued}, 0")
         p(f"mov.u32 {fill}, {my_ring}")
         for s in range(v.stages - 1):
             skip = p.new_label("prefetch_done")
             p(f"setp.le.s32 %p1, {mine}, {s}")
             p(f"@%p1 bra.uni {skip}")
-            self.issue(issue_block, fill)
+            self.issue(issued, issue_block, fill)
             p.label(skip)
             p("cp.async.commit_group")
             p(f"add.s32 {issue_block}, {issue_block}, {v.warps}")
+            p(f"add.s32 {issued}, {issued}, 1")
             p(f"add.u32 {fill}, {fill}, {v.stage}")
         self.load_query()
         self.row_limits()
@@ -520,7 +519,7 @@ class Kernel:
         p(f"add.s32 {nxt}, {j}, {v.stages - 1}")
         p(f"setp.ge.s32 %p1, {nxt}, {mine}")
         p(f"@%p1 bra.uni {no_fill}")
-        self.issue(issue_block, fill)
+        self.issue(issued, issue_block, fill)
         p.label(no_fill)
         p("cp.async.commit_group")
         p(f"cp.async.wait_group {v.stages - 1}")
@@ -529,6 +528,7 @@ class Kernel:
         p("bar.warp.sync 0xffffffff")  # every lane is done with this stage before it is refilled
         p.comment("advance: next block, next stages (wrapping)")
         p(f"add.s32 {issue_block}, {issue_block}, {v.warps}")
+        p(f"add.s32 {issued}, {issued}, 1")
         p(f"add.s32 {token0}, {token0}, {v.warps * BS}")
         for stage in (fill, cur):
             p(f"add.u32 {stage}, {stage}, {v.stage}")
@@ -540,15 +540,45 @@ class Kernel:
         p.label(done)
         p("cp.async.wait_group 0")
 
-    def issue(self, block_index: str, stage: str):
-        """cp.async one cache block (K tile, V tile, 8-bit: scales) into ``stage``; tokens
-        past the context are zero-filled (src-size), so stale memory never reaches the MMAs."""
+    def load_table_chunk(self, first: bool, issued: str | None = None):
+        """Lane l loads the block id of this warp's block (issued + l): one coalesced load
+        serves 32 copies (shuffled out by ``issue``). The first chunk is loaded at the very
+        start, beside context_lens (it needs no context length: indices are clamped to the
+        table row, and ids past the context are never used)."""
         p, v = self.p, self.v
-        p.comment("copy block `issue_block` of the sequence into `fill_stage`")
-        addr, blk = self.tmp("u64", "bt_addr"), self.tmp("s32", "block_id")
-        p(f"mul.wide.s32 {addr}, {block_index}, 4")
+        if first:
+            bt = self.global_ptr("block_tables")
+            seq64 = self.tmp("u64", "seq64")
+            p(f"cvt.u64.u32 {seq64}, {self.seq}")
+            p(f"mad.lo.s64 {bt}, {seq64}, {self.arg('block_table_row_bytes')}, {bt}")
+            self.table, self.table_last = bt, self.tmp("s32", "table_last")
+            p(f"ld.param.s32 {self.table_last}, [args+{_offset('table_len')}]")
+            p(f"sub.s32 {self.table_last}, {self.table_last}, 1")
+            self.table_chunk = self.tmp("s32", "table_chunk")
+        idx, addr = self.tmp("s32", "table_idx"), self.tmp("u64", "table_addr")
+        p(f"mad.lo.s32 {idx}, {self.lane}, {v.warps}, {self.warp}")
+        if issued is not None:
+            p(f"mad.lo.s32 {idx}, {issued}, {v.warps}, {idx}")
+        p(f"min.s32 {idx}, {idx}, {self.table_last}")
+        p(f"mul.wide.s32 {addr}, {idx}, 4")
         p(f"add.s64 {addr}, {addr}, {self.table}")
-        p(f"ld.global.nc.s32 {blk}, [{addr}]")
+        p(f"ld.global.nc.s32 {self.table_chunk}, [{addr}]")
+
+    def issue(self, issued: str, block_index: str, stage: str):
+        """cp.async this warp's block number ``issued`` (the sequence's block
+        ``block_index``: K tile, V tile, 8-bit: scales) into ``stage``; tokens past the
+        context are zero-filled (src-size), so stale memory never reaches the MMAs."""
+        p, v = self.p, self.v
+        p.comment("copy block `issue_block` of the sequence into `fill_stage`; its id from the lanes' table chunk")
+        pos, blk = self.tmp("s32", "chunk_pos"), self.tmp("s32", "block_id")
+        p(f"and.b32 {pos}, {issued}, 31")
+        loaded = p.new_label("chunk_ready")
+        p(f"setp.ne.s32 %p1, {pos}, 0")
+        p(f"setp.eq.or.s32 %p1, {issued}, 0, %p1")
+        p(f"@%p1 bra.uni {loaded}")
+        self.load_table_chunk(first=False, issued=issued)
+        p.label(loaded)
+        p(f"shfl.sync.idx.b32 {blk}, {self.table_chunk}, {pos}, 31, 0xffffffff")
         blk64 = self.tmp("s64", "block_id64")
         p(f"cvt.s64.s32 {blk64}, {blk}")
         valid = self.tmp("s32", "valid_tokens")  # min(16, context_len - 16 * block_index)
@@ -903,6 +933,9 @@ and never stored). No scratch, one launch.
        O += P V         P packed to {DTYPE_NAMES[v.q]} from S's accumulators (its A fragments),
                         V's B fragments by ldmatrix.x4{"; P x per-token V scale first" if eight else ""}
      Each warp's first {v.stages - 1} copies are issued before step 2, so they overlap it.
+     Block ids: lane l of a warp holds the id of the warp's block 32 k + l (one coalesced
+     load per 32 blocks, shuffled out per copy); the first chunk is loaded beside
+     context_lens at the start (indices clamped to the table row, table_len).
   2. Q rows -> shared memory (pitch {Q_STRIDE} elements), one barrier.
   3. The warps' (max, sum, O) meet in shared memory (the ring, reused); thread m
      computes row m's weights exp2(max_w - max) / sum; all threads sum the weighted

@@ -51,6 +51,7 @@ class AsmParams(ctypes.Structure):
         ("gqa", ctypes.c_int32),
         ("max_qlen", ctypes.c_int32),
         ("per_token_scales", ctypes.c_int32),
+        ("table_len", ctypes.c_int32),  # block_tables.shape[1]
     ]
 
 
@@ -211,6 +212,7 @@ def params(call: DecodeCall) -> AsmParams:
         gqa=call.key.gqa,
         max_qlen=call.key.max_qlen,
         per_token_scales=1 if per_token else 0,
+        table_len=call.block_tables.shape[1],
     )
 
 
