@@ -139,7 +139,9 @@ def test_supports_states_what_the_kernels_cover():
     ],
 )
 def test_kernel_choice(change, ctas, entry):
-    assert asm.kernel_for(_key(**change), ctas, num_sms=132).entry == entry
+    key = _key(**change)
+    four_warps = ctas is not None and asm.prefers_four_warps(key, ctas, num_sms=132)
+    assert asm.kernel_for(key, four_warps).entry == entry
 
 
 def test_kernel_name_routes_to_asm_only():

@@ -119,17 +119,18 @@ def manifest() -> tuple[AsmKernel, ...]:
     return tuple(sorted(kernels, key=lambda k: (k.max_rows, k.threads)))
 
 
-def _prefers_four_warps(key: CallKey, ctas: int | None, num_sms: int | None) -> bool:
+def prefers_four_warps(key: CallKey, ctas: int, num_sms: int) -> bool:
     """16-bit caches with fewer CTAs than SMs run 4-warp CTAs (2-3% faster there on the
     H100); larger grids, mixed lengths and every 8-bit cache run 8 warps (up to 14 points
     of the floor faster). Measured: benchmarks/RESULTS.md, "asm: 4 or 8 warps"."""
-    return not key.kv_is_8bit and ctas is not None and ctas < num_sms
+    return not key.kv_is_8bit and ctas < num_sms
 
 
-def kernel_for(key: CallKey, ctas: int | None = None, num_sms: int | None = None) -> AsmKernel | str:
+@functools.lru_cache(maxsize=4096)
+def kernel_for(key: CallKey, four_warps: bool = False) -> AsmKernel | str:
     """The manifest row that runs the call, or why none does: ``kernelName`` if given,
-    else the fewest query rows that hold the group, in the width that suits the grid
-    (``ctas`` CTAs on ``num_sms`` SMs; None: unknown)."""
+    else the fewest query rows that hold the group, 4 warps wide if asked and there is
+    such a kernel (see :func:`prefers_four_warps`), else 8. Cached per call key."""
     if key.kernel_name is not None:
         named = [k for k in manifest() if k.entry == key.kernel_name]
         if not named:
@@ -139,7 +140,7 @@ def kernel_for(key: CallKey, ctas: int | None = None, num_sms: int | None = None
     if not fitting:
         return f"no kernel in asm/manifest.csv serves {key}"
     by_threads = [k for k in fitting if k.max_rows == fitting[0].max_rows]  # fewest threads first
-    return by_threads[0] if _prefers_four_warps(key, ctas, num_sms) else by_threads[-1]
+    return by_threads[0] if four_warps else by_threads[-1]
 
 
 class AsmBackend(Backend):
@@ -175,7 +176,8 @@ class AsmBackend(Backend):
 
     def run(self, call: DecodeCall) -> None:
         key = call.key
-        kernel = kernel_for(key, call.num_seqs * key.num_kv_heads, sm_count("cuda", key.device_index))
+        four_warps = prefers_four_warps(key, call.num_seqs * key.num_kv_heads, sm_count("cuda", key.device_index))
+        kernel = kernel_for(key, four_warps)
         function = runtime.load_function(runtime.env.asm_dir() / kernel.file, kernel.entry, key.device_index)
         runtime.launch_packed(
             function, (call.num_seqs, key.num_kv_heads), kernel.threads, kernel.shared_bytes, params(call)
