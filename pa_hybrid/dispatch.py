@@ -1,12 +1,14 @@
-"""Which backend runs a call: the selection policy and its data table.
+"""Which backend runs a call: the selection policy and its data tables.
 
 Backends register themselves (``register``); the dispatcher only sees their
 ``available(device)``, ``supports(key)`` and ``run(call)``. The policy orders the
-candidates from a small data table (``DispatchRules``, one per GPU model, the
-``"default"`` row until a tuning step measures others); ``supports`` and
+candidates from the measured dispatch table of the current GPU model
+(:mod:`pa_hybrid.dispatch_table`, written by ``python -m pa_hybrid.tune``) and,
+where no table applies, from the rule of :class:`DispatchRules`; ``supports`` and
 ``available`` filter them, and every skipped backend keeps its reason, which
-``explain`` reports. Choices are cached per :class:`~pa_hybrid.call.CallKey`, so a
-steady-state call pays one dict lookup.
+``explain`` reports with the table row that decided. Tables are found once per
+device and choices are cached per :class:`~pa_hybrid.call.CallKey`, so a
+steady-state call pays one dict lookup: no file I/O, no device query.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .call import CallKey
+from .dispatch_table import DispatchTable, TableRow, table_for
 
 BACKEND_NAMES = ("hip", "asm", "triton", "torch")
 """Every backend name the policy knows, fastest-first in general."""
@@ -31,7 +34,8 @@ class DispatchRules:
     give the GPU enough CTAs, and split-KV kernels win below. Defaults measured on the
     H100 over the whole benchmark grid (benchmarks/RESULTS.md, section 9): from 64 pairs
     asm beat hip on every bf16 case, at 32 or fewer it mostly lost; on 8-bit caches
-    asm beat Triton everywhere from 128 pairs, but not at 64 (int8, long contexts)."""
+    asm beat Triton everywhere from 128 pairs, but not at 64 (int8, long contexts).
+    Used where no measured dispatch table covers the call."""
 
     single_pass_from_pairs: int = 64
     """16-bit KV: the single-pass "asm" kernel from this many (sequence, kv head) pairs,
@@ -53,21 +57,40 @@ class Selection:
     backend: str
     rule: str
     skipped: dict = field(default_factory=dict)  # name -> reason, in preference order
+    table_row: TableRow | None = None  # the dispatch-table row that ordered the candidates, if any
 
     def __str__(self):
         lines = [f"backend: {self.backend} ({self.rule})"]
+        if self.table_row is not None:
+            lines.append(f"  decided by {self.table_row.describe()}")
         lines += [f"  skipped {name}: {reason}" for name, reason in self.skipped.items()]
         return "\n".join(lines)
 
 
 _REGISTRY: dict = {}
+_USER_TABLES: list = []
+
+
+def _policy_changed() -> None:
+    policy_for.cache_clear()
+    select.cache_clear()
 
 
 def set_rules(device_name: str, rules: DispatchRules) -> None:
-    """Install the rules for a GPU model ("default" for every other device)."""
+    """Install the fallback rules for a GPU model ("default" for every other device)."""
     RULES_BY_DEVICE[device_name] = rules
-    rules_for.cache_clear()
-    select.cache_clear()
+    _policy_changed()
+
+
+def set_table(table: DispatchTable | str | None) -> None:
+    """Use a measured dispatch table (a :class:`DispatchTable` or the path of its JSON)
+    on the GPU model it was measured on, before ``$PA_HYBRID_DISPATCH_TABLE`` and the
+    shipped tables; ``None`` removes every table set this way."""
+    if table is None:
+        _USER_TABLES.clear()
+    else:
+        _USER_TABLES.insert(0, table if isinstance(table, DispatchTable) else DispatchTable.load(table))
+    _policy_changed()
 
 
 def register(backend) -> None:
@@ -92,17 +115,34 @@ def unavailable_reason(name: str, key: CallKey) -> str | None:
 
 
 @functools.lru_cache(maxsize=None)
-def rules_for(device_type: str, device_index: int) -> DispatchRules:
+def policy_for(device_type: str, device_index: int) -> tuple[DispatchTable | None, DispatchRules]:
+    """The measured table (None if no table was measured on this GPU model) and the
+    fallback rules of a device; found once per device."""
     if device_type == "cuda" and torch.cuda.is_available():
-        return RULES_BY_DEVICE.get(torch.cuda.get_device_name(device_index), RULES_BY_DEVICE["default"])
-    return RULES_BY_DEVICE["default"]
+        name = torch.cuda.get_device_name(device_index)
+        table = table_for(name, torch.cuda.get_device_capability(device_index), _USER_TABLES)
+        return table, RULES_BY_DEVICE.get(name, RULES_BY_DEVICE["default"])
+    return None, RULES_BY_DEVICE["default"]
 
 
-def preference(key: CallKey, rules: DispatchRules) -> tuple[tuple[str, ...], str]:
-    """The backends to try, in order, and the rule that ordered them. (``high_precision``
-    does not reorder them: every backend here keeps K and V at least in bf16.)"""
+def preference(
+    key: CallKey, rules: DispatchRules, table: DispatchTable | None = None
+) -> tuple[tuple[str, ...], str, TableRow | None]:
+    """The backends to try, in order, the rule that ordered them and the table row it
+    read (if a table covers the call). Backends the row did not measure follow in the
+    rule's order. (``high_precision`` does not reorder them: every backend here keeps
+    K and V at least in bf16.)"""
     if key.kernel_name is not None:
-        return ("asm",), "kernelName names an asm kernel"
+        return ("asm",), "kernelName names an asm kernel", None
+    row = table.lookup(key) if table is not None else None
+    order, rule = _rule_order(key, rules)
+    if row is None:
+        return order, rule, None
+    measured = tuple(b for b in row.point.order if b in BACKEND_NAMES)
+    return measured + tuple(b for b in order if b not in measured), f"measured on {row.table.gpu}: {measured[0]} fastest", row
+
+
+def _rule_order(key: CallKey, rules: DispatchRules) -> tuple[tuple[str, ...], str]:
     pairs = key.concurrency * key.num_kv_heads
     kind, threshold = ("8-bit", rules.single_pass_8bit_from_pairs) if key.kv_is_8bit else ("16-bit", rules.single_pass_from_pairs)
     if pairs >= threshold:
@@ -119,12 +159,13 @@ def preference(key: CallKey, rules: DispatchRules) -> tuple[tuple[str, ...], str
 @functools.lru_cache(maxsize=4096)
 def select(key: CallKey) -> Selection:
     """The backend "auto" runs for this call. Raises ValueError when none can."""
-    order, rule = preference(key, rules_for(key.device_type, key.device_index))
+    table, rules = policy_for(key.device_type, key.device_index)
+    order, rule, row = preference(key, rules, table)
     skipped = {}
     for name in order:
         reason = unavailable_reason(name, key)
         if reason is None:
-            return Selection(name, rule, skipped)
+            return Selection(name, rule, skipped, row)
         skipped[name] = reason
     details = "; ".join(f"{n}: {r}" for n, r in skipped.items())
     raise ValueError(f"no backend can run this call ({key}): {details}")

@@ -145,8 +145,8 @@ def test_kernel_choice(change, ctas, entry):
 
 
 def test_kernel_name_routes_to_asm_only():
-    order, rule = dispatch.preference(_key(kernel_name="pa_decode_qbf16_kvbf16_rows16_w4", concurrency=1), dispatch.DispatchRules())
-    assert order == ("asm",) and "kernelName" in rule
+    order, rule, row = dispatch.preference(_key(kernel_name="pa_decode_qbf16_kvbf16_rows16_w4", concurrency=1), dispatch.DispatchRules())
+    assert order == ("asm",) and "kernelName" in rule and row is None
 
 
 # ---- on the GPU: forced backend="asm" against the reference ---------------------------------

@@ -15,10 +15,11 @@ import torch
 from pa_hybrid.bench import decode
 from pa_hybrid.bench.decode import (
     Result,
-    add_speedups,
+    add_relative_figures,
     decode_bytes,
     enumerate_cases,
     format_table,
+    regret_summary,
     parse_args,
     query_rows,
     slice_case,
@@ -158,7 +159,7 @@ def _synthetic_results():
         Result(**{**base.__dict__, "backend": "auto", "chosen": "triton", "rel_err": 3e-3}).with_time(50.0),
         Result(**{**base.__dict__, "backend": "torch", "rel_err": 2e-3}).with_time(100.0),
     ]
-    add_speedups(results)
+    add_relative_figures(results)
     return results
 
 
@@ -169,6 +170,29 @@ def test_timed_result_figures():
     assert triton.us_above_floor == pytest.approx(40.0)
     assert triton.speedup_vs_torch == pytest.approx(2.0) and torch_row.speedup_vs_torch == pytest.approx(1.0)
     assert hip.speedup_vs_torch is None and asm.us is None
+    assert auto.regret == pytest.approx(1.0) and triton.regret is None  # auto ran the fastest
+
+
+def _case_results(model, ctx, times, chosen):
+    """Timed results of one case: ``times`` {backend: us}, "auto" choosing ``chosen``."""
+    base = dict(model=model, kv="bf16", num_seqs=4, ctx=ctx, mbytes=1.0, floor_bytes=1000, floor_us=1.0, status="ok")
+    results = [Result(**base, backend=b).with_time(t) for b, t in times.items()]
+    results.append(Result(**base, backend="auto", chosen=chosen).with_time(times[chosen] * 1.01))
+    add_relative_figures(results)
+    return results
+
+
+def test_regret_is_auto_over_the_fastest_other_backend_and_summarised():
+    results = _case_results("m", "512", {"hip": 60.0, "asm": 50.0, "triton": 55.0}, chosen="hip")
+    results += _case_results("m", "2048", {"hip": 40.0, "asm": 50.0}, chosen="hip")
+    results += _case_results("m", "8192", {"hip": 40.0, "asm": 41.0}, chosen="asm")
+    regrets = [r.regret for r in results if r.backend == "auto"]
+    assert regrets == pytest.approx([60.6 / 50, 1.01, 41.41 / 40])
+    assert all(r.regret is None for r in results if r.backend != "auto")
+    summary = regret_summary(results)
+    assert "3 cases: within 3% on 1 (33.3%), within 10% on 2" in summary
+    assert "worst 1.21x (m bf16 num_seqs=4 ctx=512, picked hip)" in summary
+    assert regret_summary(results[:3]) is None  # no auto row
 
 
 def test_table_csv_json_and_plot(tmp_path):
@@ -177,7 +201,7 @@ def test_table_csv_json_and_plot(tmp_path):
     assert len(table) == 1 + len(results)
     assert table[0].split()[:7] == ["model", "kv", "num_seqs", "ctx", "MB", "backend", "us"]
     assert "n/a" in table[1] and "WRONG" in table[2]
-    assert table[4].split()[-1] == "triton"  # auto's choice
+    assert table[4].split()[-2:] == ["triton", "1.00"]  # auto's choice and regret
     assert "2.00" in table[3].split() and "20.0" in table[3].split()
 
     decode.write_csv(results, tmp_path / "r.csv")
@@ -262,3 +286,22 @@ def test_graph_replay_and_eager_timing():
     assert len(graph.samples_us) == 5 and len(eager.samples_us) == 5
     assert 0 < graph.min_us <= graph.median_us < 1e5
     torch.testing.assert_close(y, x * 2.0)
+
+
+@requires_gpu
+def test_interleaved_timer_times_each_call_and_reports_a_failed_capture():
+    from pa_hybrid.bench.timing import InterleavedTimer
+
+    x = torch.randn(1 << 22, device="cuda")
+    small, large = torch.empty_like(x[: 1 << 12]), torch.empty_like(x)
+
+    def refuses():
+        raise RuntimeError("cannot be captured")
+
+    timings = InterleavedTimer(samples=6, warmup=1)(
+        {"small": lambda: torch.mul(x[: 1 << 12], 2.0, out=small), "large": lambda: torch.mul(x, 2.0, out=large), "bad": refuses}
+    )
+    assert len(timings["small"].samples_us) == 6 and len(timings["large"].samples_us) == 6
+    assert timings["small"].median_us < timings["large"].median_us
+    assert isinstance(timings["bad"], RuntimeError) and "cannot be captured" in str(timings["bad"])
+    torch.testing.assert_close(large, x * 2.0)

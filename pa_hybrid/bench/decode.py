@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from ..dispatch import BACKEND_NAMES, available_backends
+from ..call import SCALES_NONE, SCALES_PER_TOKEN, CallKey
+from ..dispatch import BACKEND_NAMES, available_backends, policy_for
 from ..layouts import allocate_scratch, is_8bit
 from ..reference import reference_paged_attention
 from ..testing import make_decode_case
@@ -94,6 +95,27 @@ class DecodeCase:
         """Bytes of K and V the call must read: every context token, as stored."""
         element = torch.empty((), dtype=self.kv_dtype).element_size()
         return 2 * sum(self.context_lens) * self.num_kv_heads * self.head_size * element
+
+    def call_key(self, device) -> CallKey:
+        """The key the dispatcher sees for this call (as :meth:`build` makes it: decode,
+        per-token scales on 8-bit caches, ``max_seq_len`` the longest context)."""
+        device = torch.device(device)
+        return CallKey(
+            device_type=device.type,
+            device_index=device.index if device.index is not None else 0,
+            q_dtype=self.q_dtype,
+            kv_dtype=self.kv_dtype,
+            head_size=self.head_size,
+            block_size=self.block_size,
+            gqa=self.num_heads // self.num_kv_heads,
+            num_kv_heads=self.num_kv_heads,
+            max_qlen=1,
+            scales=SCALES_PER_TOKEN if is_8bit(self.kv_dtype) else SCALES_NONE,
+            high_precision=1,
+            kernel_name=None,
+            concurrency=self.num_seqs,
+            max_seq_len=max(self.context_lens),
+        )
 
     def build(self, device, seed: int = 0) -> dict:
         """The keyword arguments of ``paged_attention_common`` on random data (8-bit
@@ -308,11 +330,15 @@ class Result:
     us_above_floor: float | None = None
     speedup_vs_torch: float | None = None
     chosen: str | None = None  # the backend "auto" ran
+    regret: float | None = None  # auto: its time over the fastest other backend's in the same run
     rel_err: float | None = None
     reason: str | None = None
 
     def with_time(self, us: float) -> "Result":
-        """This result timed at ``us`` microseconds, with the floor-relative figures."""
+        """This result timed at ``us`` microseconds, with the floor-relative figures
+        (those need ``floor_us``: None when the read bandwidth was not measured)."""
+        if self.floor_us is None:
+            return replace(self, us=us, gbps=self.floor_bytes / us / 1e3)
         return replace(
             self,
             us=us,
@@ -322,16 +348,40 @@ class Result:
         )
 
 
-def add_speedups(results: list) -> None:
-    """Fill ``speedup_vs_torch`` (baseline time / time) for timed results of cases
-    where the torch baseline was timed too."""
-    baseline = {
-        (r.model, r.kv, r.num_seqs, r.ctx): r.us for r in results if r.backend == BASELINE and r.us is not None
-    }
+def add_relative_figures(results: list) -> None:
+    """Fill, for timed results, ``speedup_vs_torch`` (baseline time / time) where the
+    torch baseline was timed too, and for "auto" its ``regret``: its time over the
+    fastest other backend timed on the same case (1.0 = auto picked the fastest)."""
+    by_case = {}
     for r in results:
-        base = baseline.get((r.model, r.kv, r.num_seqs, r.ctx))
-        if base is not None and r.us is not None:
-            r.speedup_vs_torch = base / r.us
+        if r.us is not None:
+            by_case.setdefault((r.model, r.kv, r.num_seqs, r.ctx), {})[r.backend] = r.us
+    for r in results:
+        times = by_case.get((r.model, r.kv, r.num_seqs, r.ctx), {})
+        if r.us is None:
+            continue
+        if BASELINE in times:
+            r.speedup_vs_torch = times[BASELINE] / r.us
+        others = [t for b, t in times.items() if b != "auto"]
+        if r.backend == "auto" and others:
+            r.regret = r.us / min(others)
+
+
+def regret_summary(results: list) -> str | None:
+    """How close "auto" came to the fastest backend over the cases where both ran:
+    the share within 3% and within 10%, the geometric mean and the worst case."""
+    auto = [r for r in results if r.backend == "auto" and r.regret is not None]
+    if not auto:
+        return None
+    within = lambda limit: sum(r.regret <= 1 + limit for r in auto)  # noqa: E731
+    worst = max(auto, key=lambda r: r.regret)
+    geomean = math.exp(sum(math.log(r.regret) for r in auto) / len(auto))
+    return (
+        f"auto vs the fastest backend, {len(auto)} cases: within 3% on {within(0.03)} "
+        f"({100 * within(0.03) / len(auto):.1f}%), within 10% on {within(0.10)}; geomean regret {geomean:.3f}; "
+        f"worst {worst.regret:.2f}x ({worst.model} {worst.kv} num_seqs={worst.num_seqs} ctx={worst.ctx}, "
+        f"picked {worst.chosen})"
+    )
 
 
 def _number(fmt):
@@ -352,9 +402,11 @@ TABLE_COLUMNS = (
     ("+us", "us_above_floor", 8, _number(".1f")),
     ("xtorch", "speedup_vs_torch", 6, _number(".2f")),
     ("chosen", "chosen", 6, lambda v: v or ""),
+    ("regret", "regret", 6, _number(".2f")),
 )
 """The printed table: K+V megabytes, time, effective GB/s (floor bytes / time), % of the
-floor, microseconds above the floor, speedup over the torch baseline, auto's choice."""
+floor, microseconds above the floor, speedup over the torch baseline, auto's choice and
+its regret (time over the fastest backend's)."""
 
 
 def format_table_header() -> str:
@@ -465,13 +517,10 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
-def check_and_time(
-    template: Result, kwargs: dict, backend: str, ref: torch.Tensor, rows: list, tolerance: float, timer
-) -> Result:
-    """One backend on one case: run it, compare ``rows`` of its output with ``ref``,
-    and time it with ``timer(fn)`` (a :class:`~pa_hybrid.bench.timing.Timing`) only if
-    it is correct; ``timer=None`` checks only. Refusals, OOM and other failures
-    become a result with that status and the reason."""
+def check(template: Result, kwargs: dict, backend: str, ref: torch.Tensor, rows: list, tolerance: float):
+    """One backend on one case: run it and compare ``rows`` of its output with ``ref``.
+    Returns the result (status "ok" if correct; refusals, OOM and other failures get
+    their status and reason) and, if correct, the call to time (else None)."""
     import pa_hybrid
 
     result = replace(template, backend=backend, status=OK)
@@ -487,24 +536,41 @@ def check_and_time(
             out.fill_(float("nan"))  # a backend that writes nothing fails the check
         call()
         result.rel_err = relative_error(out[rows], ref)
-        if not result.rel_err < tolerance:
-            return replace(result, status=WRONG, reason=f"relative error {result.rel_err:.3g} >= {tolerance:g}")
-        if timer is None:
-            return result
-        return result.with_time(timer(call).median_us)
     except torch.cuda.OutOfMemoryError as e:
         torch.cuda.empty_cache()
-        return replace(result, status=OOM, reason=_first_line(e))
-    except (ValueError, TypeError, RuntimeError) as e:
-        status = NOT_AVAILABLE if result.rel_err is None else ERROR  # refused the call vs failed while timing
-        return replace(result, status=status, reason=_first_line(e))
+        return replace(result, status=OOM, reason=_first_line(e)), None
+    except (ValueError, TypeError, RuntimeError) as e:  # the backend refuses the call
+        return replace(result, status=NOT_AVAILABLE, reason=_first_line(e)), None
     except Exception as e:  # e.g. a kernel that does not compile: reported, and the run goes on
-        return replace(result, status=ERROR, reason=_first_line(e))
+        return replace(result, status=ERROR, reason=_first_line(e)), None
+    if not result.rel_err < tolerance:
+        return replace(result, status=WRONG, reason=f"relative error {result.rel_err:.3g} >= {tolerance:g}"), None
+    return result, call
+
+
+def time_checked(checked: list, timer) -> list:
+    """The results of :func:`check`, the correct ones timed together by ``timer`` (an
+    :class:`~pa_hybrid.bench.timing.InterleavedTimer`); a call that failed to
+    capture becomes "oom" or "error" with the reason."""
+    timings = timer({r.backend: call for r, call in checked if call is not None})
+    results = []
+    for result, call in checked:
+        timing = timings.get(result.backend)
+        if timing is None:
+            results.append(result)
+        elif isinstance(timing, torch.cuda.OutOfMemoryError):
+            results.append(replace(result, status=OOM, reason=_first_line(timing)))
+        elif isinstance(timing, BaseException):
+            results.append(replace(result, status=ERROR, reason=f"while timing: {_first_line(timing)}"))
+        else:
+            results.append(result.with_time(timing.median_us))
+    return results
 
 
 def run_case(spec: DecodeCase, backends: list, device, read_bandwidth: float | None, timer) -> list:
     """Build ``spec`` on ``device``, compute the reference of the sampled sequences once,
-    then :func:`check_and_time` each backend. Frees the case's tensors before returning."""
+    :func:`check` each backend, then time the correct ones together with ``timer``
+    (None: check only). Frees the case's tensors before returning."""
     template = Result(
         model=spec.model, kv=spec.kv, num_seqs=spec.num_seqs, ctx=spec.ctx, mbytes=spec.kv_bytes / 1e6,
         floor_bytes=0, floor_us=None, backend="", status=OK,
@@ -527,8 +593,9 @@ def run_case(spec: DecodeCase, backends: list, device, read_bandwidth: float | N
         reason = f"building the case: {_first_line(e)}"
         return [replace(template, backend=b, status=OOM, reason=reason) for b in backends]
     tolerance = tolerance_for(spec.kv_dtype)
-    results = [check_and_time(template, kwargs, b, ref, rows, tolerance, timer) for b in backends]
-    del case, kwargs, ref
+    checked = [check(template, kwargs, b, ref, rows, tolerance) for b in backends]
+    results = [r for r, _ in checked] if timer is None else time_checked(checked, timer)
+    del case, kwargs, ref, checked
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return results
@@ -554,7 +621,7 @@ def run_portable_smoke(emit=print) -> int:
     return 1 if any(r.status in (WRONG, ERROR) for r in results) else 0
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
     """``HEAD`` of the repository (with "+dirty" if the tree has changes), else the
     ``GIT_COMMIT`` environment variable (a copy of the tree without ``.git``), or None."""
     def git(*args):
@@ -569,9 +636,9 @@ def _git_commit() -> str | None:
         return None
 
 
-def _command_line() -> str:
-    """This process's command line, with ``-m pa_hybrid.bench`` for the module entry point."""
-    script = ["-m", "pa_hybrid.bench"] if Path(sys.argv[0]).name == "__main__.py" else sys.argv[:1]
+def command_line(module: str = "pa_hybrid.bench") -> str:
+    """This process's command line, with ``-m module`` when it runs as ``python -m module``."""
+    script = ["-m", module] if Path(sys.argv[0]).name in ("__main__.py", f"{module.rsplit('.', 1)[-1]}.py") else sys.argv[:1]
     return shlex.join([sys.executable] + script + sys.argv[1:])
 
 
@@ -637,16 +704,16 @@ def main(argv=None) -> int:
     bandwidth_by_config = timing.read_bandwidth_by_config(device, int(args.bandwidth_gb * (1 << 30)))
     read_bandwidth = max(bandwidth_by_config.values())
     gpu = torch.cuda.get_device_name(device)
+    table, _ = policy_for(device.type, device.index)
+    dispatch_table = table.source if table is not None else None
     print(
         f"{gpu}: read bandwidth {read_bandwidth / 1e12:.3f} TB/s "
-        f"(best streaming-read kernel over {args.bandwidth_gb:g} GiB)"
+        f"(best streaming-read kernel over {args.bandwidth_gb:g} GiB); "
+        f"auto dispatches by {dispatch_table or 'the fallback rule (no dispatch table for this GPU)'}"
     )
     print(f"{len(cases)} cases x backends {', '.join(backends)}; timing: {args.timing}, median of {args.samples}")
 
-    time_call = timing.time_graph_replay if args.timing == "graph" else timing.time_eager
-
-    def timer(fn):
-        return time_call(fn, samples=args.samples, warmup=args.warmup)
+    timer = timing.InterleavedTimer(graphs=args.timing == "graph", samples=args.samples, warmup=args.warmup)
 
     try:
         from tqdm import tqdm
@@ -661,7 +728,7 @@ def main(argv=None) -> int:
         if bar is not None:
             bar.set_description(spec.label)
         case_results = run_case(spec, backends, device, read_bandwidth, timer)
-        add_speedups(case_results)
+        add_relative_figures(case_results)
         for r in case_results:
             emit(format_table_row(r))
         results += case_results
@@ -677,6 +744,9 @@ def main(argv=None) -> int:
     for (backend, status), (reason, rows) in refusals.items():
         print(f"{backend} {status} on {len(rows)} case(s), e.g. {rows[0].model} {rows[0].kv} "
               f"num_seqs={rows[0].num_seqs} ctx={rows[0].ctx}: {reason}")  # fmt: skip
+    regret = regret_summary(results)
+    if regret is not None:
+        print(regret)
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -690,12 +760,13 @@ def main(argv=None) -> int:
         cuda=torch.version.cuda,
         triton=triton.__version__,
         python=platform.python_version(),
-        git_commit=_git_commit(),
-        command=_command_line(),
+        git_commit=git_commit(),
+        command=command_line(),
         arguments=vars(args),
         workload=str(Path(args.workload) if args.workload else DEFAULT_WORKLOAD),
         timing=dict(method=args.timing, samples=args.samples, warmup=args.warmup, flush_bytes=timing.FLUSH_BYTES),
         read_bandwidth_bytes_per_s=read_bandwidth,
+        dispatch_table=dispatch_table,
         read_bandwidth_by_config=bandwidth_by_config,
         tolerance=dict(kv_16bit=TOLERANCE_16BIT, kv_8bit=TOLERANCE_8BIT, checked_sequences=CHECKED_SEQUENCES),
     )

@@ -9,6 +9,8 @@
   in a CUDA graph, then per sample an L2 flush, an event, one replay, an event.
 * :func:`time_eager`: the same samples with plain launches (host launch
   overhead included), for comparison.
+* :class:`InterleavedTimer`: several calls of one problem timed in alternation
+  (graph or eager), so drift over a run does not favour one of them.
 
 All of these need a CUDA device.
 """
@@ -125,16 +127,11 @@ def measure_read_bandwidth(
     return max(read_bandwidth_by_config(device, nbytes, configs=configs, samples=samples).values())
 
 
-def time_graph_replay(fn, *, samples: int = 40, warmup: int = 3, flush_bytes: int = FLUSH_BYTES) -> Timing:
-    """Times of one replay of ``fn`` captured in a CUDA graph, with a cold L2.
-
-    ``fn`` runs ``warmup`` times eagerly on a side stream (JIT compilation, lazy
-    allocations, cuBLAS workspaces; the order PyTorch's CUDA-graph docs give), is
-    captured once, and is replayed ``warmup`` times untimed; then each sample
-    overwrites ``flush_bytes`` (evicting the call's data from L2), records an
-    event, replays, records an event. ``fn`` must not synchronize with the host
-    (capture would fail) and must use tensors that outlive the graph.
-    """
+def capture_graph(fn, *, warmup: int = 3) -> torch.cuda.CUDAGraph:
+    """``fn`` captured in a CUDA graph, after ``warmup`` eager runs on a side stream (JIT
+    compilation, lazy allocations, cuBLAS workspaces; the order PyTorch's CUDA-graph
+    docs give). ``fn`` must not synchronize with the host and must use tensors that
+    outlive the graph; ``graph.reset()`` frees the graph's private memory pool."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -144,16 +141,61 @@ def time_graph_replay(fn, *, samples: int = 40, warmup: int = 3, flush_bytes: in
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    try:
-        return _event_samples(graph.replay, samples=samples, warmup=warmup, before_each=_l2_flush(flush_bytes))
-    finally:
-        graph.reset()  # frees the graph's private memory pool now, not at garbage collection
+    return graph
+
+
+def time_graph_replay(fn, *, samples: int = 40, warmup: int = 3, flush_bytes: int = FLUSH_BYTES) -> Timing:
+    """Times of one replay of ``fn`` captured in a CUDA graph (:func:`capture_graph`),
+    replayed ``warmup`` times untimed, then per sample: overwrite ``flush_bytes``
+    (evicting the call's data from L2), record an event, replay, record an event."""
+    return InterleavedTimer(graphs=True, samples=samples, warmup=warmup, flush_bytes=flush_bytes)({0: fn})[0]
 
 
 def time_eager(fn, *, samples: int = 40, warmup: int = 3, flush_bytes: int = FLUSH_BYTES) -> Timing:
     """Times of one eager ``fn()`` with a cold L2 (same samples as :func:`time_graph_replay`,
     host launch overhead included where the GPU waits for it)."""
-    return _event_samples(fn, samples=samples, warmup=warmup, before_each=_l2_flush(flush_bytes))
+    return InterleavedTimer(graphs=False, samples=samples, warmup=warmup, flush_bytes=flush_bytes)({0: fn})[0]
+
+
+@dataclass(frozen=True)
+class InterleavedTimer:
+    """Times several calls of one problem against each other, fairly.
+
+    Every call is captured in its own CUDA graph (``graphs=True``) or launched as is;
+    then each round of samples times every call once, each after an L2 flush, with
+    the call that goes first rotating from round to round. Clock and thermal drift
+    over the run then land on every call alike instead of on whichever was timed
+    last, so the ratios between calls (the dispatcher's regret) are not skewed.
+    """
+
+    graphs: bool = True
+    samples: int = 40
+    warmup: int = 3
+    flush_bytes: int = FLUSH_BYTES
+
+    def __call__(self, fns: dict) -> dict:
+        """``{name: Timing}`` for ``{name: fn}``; a call whose capture raised maps to the
+        exception instead (the others are still timed)."""
+        launches, failures, captured = {}, {}, []
+        for name, fn in fns.items():
+            if not self.graphs:
+                launches[name] = fn
+                continue
+            try:
+                graph = capture_graph(fn, warmup=self.warmup)
+            except Exception as e:  # reported per call by the caller
+                failures[name] = e
+                continue
+            captured.append(graph)
+            launches[name] = graph.replay
+        try:
+            timings = _interleaved_samples(
+                launches, samples=self.samples, warmup=self.warmup, before_each=_l2_flush(self.flush_bytes)
+            )
+        finally:
+            for graph in captured:
+                graph.reset()  # frees the graph's private memory pool now, not at garbage collection
+        return {**timings, **failures}
 
 
 def _l2_flush(flush_bytes: int):
@@ -166,19 +208,31 @@ def _l2_flush(flush_bytes: int):
 
 
 def _event_samples(launch, *, samples: int, warmup: int, before_each=None) -> Timing:
-    """``launch()`` bracketed by CUDA events, ``samples`` times after ``warmup`` untimed
-    launches, each sample preceded by an untimed ``before_each()`` (the L2 flush).
-    Synchronizes once, at the end."""
+    """``launch()`` alone, timed as :func:`_interleaved_samples` does."""
+    return _interleaved_samples({0: launch}, samples=samples, warmup=warmup, before_each=before_each)[0]
+
+
+def _interleaved_samples(launches: dict, *, samples: int, warmup: int, before_each=None) -> dict:
+    """``{name: Timing}``: ``warmup`` untimed launches of each, then ``samples`` rounds in
+    which each ``launch()`` is bracketed by CUDA events after an untimed
+    ``before_each()`` (the L2 flush), the first of the round rotating. Synchronizes
+    once, at the end."""
     if samples < 1:
         raise ValueError(f"samples: expected at least 1, got {samples}")
-    for _ in range(warmup):
-        launch()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(samples)]
-    for start, end in events:
-        if before_each is not None:
-            before_each()
-        start.record()
-        launch()
-        end.record()
+    names = list(launches)
+    for name in names:
+        for _ in range(warmup):
+            launches[name]()
+    events = {name: [] for name in names}
+    for i in range(samples):
+        first = i % len(names) if names else 0
+        for name in names[first:] + names[:first]:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            if before_each is not None:
+                before_each()
+            start.record()
+            launches[name]()
+            end.record()
+            events[name].append((start, end))
     torch.cuda.synchronize()
-    return Timing(tuple(start.elapsed_time(end) * 1e3 for start, end in events))
+    return {name: Timing(tuple(s.elapsed_time(e) * 1e3 for s, e in pairs)) for name, pairs in events.items()}
