@@ -622,15 +622,19 @@ def run_portable_smoke(emit=print) -> int:
 
 
 def git_commit() -> str | None:
-    """``HEAD`` of the repository (with "+dirty" if the tree has changes), else the
-    ``GIT_COMMIT`` environment variable (a copy of the tree without ``.git``), or None."""
+    """The ``GIT_COMMIT`` environment variable if set (a copy of the tree whose ``.git``
+    may be stale or absent), else ``HEAD`` of the repository (with "+dirty" if the tree
+    has changes), else None."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
+
     def git(*args):
         return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
 
     try:
         head = git("rev-parse", "HEAD")
         if head.returncode != 0:
-            return os.environ.get("GIT_COMMIT")
+            return None
         return head.stdout.strip() + ("+dirty" if git("status", "--porcelain").stdout.strip() else "")
     except (OSError, subprocess.TimeoutExpired):
         return None
