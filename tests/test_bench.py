@@ -305,3 +305,17 @@ def test_interleaved_timer_times_each_call_and_reports_a_failed_capture():
     assert timings["small"].median_us < timings["large"].median_us
     assert isinstance(timings["bad"], RuntimeError) and "cannot be captured" in str(timings["bad"])
     torch.testing.assert_close(large, x * 2.0)
+
+
+def test_summary_of_a_csv_reports_regret_per_kv_dtype(tmp_path):
+    from pa_hybrid.bench import summary
+
+    results = _case_results("m", "512", {"hip": 60.0, "asm": 50.0}, chosen="hip")
+    results += _case_results("m", "2048", {"hip": 40.0, "asm": 50.0}, chosen="hip")
+    decode.write_csv(results, tmp_path / "r.csv")
+    rows = summary.load([tmp_path / "r.csv"])
+    table = summary.regret_table(rows).splitlines()
+    assert table[2] == "| bf16 | 2 | 1 | 1 | 1.106 | 1.21 (m 4x512, hip) |"
+    assert table[3].startswith("| all | 2 | 1 | 1 |")
+    assert summary.regret_table([r for r in rows if r["backend"] != "auto"]) is None
+    assert "| m | bf16 | 4 | 512 |" in summary.case_table(rows)

@@ -4,8 +4,8 @@
 
 Prints, per backend and KV dtype, the geometric-mean % of the floor by size class
 (K+V over 256 MB, 16-256 MB, under 16 MB, mixed lengths) with the worst case, the
-median microseconds above the floor of small calls, and one line per case with every
-backend's time.
+median microseconds above the floor of small calls; auto's regret (its time over the
+fastest backend's) per KV dtype; and one line per case with every backend's time.
 """
 
 from __future__ import annotations
@@ -57,6 +57,27 @@ def class_table(rows) -> str:
     return "\n".join(lines)
 
 
+def regret_table(rows) -> str | None:
+    """Per KV dtype and over all: cases where auto ran, how many within 3% and 10% of the
+    fastest backend, the geometric-mean regret and the worst case (None without regrets)."""
+    auto = [r for r in rows if r["backend"] == "auto" and r.get("regret")]
+    if not auto:
+        return None
+    lines = ["| kv | cases | within 3% | within 10% | geomean regret | worst (case, auto's pick) |", "|---|---|---|---|---|---|"]
+    groups = defaultdict(list)
+    for r in auto:
+        groups[r["kv"]].append(r)
+    for kv, rs in sorted(groups.items()) + [("all", auto)]:
+        regrets = [float(r["regret"]) for r in rs]
+        worst = max(rs, key=lambda r: float(r["regret"]))
+        lines.append(
+            f"| {kv} | {len(rs)} | {sum(x <= 1.03 for x in regrets)} | {sum(x <= 1.10 for x in regrets)} "
+            f"| {geomean(regrets):.3f} | {float(worst['regret']):.2f} ({worst['model']} {worst['num_seqs']}x{worst['ctx']}, "
+            f"{worst['chosen']}) |"
+        )
+    return "\n".join(lines)
+
+
 def case_table(rows) -> str:
     cases = defaultdict(dict)
     for r in rows:
@@ -81,6 +102,10 @@ def main(argv=None) -> int:
     rows = load(paths)
     print(class_table(rows))
     print()
+    regrets = regret_table(rows)
+    if regrets is not None:
+        print(regrets)
+        print()
     print(case_table(rows))
     return 0
 
