@@ -173,3 +173,35 @@ def test_auto_picks_a_backend_that_exists(device):
     # the native backends are not part of this build: they are skipped with a reason
     for name, reason in sel.skipped.items():
         assert reason
+
+
+def poison_unused_slots(case):
+    """NaN in every cache slot no context covers (the tail of each sequence's last block, the
+    blocks nobody uses) and, for per-token scaled 8-bit caches, NaN scales there: what an
+    engine's cache may hold. int8 has no NaN, so its values stay and its scales carry it."""
+    K, V = case["K"], case["V"]
+    num_blocks, _, _, block_size, _ = K.shape
+    live = torch.zeros(num_blocks * block_size, dtype=torch.bool, device=K.device)
+    for s, n in enumerate(case["context_lens"].tolist()):
+        t = torch.arange(n, device=K.device)
+        live[case["block_tables"][s, t // block_size].long() * block_size + t % block_size] = True
+    dead = ~live.view(num_blocks, block_size)
+    if K.dtype != torch.int8:
+        k, v = pa_hybrid.unshuffle_to_nhd(K, V)  # [blocks, block_size, kv_heads, head_size]
+        if k.dtype == torch.float8_e4m3fn:  # no masked fill for fp8: write its NaN bits
+            k.view(torch.uint8)[dead], v.view(torch.uint8)[dead] = 0x7F, 0x7F
+        else:
+            k[dead], v[dead] = float("nan"), float("nan")
+        k, v = pa_hybrid.shuffle_from_nhd(k, v)
+        K.copy_(k), V.copy_(v)
+    for name in ("K_QScale_asm", "V_QScale_asm"):
+        if case.get(name) is not None:
+            case[name].transpose(1, 2)[dead] = float("nan")  # [blocks, kv_heads, block_size]
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["auto"])
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn, torch.int8], ids=lambda d: str(d)[6:])
+def test_unused_cache_slots_holding_nan_do_not_leak(device, backend, kv_dtype):
+    case = make_decode_case([0, 1, 15, 17, 300], num_heads=8, num_kv_heads=2, kv_dtype=kv_dtype, device=device)
+    poison_unused_slots(case)
+    check_against_reference(case, backend)

@@ -68,6 +68,10 @@ def _attend_chunk(call: DecodeCall, out: torch.Tensor, s0: int, s1: int, num_blo
     k, v = _gather(call, ids)
     c, length = s1 - s0, k.shape[2]
     ctx = call.context_lens[s0:s1].long()
+    # slots past a context hold whatever the engine left there (NaN included): zero them, since
+    # a masked score still meets its K row and a zero weight still meets its V row
+    inside = (torch.arange(length, device=device)[None, :] < ctx[:, None])[:, None, :, None]
+    k, v = k.where(inside, 0.0), v.where(inside, 0.0)
     qlen, gqa, kvh, d = key.max_qlen, key.gqa, key.num_kv_heads, key.head_size
     if qlen > 1:
         first = call.qo_indptr[s0:s1].long()
