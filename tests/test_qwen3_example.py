@@ -63,3 +63,10 @@ def test_blocks_are_scattered_and_returned(example, model):
     assert sorted(cache.free) == list(range(64))
     with pytest.raises(RuntimeError, match="KV cache full"):
         cache.reserve(65 * 16)
+
+
+def test_near_tie_report_names_misses_and_their_gaps(example):
+    ref = [torch.tensor([[5.0, 4.9, 0.0], [1.0, 9.0, 2.0]])]  # step 0: gap 0.1 / 5; step 1: gap 7 / 9
+    ours = [torch.tensor([[4.9, 5.0, 0.0], [1.0, 9.0, 2.0]])]
+    assert example.near_tie_report(ours, ref, [[0, 1]]) == [(0, 0, pytest.approx(0.1 / 5.0))]
+    assert example.near_tie_report(ref, ref, [[0, 1]]) == []
