@@ -117,24 +117,17 @@ def default_output(gpu: str) -> Path:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from .bench.decode import DEFAULT_WORKLOAD, _split_list
+    from .bench.decode import _split_list, add_grid_options, split_grid_options
 
     p = argparse.ArgumentParser(prog="python -m pa_hybrid.tune", description=__doc__.split("\n\n")[0])
-    p.add_argument("--workload", default=None, help=f"grid JSON (default {DEFAULT_WORKLOAD})")
-    p.add_argument("--models", nargs="+", help="model names of the workload (default: all)")
+    add_grid_options(p, f"default: every available one but torch ({', '.join(BACKEND_NAMES)})")
     p.add_argument("--shapes", nargs="+", help="extra model shapes NUM_HEADS:NUM_KV_HEADS, e.g. 64:8")
-    p.add_argument("--kv-dtypes", nargs="+", help="bf16, fp8, int8 (default: the workload's)")
-    p.add_argument("--num-seqs", nargs="+", help="batch sizes (default: the workload's)")
-    p.add_argument("--ctx", nargs="+", help="context lengths and/or 'mixed' (default: the workload's)")
-    p.add_argument("--backends", nargs="+", help=f"default: every available one but torch ({', '.join(BACKEND_NAMES)})")
     p.add_argument("--quick", action="store_true", help="first model, bf16, num_seqs 1 16 128, ctx 512 8192")
     p.add_argument("--samples", type=int, default=30, help="timed samples per backend and case (median kept)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", default=None, help="table path (default: ./<gpu name>.json)")
-    args = p.parse_args(argv)
-    for name in ("models", "shapes", "kv_dtypes", "ctx", "backends"):
-        setattr(args, name, _split_list(getattr(args, name)))
-    args.num_seqs = None if args.num_seqs is None else [int(n) for n in _split_list(args.num_seqs)]
+    args = split_grid_options(p.parse_args(argv))
+    args.shapes = _split_list(args.shapes)
     return args
 
 

@@ -277,3 +277,11 @@ def test_shipped_table_covers_the_benchmark_grid(path):
         assert row is not None, f"{case.label} falls outside {path.name}"
         # every grid case was measured: its own point decides
         assert (row.point.pairs, row.point.ctx) == (case.num_seqs * case.num_kv_heads, max(case.context_lens)), case.label
+
+
+def test_tune_options():
+    from pa_hybrid.tune import parse_args
+
+    args = parse_args(["--shapes", "64:8,32:4", "--num-seqs", "1,16", "--kv-dtypes", "bf16", "fp8", "--quick"])
+    assert args.shapes == ["64:8", "32:4"] and args.num_seqs == [1, 16] and args.kv_dtypes == ["bf16", "fp8"]
+    assert args.quick and args.models is None and args.samples == 30

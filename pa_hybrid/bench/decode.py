@@ -653,27 +653,34 @@ def _split_list(values):
     return [v for value in values for v in value.split(",") if v]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m pa_hybrid.bench", description=__doc__.split("\n\n")[0])
+def add_grid_options(p: argparse.ArgumentParser, backends_help: str) -> None:
+    """The options that select cases of the grid and backends (the benchmark's and the tuner's)."""
     p.add_argument("--workload", default=None, help=f"grid JSON (default {DEFAULT_WORKLOAD})")
     p.add_argument("--models", nargs="+", help="model names of the workload")
     p.add_argument("--kv-dtypes", nargs="+", help="bf16, fp8, int8 (or the workload's names)")
     p.add_argument("--num-seqs", nargs="+", help="batch sizes")
     p.add_argument("--ctx", nargs="+", help=f"context lengths, and/or '{MIXED}'")
-    p.add_argument("--backends", nargs="+", help="default: every available backend, auto, torch")
+    p.add_argument("--backends", nargs="+", help=backends_help)
+
+
+def split_grid_options(args: argparse.Namespace) -> argparse.Namespace:
+    """The list options of :func:`add_grid_options` given as ``a b``, ``a,b`` or both, as lists."""
+    for name in ("models", "kv_dtypes", "ctx", "backends"):
+        setattr(args, name, _split_list(getattr(args, name)))
+    args.num_seqs = None if args.num_seqs is None else [int(n) for n in _split_list(args.num_seqs)]
+    return args
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pa_hybrid.bench", description=__doc__.split("\n\n")[0])
+    add_grid_options(p, "default: every available backend, auto, torch")
     p.add_argument("--quick", action="store_true", help="first model, bf16, num_seqs 1 64 256, ctx 512 8192")
     p.add_argument("--timing", choices=("graph", "eager"), default="graph")
     p.add_argument("--samples", type=int, default=40, help="timed samples per call (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls before capture and before sampling")
     p.add_argument("--bandwidth-gb", type=float, default=2.0, help="GiB streamed to measure read bandwidth")
     p.add_argument("--out", default="bench_out", help="directory for the CSV, JSON and plots")
-    args = p.parse_args(argv)
-    args.models = _split_list(args.models)
-    args.kv_dtypes = _split_list(args.kv_dtypes)
-    args.ctx = _split_list(args.ctx)
-    args.backends = _split_list(args.backends)
-    args.num_seqs = None if args.num_seqs is None else [int(n) for n in _split_list(args.num_seqs)]
-    return args
+    return split_grid_options(p.parse_args(argv))
 
 
 def main(argv=None) -> int:
