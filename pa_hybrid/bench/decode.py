@@ -680,7 +680,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed calls before capture and before sampling")
     p.add_argument("--bandwidth-gb", type=float, default=2.0, help="GiB streamed to measure read bandwidth")
     p.add_argument("--out", default="bench_out", help="directory for the CSV, JSON and plots")
-    return split_grid_options(p.parse_args(argv))
+    p.add_argument("--compare", metavar="PEERS.csv", help="then compare auto with a bar: ../shared/bench/peers-h100.csv")
+    args = split_grid_options(p.parse_args(argv))
+    if args.compare is not None and not Path(args.compare).is_file():
+        p.error(f"--compare: no file at {args.compare}")  # before the run, not after it
+    return args
 
 
 def main(argv=None) -> int:
@@ -785,4 +789,11 @@ def main(argv=None) -> int:
     write_json(results, meta, out_dir / f"{stem}.json")
     plots = plot_results(results, out_dir, stem)
     print(f"wrote {out_dir / stem}.csv, .json and {len(plots)} plot(s)")
+    if args.compare:
+        from .compare import report_against_peers
+
+        try:
+            print("\n" + report_against_peers([asdict(r) for r in results], args.compare, our_gpu_name=gpu))
+        except ValueError as e:
+            print(f"--compare: {e}", file=sys.stderr)
     return 1 if any(r.status in (WRONG, ERROR) for r in results) else 0
