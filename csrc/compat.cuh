@@ -9,7 +9,7 @@
 //   q16_t<IS_BF16>         the 16-bit operand type and its packed pair
 //   mma_16816<IS_BF16>     D[16x8] += A[16x16] * B[16x8], fp32 accumulators
 //   ldmatrix_x4(...)       four 8x8 16-bit matrices from shared memory into fragments
-//   cp_async_16 / _zfill   16-byte global->shared copies, optionally zero-filled
+//   cp_async_16 / _4       16- and 4-byte global->shared copies
 //   cp_async_commit/wait   group bookkeeping of those copies
 //   shfl_xor(v, m)         butterfly exchange inside a warp
 //   fast_exp2(x)           2^x
@@ -83,9 +83,9 @@ PA_DEVICE void ldmatrix_x4(unsigned (&r)[4], const void* row_addr) {
 PA_DEVICE void cp_async_16(void* smem, const void* gmem) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem)), "l"(gmem));
 }
-// Copies `valid_bytes` (0 or 16) and zero-fills the rest of the 16 bytes.
-PA_DEVICE void cp_async_16_zfill(void* smem, const void* gmem, int valid_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(valid_bytes));
+// 4 bytes (cache-all: for small rows without 16-byte alignment, such as per-token scales).
+PA_DEVICE void cp_async_4(void* smem, const void* gmem) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(smem)), "l"(gmem));
 }
 PA_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> PA_DEVICE void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }

@@ -19,8 +19,10 @@
 //   V [BS/X][HEAD][X]: the 16 bytes of (token group g, dim d) are row d of an 8x8 B-matrix
 //                      of O = P V (k = tokens, n = dims): ldmatrix again.
 // 8-bit caches (X = 16) build the same fragments from two 16-bit shared loads per register
-// and widen them (compat.cuh's widen2); their per-tensor scales fold into the softmax scale
-// (K) and the final normalization (V).
+// and widen them (compat.cuh's widen2). Per-tensor scales fold into the softmax scale (K)
+// and the final normalization (V); per-token scales ride in each ring stage behind the V
+// tile: K's multiplies its logit column after Q K^T, V's folds into P before P V (the
+// softmax sum stays unscaled).
 //
 // Output: the partial format of pa_hybrid/kernels/reduce.py (max_logits in natural-log
 // units, exp_sums, normalized tmp_out), or `out` itself when one partition covers every
@@ -39,8 +41,8 @@ struct SplitKvParams {
   const void* q;            // [rows, num_heads, HEAD], last dim contiguous
   const void* k;            // [num_blocks, num_kv_heads, HEAD / X, BS, X]
   const void* v;            // [num_blocks, num_kv_heads, BS / X, HEAD, X]
-  const float* k_scale;     // 1 element, 8-bit caches only
-  const float* v_scale;
+  const float* k_scale;     // 8-bit caches only: 1 element, or per token
+  const float* v_scale;     //   [num_blocks, num_kv_heads, BS] (the same strides as k_scale)
   const int* block_tables;  // [num_seqs, max_blocks]
   const int* context_lens;  // [num_seqs]
   const int* qo_indptr;     // [num_seqs + 1], read when max_qlen > 1
@@ -57,6 +59,8 @@ struct SplitKvParams {
   i64 stride_k_block, stride_k_head;  // in elements
   i64 stride_v_block, stride_v_head;
   i64 stride_bt;
+  i64 stride_scale_block, stride_scale_head;  // per-token scales, in elements
+  int per_token_scales;                       // 8-bit caches: 1 per-token, 0 per-tensor scales
 };
 
 template <bool IS_BF16, int KV_KIND, int HEAD, int BS>
@@ -64,11 +68,12 @@ struct SplitKvConfig {  // restated by hip.py's kernel_config; the same test che
   static constexpr int KV_BYTES = KV_KIND == KV_16BIT ? 2 : 1;
   static constexpr int X = 16 / KV_BYTES;
   static constexpr int KV_TILE = HEAD * BS * KV_BYTES;  // one cache block of K (or of V)
-  static constexpr int STAGE = 2 * KV_TILE;
+  static constexpr int SCALES = KV_KIND == KV_16BIT ? 0 : BS * 4;  // one block's per-token K (or V) scales
+  static constexpr int STAGE = 2 * KV_TILE + 2 * SCALES;
   // keep 2 CTAs per SM within 227 KB: fewer warps and stages for big tiles
-  static constexpr int WARPS = STAGE >= 32768 ? 2 : 4;
+  static constexpr int WARPS = 2 * KV_TILE >= 32768 ? 2 : 4;
   static constexpr int THREADS = 32 * WARPS;
-  static constexpr int STAGES = STAGE <= 8192 ? 3 : 2;
+  static constexpr int STAGES = 2 * KV_TILE <= 8192 ? 3 : 2;
   static constexpr int Q_STRIDE = HEAD + 8;  // elements; the pad spreads ldmatrix rows over banks
   static constexpr int Q_BYTES = 16 * Q_STRIDE * 2;
   static constexpr int RING_BYTES = WARPS * STAGES * STAGE;
@@ -141,7 +146,10 @@ __global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS>::THR
   const int limit0 = limit_of(row0), limit1 = limit_of(row1);
 
   float qk_scale = p.scale_log2;
-  if constexpr (KV_KIND != KV_16BIT) qk_scale *= *p.k_scale;
+  const bool per_token = KV_KIND != KV_16BIT && p.per_token_scales;
+  if constexpr (KV_KIND != KV_16BIT) {
+    if (!per_token) qk_scale *= *p.k_scale;
+  }
 
   // ---- phase 2: this warp's blocks through its cp.async ring ----
   const int block_begin = start / BS;
@@ -151,6 +159,7 @@ __global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS>::THR
   const int* table = p.block_tables + seq * p.stride_bt;
   const unsigned char* k_head = static_cast<const unsigned char*>(p.k) + kv_head * p.stride_k_head * C::KV_BYTES;
   const unsigned char* v_head = static_cast<const unsigned char*>(p.v) + kv_head * p.stride_v_head * C::KV_BYTES;
+  const i64 scale_head = kv_head * p.stride_scale_head;
 
   auto issue = [&](int j) {  // copy this warp's j-th block into stage j % STAGES
     const i64 blk = table[block_begin + warp + j * C::WARPS];
@@ -161,6 +170,13 @@ __global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS>::THR
     for (int off = lane * 16; off < C::KV_TILE; off += 512) {
       cp_async_16(ks + off, kg + off);
       cp_async_16(ks + C::KV_TILE + off, vg + off);
+    }
+    if constexpr (C::SCALES > 0) {
+      if (per_token) {  // 4-byte copies: scale rows need not be 16-byte aligned
+        float* scales = reinterpret_cast<float*>(ks + 2 * C::KV_TILE);
+        const i64 row = blk * p.stride_scale_block + scale_head;
+        for (int t = lane; t < 2 * BS; t += 32) cp_async_4(scales + t, (t < BS ? p.k_scale : p.v_scale) + row + t % BS);
+      }
     }
   };
 
@@ -190,6 +206,10 @@ __global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS>::THR
         const int t = valid + idx / HEAD, d = idx % HEAD;
         unsigned char* e = vs + ((t / C::X) * HEAD * C::X + d * C::X + t % C::X) * C::KV_BYTES;
         for (int b = 0; b < C::KV_BYTES; ++b) e[b] = 0;
+      }
+      if constexpr (C::SCALES > 0) {  // and their V scales: P is 0 there, but 0 * NaN is NaN
+        float* v_scales = reinterpret_cast<float*>(vs + C::KV_TILE + C::SCALES);
+        for (int t = valid + lane; t < BS; t += 32) v_scales[t] = 0.f;
       }
       warp_sync();
     }
@@ -222,15 +242,30 @@ __global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS>::THR
       }
     }
 
+    // this lane's tokens' per-token scales (1 otherwise): columns 2 (lane % 4) and +1 of each n-tile
+    float2 k_tok[C::NT], v_tok[C::NT];
+#pragma unroll
+    for (int nt = 0; nt < C::NT; ++nt) {
+      k_tok[nt] = v_tok[nt] = make_float2(1.f, 1.f);
+      if constexpr (C::SCALES > 0) {
+        if (per_token) {
+          const float* scales = reinterpret_cast<const float*>(vs + C::KV_TILE) + nt * 8 + (lane % 4) * 2;
+          k_tok[nt] = *reinterpret_cast<const float2*>(scales);
+          v_tok[nt] = *reinterpret_cast<const float2*>(scales + BS);
+        }
+      }
+    }
+
     // online softmax in base 2 over this block; lane holds rows row0/row1, 2 columns per n-tile
     float block_max0 = PA_NEG_INF, block_max1 = PA_NEG_INF;
 #pragma unroll
     for (int nt = 0; nt < C::NT; ++nt) {
       const int t = token0 + nt * 8 + (lane % 4) * 2;
-      s[nt][0] = t < limit0 ? s[nt][0] * qk_scale : PA_NEG_INF;
-      s[nt][1] = t + 1 < limit0 ? s[nt][1] * qk_scale : PA_NEG_INF;
-      s[nt][2] = t < limit1 ? s[nt][2] * qk_scale : PA_NEG_INF;
-      s[nt][3] = t + 1 < limit1 ? s[nt][3] * qk_scale : PA_NEG_INF;
+      const float f0 = qk_scale * k_tok[nt].x, f1 = qk_scale * k_tok[nt].y;
+      s[nt][0] = t < limit0 ? s[nt][0] * f0 : PA_NEG_INF;
+      s[nt][1] = t + 1 < limit0 ? s[nt][1] * f1 : PA_NEG_INF;
+      s[nt][2] = t < limit1 ? s[nt][2] * f0 : PA_NEG_INF;
+      s[nt][3] = t + 1 < limit1 ? s[nt][3] * f1 : PA_NEG_INF;
       block_max0 = fmaxf(block_max0, fmaxf(s[nt][0], s[nt][1]));
       block_max1 = fmaxf(block_max1, fmaxf(s[nt][2], s[nt][3]));
     }
@@ -265,13 +300,15 @@ __global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS>::THR
     }
 
     // O += P V, 16 tokens per k-step; S's accumulator fragments are P's A fragments
+    // (times V's per-token scales)
 #pragma unroll
     for (int kt = 0; kt < BS / 16; ++kt) {
+      const float2 v0 = v_tok[2 * kt], v1 = v_tok[2 * kt + 1];
       const unsigned a[4] = {
-          as_u32(Q::from_floats(s[2 * kt][0], s[2 * kt][1])),
-          as_u32(Q::from_floats(s[2 * kt][2], s[2 * kt][3])),
-          as_u32(Q::from_floats(s[2 * kt + 1][0], s[2 * kt + 1][1])),
-          as_u32(Q::from_floats(s[2 * kt + 1][2], s[2 * kt + 1][3])),
+          as_u32(Q::from_floats(s[2 * kt][0] * v0.x, s[2 * kt][1] * v0.y)),
+          as_u32(Q::from_floats(s[2 * kt][2] * v0.x, s[2 * kt][3] * v0.y)),
+          as_u32(Q::from_floats(s[2 * kt + 1][0] * v1.x, s[2 * kt + 1][1] * v1.y)),
+          as_u32(Q::from_floats(s[2 * kt + 1][2] * v1.x, s[2 * kt + 1][3] * v1.y)),
       };
       if constexpr (KV_KIND == KV_16BIT) {
 #pragma unroll
@@ -335,7 +372,9 @@ __global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS>::THR
 #pragma unroll
     for (int w = 0; w < C::WARPS; ++w) total += merge_sum[w * 16 + m] * fast_exp2(merge_max[w * 16 + m] - shift);
     float v_scale = 1.f;
-    if constexpr (KV_KIND != KV_16BIT) v_scale = *p.v_scale;
+    if constexpr (KV_KIND != KV_16BIT) {
+      if (!per_token) v_scale = *p.v_scale;
+    }
     // total >= 1 for a row that saw a token here; rows that saw none stay 0
     const float norm = v_scale / fmaxf(total, 1e-30f);
 #pragma unroll

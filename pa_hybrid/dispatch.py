@@ -42,8 +42,7 @@ class DispatchRules:
     the split-KV "hip" kernel below."""
 
     single_pass_8bit_from_pairs: int = 128
-    """fp8/int8 KV: "asm" from this many pairs; below, split-KV ("hip" for per-tensor
-    scales, "triton" for per-token ones)."""
+    """fp8/int8 KV: "asm" from this many pairs, the split-KV "hip" kernel below."""
 
 
 RULES_BY_DEVICE: dict[str, DispatchRules] = {"default": DispatchRules()}

@@ -69,7 +69,6 @@ def test_supports_states_what_the_kernel_covers():
     assert backend.supports(CallKey(**dict(base, gqa=8, max_qlen=2))) is None
     cases = {
         "query rows exceed one 16-row": dict(gqa=8, max_qlen=4),
-        "per_token scales not supported": dict(kv_dtype=torch.int8, scales="per_token"),
         "must have the query dtype": dict(kv_dtype=torch.float16),
         "head_size 96": dict(head_size=96),
         "block_size 64": dict(block_size=64),
@@ -77,20 +76,25 @@ def test_supports_states_what_the_kernel_covers():
     }
     for reason, change in cases.items():
         assert reason in backend.supports(CallKey(**dict(base, **change)))
-    assert backend.supports(CallKey(**dict(base, kv_dtype=torch.float8_e4m3fn, scales="per_tensor"))) is None
+    for kv_dtype in (torch.float8_e4m3fn, torch.int8):
+        for scales in ("per_tensor", "per_token"):
+            assert backend.supports(CallKey(**dict(base, kv_dtype=kv_dtype, scales=scales))) is None
 
 
 @requires_gpu
 @pytest.mark.skipif("hip" not in dispatch.available_backends(DEVICE), reason="hip backend unavailable here")
-@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn, torch.int8])
+@pytest.mark.parametrize(
+    "kv_dtype,scales",
+    [(torch.bfloat16, "none"), (torch.float8_e4m3fn, "per_tensor"), (torch.float8_e4m3fn, "per_token"), (torch.int8, "per_token")],
+)
 @pytest.mark.parametrize("gqa,qlen,head_size,block_size", [(8, 1, 128, 16), (1, 1, 64, 32), (16, 1, 256, 16), (4, 4, 128, 32), (5, 3, 128, 16)])
-def test_hip_matches_reference_long_and_ragged(kv_dtype, gqa, qlen, head_size, block_size):
+def test_hip_matches_reference_long_and_ragged(kv_dtype, scales, gqa, qlen, head_size, block_size):
     from pa_hybrid import paged_attention_common, reference_paged_attention
 
     lens = [0, 1, 16, 17, 255, 256, 257, 2000, 5000]
     case = make_decode_case(
         lens, num_heads=2 * gqa, num_kv_heads=2, head_size=head_size, block_size=block_size, kv_dtype=kv_dtype,
-        max_qlen=qlen, scales="per_tensor", strided_q=True, device="cuda",
+        max_qlen=qlen, scales=scales, strided_q=True, device="cuda",
     )  # fmt: skip
     out = torch.full_like(case["Q"], float("nan"))
     paged_attention_common(exp_sums=None, max_logits=None, tmp_out=None, out_=out, backend="hip", **case)

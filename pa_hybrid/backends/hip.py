@@ -2,8 +2,9 @@
 compiled at first use by the runtime (NVRTC on NVIDIA), then the Triton reduce.
 
 Best at low concurrency: CTAs per (partition, kv head, sequence) keep every SM busy
-even with a handful of sequences. Each (query dtype, kv kind, head size, block size,
-GQA, qlen) is its own template instantiation, compiled once and cached on disk.
+even with a handful of sequences. Each (query dtype, kv kind, head size, block size) is
+its own template instantiation, compiled once and cached on disk; GQA, qlen and the
+8-bit scale kind (per-tensor or per-token) are run-time values.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import functools
 import torch
 
 from .. import runtime
-from ..call import SCALES_PER_TENSOR, CallKey, DecodeCall
+from ..call import SCALES_NONE, SCALES_PER_TOKEN, CallKey, DecodeCall
 from ..kernels.decode import LOG2E
 from ..kernels.reduce import launch_split_kv_reduce
 from ..layouts import KV_DTYPES, is_8bit
@@ -63,16 +64,20 @@ class SplitKvParams(ctypes.Structure):
         ("stride_v_block", ctypes.c_int64),
         ("stride_v_head", ctypes.c_int64),
         ("stride_bt", ctypes.c_int64),
+        ("stride_scale_block", ctypes.c_int64),
+        ("stride_scale_head", ctypes.c_int64),
+        ("per_token_scales", ctypes.c_int),
     ]
 
 
 def kernel_config(head_size: int, block_size: int, kv_bytes: int) -> dict:
     """Threads and dynamic shared memory of a variant: ``SplitKvConfig`` of the C++ source,
     restated (tests/test_hip_backend.py checks both agree, through static_asserts)."""
-    stage = 2 * head_size * block_size * kv_bytes
-    warps = 2 if stage >= 32768 else 4
-    stages = 3 if stage <= 8192 else 2
-    ring = warps * stages * stage
+    kv_stage = 2 * head_size * block_size * kv_bytes
+    warps = 2 if kv_stage >= 32768 else 4
+    stages = 3 if kv_stage <= 8192 else 2
+    scales = 2 * block_size * 4 if kv_bytes == 1 else 0  # per-token K and V scales of the block
+    ring = warps * stages * (kv_stage + scales)
     merge = warps * 16 * (head_size + 2) * 4
     q_bytes = 16 * (head_size + 8) * 2
     return {"threads": 32 * warps, "smem_bytes": q_bytes + max(ring, merge)}
@@ -120,7 +125,6 @@ class HipBackend(Backend):
     block_sizes = (16, 32)
     max_gqa = 16
     max_qlen = 16
-    scales = ("none", "per_tensor")  # per-token scaled 8-bit caches belong to "asm"
     needs_alignment = True
 
     def available(self, device_type, device_index):
@@ -156,7 +160,8 @@ class HipBackend(Backend):
 def _params(call: DecodeCall, partition_size: int, exp_sums, max_logits, tmp_out) -> SplitKvParams:
     q, out = call.Q, call.out
     split = exp_sums is not None
-    per_tensor = call.key.scales == SCALES_PER_TENSOR
+    scaled = call.key.scales != SCALES_NONE
+    per_token = call.key.scales == SCALES_PER_TOKEN
     return SplitKvParams(
         out=out.data_ptr(),
         exp_sums=exp_sums.data_ptr() if split else None,
@@ -165,8 +170,8 @@ def _params(call: DecodeCall, partition_size: int, exp_sums, max_logits, tmp_out
         q=q.data_ptr(),
         k=call.K.data_ptr(),
         v=call.V.data_ptr(),
-        k_scale=call.k_scale.data_ptr() if per_tensor else None,
-        v_scale=call.v_scale.data_ptr() if per_tensor else None,
+        k_scale=call.k_scale.data_ptr() if scaled else None,
+        v_scale=call.v_scale.data_ptr() if scaled else None,
         block_tables=call.block_tables.data_ptr(),
         context_lens=call.context_lens.data_ptr(),
         qo_indptr=call.qo_indptr.data_ptr() if call.qo_indptr is not None else None,
@@ -190,6 +195,9 @@ def _params(call: DecodeCall, partition_size: int, exp_sums, max_logits, tmp_out
         stride_v_block=call.V.stride(0),
         stride_v_head=call.V.stride(1),
         stride_bt=call.block_tables.stride(0),
+        stride_scale_block=call.k_scale.stride(0) if per_token else 0,
+        stride_scale_head=call.k_scale.stride(1) if per_token else 0,
+        per_token_scales=1 if per_token else 0,
     )
 
 
