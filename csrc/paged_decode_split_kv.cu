@@ -26,7 +26,11 @@
 //
 // Output: the partial format of pa_hybrid/kernels/reduce.py (max_logits in natural-log
 // units, exp_sums, normalized tmp_out), or `out` itself when one partition covers every
-// context (write_out), so stage 2 is skipped.
+// context (write_out), so stage 2 is skipped. With `tickets` (a zeroed int per (sequence,
+// kv head), owned by the launcher) the merge happens here instead of in a second launch:
+// each CTA writes its partial, fences, and takes a ticket; the one that takes the last
+// ticket merges the sequence's partitions into `out` and puts the ticket back to 0 for the
+// next launch. A sequence that fits in one partition then writes `out` directly.
 #include "compat.cuh"
 
 namespace pa {
@@ -50,6 +54,7 @@ struct SplitKvParams {
   int partition_size;       // tokens per CTA, a multiple of 256
   int write_out;            // 1: one partition covers max_seq_len; write out, no partials
   int tmp_kind;             // tmp_out dtype: 0 fp32, 1 bf16, 2 fp16
+  int* tickets;             // [num_seqs, num_kv_heads] zeros: merge in-kernel; null: partials only
   int gqa;                  // query heads per kv head
   int max_qlen;             // new tokens per sequence at most; gqa * max_qlen <= 16
   i64 stride_q_row, stride_q_head;
@@ -62,6 +67,10 @@ struct SplitKvParams {
   i64 stride_scale_block, stride_scale_head;  // per-token scales, in elements
   int per_token_scales;                       // 8-bit caches: 1 per-token, 0 per-tensor scales
 };
+
+// Most partitions the in-kernel merge takes (their weights sit in shared memory); the
+// launcher merges longer splits with the separate reduce (hip.py's MAX_MERGE_PARTS).
+constexpr int MAX_MERGE_PARTS = 32;
 
 template <bool IS_BF16, int KV_KIND, int HEAD, int BS>
 struct SplitKvConfig {  // restated by hip.py's kernel_config; the same test checks both agree
@@ -82,7 +91,15 @@ struct SplitKvConfig {  // restated by hip.py's kernel_config; the same test che
   static constexpr int NT = BS / 8;  // n-tiles of S per block
   static_assert(HEAD % 16 == 0 && BS % 16 == 0 && BS % X == 0, "unsupported head/block size");
   static_assert(KV_TILE % 512 == 0, "a warp copies tiles in 512-byte steps");
+  static_assert(16 * MAX_MERGE_PARTS * 4 <= RING_BYTES, "the merge weights reuse the ring");
 };
+
+// One element of tmp_out as float, read from L2: other CTAs wrote it (L1 is not coherent).
+PA_DEVICE float load_partial(const void* tmp_out, int tmp_kind, i64 t) {
+  if (tmp_kind == 0) return load_l2(static_cast<const float*>(tmp_out) + t);
+  if (tmp_kind == 1) return q16<true>::to_float(load_l2(static_cast<const q16<true>::t*>(tmp_out) + t));
+  return q16<false>::to_float(load_l2(static_cast<const q16<false>::t*>(tmp_out) + t));
+}
 
 template <bool IS_BF16, int KV_KIND, int HEAD, int BS>
 __global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS>::THREADS)
@@ -105,10 +122,13 @@ __global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS>::THR
     num_new = p.qo_indptr[seq + 1] - first_row;
   }
   const int start = part * p.partition_size;
+  const int num_active = (context_len + p.partition_size - 1) / p.partition_size;  // partitions with tokens
+  // write `out` here: one partition covers every context, or this one covers its sequence
+  const bool direct = p.write_out || (p.tickets != nullptr && num_active <= 1);
 
   // ---- phase 0: an empty partition writes nothing, except zeros for an empty context ----
   if (start >= context_len) {
-    if (p.write_out) {
+    if (direct && part == 0) {
       for (int idx = threadIdx.x; idx < rows * HEAD; idx += C::THREADS) {
         const int m = idx / HEAD, d = idx % HEAD, i = m / gqa;
         if (i < num_new) {
@@ -379,7 +399,7 @@ __global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS>::THR
     const float norm = v_scale / fmaxf(total, 1e-30f);
 #pragma unroll
     for (int w = 0; w < C::WARPS; ++w) merge_max[w * 16 + m] = fast_exp2(merge_max[w * 16 + m] - shift) * norm;
-    if (!p.write_out && i < num_new) {
+    if (!direct && i < num_new) {
       const i64 e = (first_row + i) * p.stride_es_row + (kv_head * gqa + m % gqa) * p.stride_es_head + part;
       p.exp_sums[e] = total;
       p.max_logits[e] = row_max * LN2;  // natural-log units, as the partial format says
@@ -395,7 +415,7 @@ __global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS>::THR
     for (int w = 0; w < C::WARPS; ++w) result += merge_o[(w * 16 + m) * HEAD + d] * merge_weight[w * 16 + m];
     const i64 row = first_row + i;
     const int head = kv_head * gqa + m % gqa;
-    if (p.write_out) {
+    if (direct) {
       static_cast<qt*>(p.out)[row * p.stride_out_row + head * p.stride_out_head + d] = Q::from_float(result);
     } else {
       const i64 t = row * p.stride_tmp_row + head * p.stride_tmp_head + part * p.stride_tmp_part + d;
@@ -407,6 +427,49 @@ __global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS>::THR
         static_cast<q16<false>::t*>(p.tmp_out)[t] = q16<false>::from_float(result);
       }
     }
+  }
+  if (direct || p.tickets == nullptr) return;
+
+  // ---- phase 4 (in-kernel merge): the CTA that takes the last ticket merges every partition ----
+  __shared__ int last;
+  __threadfence();  // this CTA's partials are visible device-wide before its ticket is
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int* ticket = p.tickets + seq * gridDim.y + kv_head;
+    last = atomicAdd(ticket, 1) == num_active - 1;
+    if (last) *ticket = 0;  // every CTA of this launch has taken its ticket: reset for the next one
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  // per row: w_p = l_p exp(m_p - max m) / sum of them, into the (free) ring
+  float* weights = reinterpret_cast<float*>(ring);  // [16][MAX_MERGE_PARTS]
+  if (threadIdx.x < rows && threadIdx.x / gqa < num_new) {
+    const int m = threadIdx.x, i = m / gqa;
+    const i64 e = (first_row + i) * p.stride_es_row + (kv_head * gqa + m % gqa) * p.stride_es_head;
+    float row_max = PA_NEG_INF;
+    for (int q = 0; q < num_active; ++q) row_max = fmaxf(row_max, load_l2(p.max_logits + e + q));
+    const float shift = row_max == PA_NEG_INF ? 0.f : row_max;
+    float total = 0.f;
+    for (int q = 0; q < num_active; ++q) {
+      const float w = load_l2(p.exp_sums + e + q) * fast_exp2((load_l2(p.max_logits + e + q) - shift) * (1.f / LN2));
+      weights[m * MAX_MERGE_PARTS + q] = w;
+      total += w;
+    }
+    // total >= 1 when the row saw a token (its largest partition has l >= 1); else all w are 0
+    const float norm = 1.f / fmaxf(total, 1e-30f);
+    for (int q = 0; q < num_active; ++q) weights[m * MAX_MERGE_PARTS + q] *= norm;
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < rows * HEAD; idx += C::THREADS) {
+    const int m = idx / HEAD, d = idx % HEAD, i = m / gqa;
+    if (i >= num_new) continue;
+    const i64 row = first_row + i;
+    const int head = kv_head * gqa + m % gqa;
+    const i64 t = row * p.stride_tmp_row + head * p.stride_tmp_head + d;
+    float result = 0.f;
+    for (int q = 0; q < num_active; ++q) result += weights[m * MAX_MERGE_PARTS + q] * load_partial(p.tmp_out, p.tmp_kind, t + q * p.stride_tmp_part);
+    static_cast<qt*>(p.out)[row * p.stride_out_row + head * p.stride_out_head + d] = Q::from_float(result);
   }
 }
 
