@@ -45,6 +45,7 @@ template <> struct q16<true> {
   static PA_DEVICE t2 from_floats(float a, float b) { return __floats2bfloat162_rn(a, b); }
   static PA_DEVICE t from_float(float a) { return __float2bfloat16_rn(a); }
   static PA_DEVICE float to_float(t a) { return __bfloat162float(a); }
+  static PA_DEVICE float bits_to_float(unsigned short b) { return __bfloat162float(__ushort_as_bfloat16(b)); }
 };
 template <> struct q16<false> {
   using t = __half;
@@ -52,6 +53,7 @@ template <> struct q16<false> {
   static PA_DEVICE t2 from_floats(float a, float b) { return __floats2half2_rn(a, b); }
   static PA_DEVICE t from_float(float a) { return __float2half_rn(a); }
   static PA_DEVICE float to_float(t a) { return __half2float(a); }
+  static PA_DEVICE float bits_to_float(unsigned short b) { return __half2float(__ushort_as_half(b)); }
 };
 
 template <typename T2> PA_DEVICE unsigned as_u32(T2 v) { return *reinterpret_cast<unsigned*>(&v); }

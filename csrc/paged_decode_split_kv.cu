@@ -94,12 +94,16 @@ struct SplitKvConfig {  // restated by hip.py's kernel_config; the same test che
   static_assert(16 * MAX_MERGE_PARTS * 4 <= RING_BYTES, "the merge weights reuse the ring");
 };
 
-// One element of tmp_out as float, read from L2: other CTAs wrote it (L1 is not coherent).
-PA_DEVICE float load_partial(const void* tmp_out, int tmp_kind, i64 t) {
-  if (tmp_kind == 0) return load_l2(static_cast<const float*>(tmp_out) + t);
-  if (tmp_kind == 1) return q16<true>::to_float(load_l2(static_cast<const q16<true>::t*>(tmp_out) + t));
-  return q16<false>::to_float(load_l2(static_cast<const q16<false>::t*>(tmp_out) + t));
+// Four consecutive tmp_out elements as floats, read from L2 (other CTAs wrote them, and L1
+// is not coherent); the launcher guarantees 16-byte (fp32) or 8-byte (16-bit) alignment.
+PA_DEVICE float4 load_partial4(const float* p) { return load_l2(reinterpret_cast<const float4*>(p)); }
+template <bool IS_BF16> PA_DEVICE float4 widen_partial4(uint2 raw) {
+  using Q = q16<IS_BF16>;
+  return make_float4(Q::bits_to_float(raw.x & 0xffff), Q::bits_to_float(raw.x >> 16), Q::bits_to_float(raw.y & 0xffff),
+                     Q::bits_to_float(raw.y >> 16));
 }
+PA_DEVICE float4 load_partial4(const q16<true>::t* p) { return widen_partial4<true>(load_l2(reinterpret_cast<const uint2*>(p))); }
+PA_DEVICE float4 load_partial4(const q16<false>::t* p) { return widen_partial4<false>(load_l2(reinterpret_cast<const uint2*>(p))); }
 
 template <bool IS_BF16, int KV_KIND, int HEAD, int BS>
 __global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS>::THREADS)
@@ -442,34 +446,81 @@ __global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS>::THR
   __syncthreads();
   if (!last) return;
   __threadfence();
-  // per row: w_p = l_p exp(m_p - max m) / sum of them, into the (free) ring
-  float* weights = reinterpret_cast<float*>(ring);  // [16][MAX_MERGE_PARTS]
-  if (threadIdx.x < rows && threadIdx.x / gqa < num_new) {
-    const int m = threadIdx.x, i = m / gqa;
-    const i64 e = (first_row + i) * p.stride_es_row + (kv_head * gqa + m % gqa) * p.stride_es_head;
-    float row_max = PA_NEG_INF;
-    for (int q = 0; q < num_active; ++q) row_max = fmaxf(row_max, load_l2(p.max_logits + e + q));
+  // per row, w_p = l_p exp(m_p - max m) / (their sum): warp w takes rows w, w + WARPS, ...
+  // and lane q partition q, every load issued before the first is used
+  static_assert(MAX_MERGE_PARTS == 32, "one lane per partition");
+  constexpr int ROWS_PER_WARP = 16 / C::WARPS;
+  float* weights = reinterpret_cast<float*>(ring);  // [16][MAX_MERGE_PARTS]: the ring is free
+  float part_max[ROWS_PER_WARP], part_sum[ROWS_PER_WARP];
+#pragma unroll
+  for (int k = 0; k < ROWS_PER_WARP; ++k) {
+    const int m = warp + k * C::WARPS;
+    const bool read = m < rows && m / gqa < num_new && lane < num_active;
+    const i64 e = (first_row + m / gqa) * p.stride_es_row + (kv_head * gqa + m % gqa) * p.stride_es_head + lane;
+    part_max[k] = read ? load_l2(p.max_logits + e) : PA_NEG_INF;
+    part_sum[k] = read ? load_l2(p.exp_sums + e) : 0.f;
+  }
+#pragma unroll
+  for (int k = 0; k < ROWS_PER_WARP; ++k) {
+    float row_max = part_max[k];
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) row_max = fmaxf(row_max, shfl_xor(row_max, o));
     const float shift = row_max == PA_NEG_INF ? 0.f : row_max;
-    float total = 0.f;
-    for (int q = 0; q < num_active; ++q) {
-      const float w = load_l2(p.exp_sums + e + q) * fast_exp2((load_l2(p.max_logits + e + q) - shift) * (1.f / LN2));
-      weights[m * MAX_MERGE_PARTS + q] = w;
-      total += w;
-    }
-    // total >= 1 when the row saw a token (its largest partition has l >= 1); else all w are 0
-    const float norm = 1.f / fmaxf(total, 1e-30f);
-    for (int q = 0; q < num_active; ++q) weights[m * MAX_MERGE_PARTS + q] *= norm;
+    const float w = part_sum[k] * fast_exp2((part_max[k] - shift) * (1.f / LN2));
+    float total = w;
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) total += shfl_xor(total, o);
+    // total >= 1 when the row saw a token (its largest partition has l >= 1); else every w is 0
+    weights[(warp + k * C::WARPS) * MAX_MERGE_PARTS + lane] = w / fmaxf(total, 1e-30f);
   }
   __syncthreads();
-  for (int idx = threadIdx.x; idx < rows * HEAD; idx += C::THREADS) {
-    const int m = idx / HEAD, d = idx % HEAD, i = m / gqa;
-    if (i >= num_new) continue;
-    const i64 row = first_row + i;
-    const int head = kv_head * gqa + m % gqa;
-    const i64 t = row * p.stride_tmp_row + head * p.stride_tmp_head + d;
-    float result = 0.f;
-    for (int q = 0; q < num_active; ++q) result += weights[m * MAX_MERGE_PARTS + q] * load_partial(p.tmp_out, p.tmp_kind, t + q * p.stride_tmp_part);
-    static_cast<qt*>(p.out)[row * p.stride_out_row + head * p.stride_out_head + d] = Q::from_float(result);
+
+  // out = sum_p w_p tmp_out_p in columns of 4 dims (column idx: row idx / (HEAD / 4), dims
+  // 4 (idx % (HEAD / 4)) + 0..3); each thread takes VECS columns at a time and walks the
+  // partitions with all their loads, 4 partitions deep, in flight
+  constexpr int VECS = 4;
+  auto merge = [&](const auto* tmp) {
+    for (int first = threadIdx.x; first < rows * (HEAD / 4); first += VECS * C::THREADS) {
+      float4 acc[VECS];
+      i64 base[VECS];  // tmp_out offset of the column at partition 0; -1: no column here
+#pragma unroll
+      for (int v = 0; v < VECS; ++v) {
+        acc[v] = make_float4(0.f, 0.f, 0.f, 0.f);
+        const int idx = first + v * C::THREADS, m = idx / (HEAD / 4), d = idx % (HEAD / 4) * 4;
+        base[v] = m < rows && m / gqa < num_new
+                      ? (first_row + m / gqa) * p.stride_tmp_row + (kv_head * gqa + m % gqa) * p.stride_tmp_head + d
+                      : -1;
+      }
+#pragma unroll 4
+      for (int q = 0; q < num_active; ++q) {
+#pragma unroll
+        for (int v = 0; v < VECS; ++v) {
+          if (base[v] < 0) continue;
+          const float w = weights[(first + v * C::THREADS) / (HEAD / 4) * MAX_MERGE_PARTS + q];
+          const float4 x = load_partial4(tmp + base[v] + q * p.stride_tmp_part);
+          acc[v].x += w * x.x;
+          acc[v].y += w * x.y;
+          acc[v].z += w * x.z;
+          acc[v].w += w * x.w;
+        }
+      }
+#pragma unroll
+      for (int v = 0; v < VECS; ++v) {
+        if (base[v] < 0) continue;
+        const int idx = first + v * C::THREADS, m = idx / (HEAD / 4), d = idx % (HEAD / 4) * 4;
+        auto* o = reinterpret_cast<typename Q::t2*>(static_cast<qt*>(p.out) + (first_row + m / gqa) * p.stride_out_row +
+                                                    (kv_head * gqa + m % gqa) * p.stride_out_head + d);
+        o[0] = Q::from_floats(acc[v].x, acc[v].y);
+        o[1] = Q::from_floats(acc[v].z, acc[v].w);
+      }
+    }
+  };
+  if (p.tmp_kind == 0) {
+    merge(static_cast<const float*>(p.tmp_out));
+  } else if (p.tmp_kind == 1) {
+    merge(static_cast<const q16<true>::t*>(p.tmp_out));
+  } else {
+    merge(static_cast<const q16<false>::t*>(p.tmp_out));
   }
 }
 

@@ -122,7 +122,7 @@ def test_hip_merges_in_kernel_or_in_the_reduce(monkeypatch, merge, kv_dtype, qle
     if merge == "reduce":
         monkeypatch.setattr(hip, "MAX_MERGE_PARTS", 0)
     for lens in ([0, 1, 255, 256, 257, 3000], [6000, 17, 0, 512, 1024, 4000], [5, 2], [6000, 6000]):
-        case = make_decode_case(lens, num_heads=16, num_kv_heads=2, kv_dtype=kv_dtype, max_qlen=qlen, device="cuda")
+        case = make_decode_case(lens, num_heads=8, num_kv_heads=2, kv_dtype=kv_dtype, max_qlen=qlen, device="cuda")
         _check_hip(case, kv_dtype)
 
 

@@ -201,7 +201,7 @@ class HipBackend(Backend):
         split = num_parts > 1
         exp_sums, max_logits, tmp_out = call.scratch() if split else (None, None, None)
         tickets = None
-        if split and num_parts <= MAX_MERGE_PARTS:
+        if split and num_parts <= MAX_MERGE_PARTS and _columns_of_4(tmp_out):
             tickets = TICKETS.tickets(key.device_index, call.num_seqs * key.num_kv_heads)
         params = _params(call, partition_size, exp_sums, max_logits, tmp_out, tickets)
         runtime.launch(function, (num_parts, key.num_kv_heads, call.num_seqs), threads, smem_bytes, [params])
@@ -209,6 +209,11 @@ class HipBackend(Backend):
             launch_split_kv_reduce(
                 call.out, exp_sums, max_logits, tmp_out, call.context_lens, call.qo_indptr, key.max_qlen, partition_size
             )
+
+
+def _columns_of_4(tmp_out: torch.Tensor) -> bool:
+    """Whether the in-kernel merge may read ``tmp_out`` 4 elements at a time (aligned vectors)."""
+    return tmp_out.data_ptr() % (4 * tmp_out.element_size()) == 0 and all(s % 4 == 0 for s in tmp_out.stride()[:3])
 
 
 def _params(call: DecodeCall, partition_size: int, exp_sums, max_logits, tmp_out, tickets) -> SplitKvParams:
