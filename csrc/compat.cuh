@@ -12,7 +12,6 @@
 //   cp_async_16 / _4       16- and 4-byte global->shared copies
 //   cp_async_commit/wait   group bookkeeping of those copies
 //   shfl_xor(v, m)         butterfly exchange inside a warp
-//   load_l2(p)             a global load that skips L1 (data other CTAs wrote)
 //   fast_exp2(x)           2^x
 //   widen2<KV_KIND, ...>   two 8-bit cache values -> one packed 16-bit pair
 //   PA_GRID_CONSTANT       how a by-value parameter struct is declared
@@ -45,7 +44,6 @@ template <> struct q16<true> {
   static PA_DEVICE t2 from_floats(float a, float b) { return __floats2bfloat162_rn(a, b); }
   static PA_DEVICE t from_float(float a) { return __float2bfloat16_rn(a); }
   static PA_DEVICE float to_float(t a) { return __bfloat162float(a); }
-  static PA_DEVICE float bits_to_float(unsigned short b) { return __bfloat162float(__ushort_as_bfloat16(b)); }
 };
 template <> struct q16<false> {
   using t = __half;
@@ -53,7 +51,6 @@ template <> struct q16<false> {
   static PA_DEVICE t2 from_floats(float a, float b) { return __floats2half2_rn(a, b); }
   static PA_DEVICE t from_float(float a) { return __float2half_rn(a); }
   static PA_DEVICE float to_float(t a) { return __half2float(a); }
-  static PA_DEVICE float bits_to_float(unsigned short b) { return __half2float(__ushort_as_half(b)); }
 };
 
 template <typename T2> PA_DEVICE unsigned as_u32(T2 v) { return *reinterpret_cast<unsigned*>(&v); }
@@ -92,9 +89,6 @@ PA_DEVICE void cp_async_4(void* smem, const void* gmem) {
 }
 PA_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> PA_DEVICE void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
-// A load that bypasses L1 (which is not coherent): data another CTA wrote in this launch.
-template <typename T> PA_DEVICE T load_l2(const T* p) { return __ldcg(p); }
 
 PA_DEVICE float shfl_xor(float v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
 PA_DEVICE void warp_sync() { __syncwarp(); }

@@ -26,11 +26,7 @@
 //
 // Output: the partial format of pa_hybrid/kernels/reduce.py (max_logits in natural-log
 // units, exp_sums, normalized tmp_out), or `out` itself when one partition covers every
-// context (write_out), so stage 2 is skipped. With `tickets` (a zeroed int per (sequence,
-// kv head), owned by the launcher) the merge happens here instead of in a second launch:
-// each CTA writes its partial, fences, and takes a ticket; the one that takes the last
-// ticket merges the sequence's partitions into `out` and puts the ticket back to 0 for the
-// next launch. A sequence that fits in one partition then writes `out` directly.
+// context (write_out), so stage 2 is skipped.
 #include "compat.cuh"
 
 namespace pa {
@@ -54,7 +50,6 @@ struct SplitKvParams {
   int partition_size;       // tokens per CTA, a multiple of 256
   int write_out;            // 1: one partition covers max_seq_len; write out, no partials
   int tmp_kind;             // tmp_out dtype: 0 fp32, 1 bf16, 2 fp16
-  int* tickets;             // [num_seqs, num_kv_heads] zeros: merge in-kernel; null: partials only
   int gqa;                  // query heads per kv head
   int max_qlen;             // new tokens per sequence at most; gqa * max_qlen <= 16
   i64 stride_q_row, stride_q_head;
@@ -67,10 +62,6 @@ struct SplitKvParams {
   i64 stride_scale_block, stride_scale_head;  // per-token scales, in elements
   int per_token_scales;                       // 8-bit caches: 1 per-token, 0 per-tensor scales
 };
-
-// Most partitions the in-kernel merge takes (their weights sit in shared memory); the
-// launcher merges longer splits with the separate reduce (hip.py's MAX_MERGE_PARTS).
-constexpr int MAX_MERGE_PARTS = 32;
 
 template <bool IS_BF16, int KV_KIND, int HEAD, int BS>
 struct SplitKvConfig {  // restated by hip.py's kernel_config; the same test checks both agree
@@ -91,19 +82,7 @@ struct SplitKvConfig {  // restated by hip.py's kernel_config; the same test che
   static constexpr int NT = BS / 8;  // n-tiles of S per block
   static_assert(HEAD % 16 == 0 && BS % 16 == 0 && BS % X == 0, "unsupported head/block size");
   static_assert(KV_TILE % 512 == 0, "a warp copies tiles in 512-byte steps");
-  static_assert(16 * MAX_MERGE_PARTS * 4 <= RING_BYTES, "the merge weights reuse the ring");
 };
-
-// Four consecutive tmp_out elements as floats, read from L2 (other CTAs wrote them, and L1
-// is not coherent); the launcher guarantees 16-byte (fp32) or 8-byte (16-bit) alignment.
-PA_DEVICE float4 load_partial4(const float* p) { return load_l2(reinterpret_cast<const float4*>(p)); }
-template <bool IS_BF16> PA_DEVICE float4 widen_partial4(uint2 raw) {
-  using Q = q16<IS_BF16>;
-  return make_float4(Q::bits_to_float(raw.x & 0xffff), Q::bits_to_float(raw.x >> 16), Q::bits_to_float(raw.y & 0xffff),
-                     Q::bits_to_float(raw.y >> 16));
-}
-PA_DEVICE float4 load_partial4(const q16<true>::t* p) { return widen_partial4<true>(load_l2(reinterpret_cast<const uint2*>(p))); }
-PA_DEVICE float4 load_partial4(const q16<false>::t* p) { return widen_partial4<false>(load_l2(reinterpret_cast<const uint2*>(p))); }
 
 template <bool IS_BF16, int KV_KIND, int HEAD, int BS>
 __global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS>::THREADS)
@@ -126,13 +105,10 @@ __global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS>::THR
     num_new = p.qo_indptr[seq + 1] - first_row;
   }
   const int start = part * p.partition_size;
-  const int num_active = (context_len + p.partition_size - 1) / p.partition_size;  // partitions with tokens
-  // write `out` here: one partition covers every context, or this one covers its sequence
-  const bool direct = p.write_out || (p.tickets != nullptr && num_active <= 1);
 
   // ---- phase 0: an empty partition writes nothing, except zeros for an empty context ----
   if (start >= context_len) {
-    if (direct && part == 0) {
+    if (p.write_out) {
       for (int idx = threadIdx.x; idx < rows * HEAD; idx += C::THREADS) {
         const int m = idx / HEAD, d = idx % HEAD, i = m / gqa;
         if (i < num_new) {
@@ -403,7 +379,7 @@ __global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS>::THR
     const float norm = v_scale / fmaxf(total, 1e-30f);
 #pragma unroll
     for (int w = 0; w < C::WARPS; ++w) merge_max[w * 16 + m] = fast_exp2(merge_max[w * 16 + m] - shift) * norm;
-    if (!direct && i < num_new) {
+    if (!p.write_out && i < num_new) {
       const i64 e = (first_row + i) * p.stride_es_row + (kv_head * gqa + m % gqa) * p.stride_es_head + part;
       p.exp_sums[e] = total;
       p.max_logits[e] = row_max * LN2;  // natural-log units, as the partial format says
@@ -419,7 +395,7 @@ __global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS>::THR
     for (int w = 0; w < C::WARPS; ++w) result += merge_o[(w * 16 + m) * HEAD + d] * merge_weight[w * 16 + m];
     const i64 row = first_row + i;
     const int head = kv_head * gqa + m % gqa;
-    if (direct) {
+    if (p.write_out) {
       static_cast<qt*>(p.out)[row * p.stride_out_row + head * p.stride_out_head + d] = Q::from_float(result);
     } else {
       const i64 t = row * p.stride_tmp_row + head * p.stride_tmp_head + part * p.stride_tmp_part + d;
@@ -431,96 +407,6 @@ __global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS>::THR
         static_cast<q16<false>::t*>(p.tmp_out)[t] = q16<false>::from_float(result);
       }
     }
-  }
-  if (direct || p.tickets == nullptr) return;
-
-  // ---- phase 4 (in-kernel merge): the CTA that takes the last ticket merges every partition ----
-  __shared__ int last;
-  __threadfence();  // this CTA's partials are visible device-wide before its ticket is
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    int* ticket = p.tickets + seq * gridDim.y + kv_head;
-    last = atomicAdd(ticket, 1) == num_active - 1;
-    if (last) *ticket = 0;  // every CTA of this launch has taken its ticket: reset for the next one
-  }
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  // per row, w_p = l_p exp(m_p - max m) / (their sum): warp w takes rows w, w + WARPS, ...
-  // and lane q partition q, every load issued before the first is used
-  static_assert(MAX_MERGE_PARTS == 32, "one lane per partition");
-  constexpr int ROWS_PER_WARP = 16 / C::WARPS;
-  float* weights = reinterpret_cast<float*>(ring);  // [16][MAX_MERGE_PARTS]: the ring is free
-  float part_max[ROWS_PER_WARP], part_sum[ROWS_PER_WARP];
-#pragma unroll
-  for (int k = 0; k < ROWS_PER_WARP; ++k) {
-    const int m = warp + k * C::WARPS;
-    const bool read = m < rows && m / gqa < num_new && lane < num_active;
-    const i64 e = (first_row + m / gqa) * p.stride_es_row + (kv_head * gqa + m % gqa) * p.stride_es_head + lane;
-    part_max[k] = read ? load_l2(p.max_logits + e) : PA_NEG_INF;
-    part_sum[k] = read ? load_l2(p.exp_sums + e) : 0.f;
-  }
-#pragma unroll
-  for (int k = 0; k < ROWS_PER_WARP; ++k) {
-    float row_max = part_max[k];
-#pragma unroll
-    for (int o = 16; o > 0; o /= 2) row_max = fmaxf(row_max, shfl_xor(row_max, o));
-    const float shift = row_max == PA_NEG_INF ? 0.f : row_max;
-    const float w = part_sum[k] * fast_exp2((part_max[k] - shift) * (1.f / LN2));
-    float total = w;
-#pragma unroll
-    for (int o = 16; o > 0; o /= 2) total += shfl_xor(total, o);
-    // total >= 1 when the row saw a token (its largest partition has l >= 1); else every w is 0
-    weights[(warp + k * C::WARPS) * MAX_MERGE_PARTS + lane] = w / fmaxf(total, 1e-30f);
-  }
-  __syncthreads();
-
-  // out = sum_p w_p tmp_out_p in columns of 4 dims (column idx: row idx / (HEAD / 4), dims
-  // 4 (idx % (HEAD / 4)) + 0..3); each thread takes VECS columns at a time and walks the
-  // partitions with all their loads, 4 partitions deep, in flight
-  constexpr int VECS = 4;
-  auto merge = [&](const auto* tmp) {
-    for (int first = threadIdx.x; first < rows * (HEAD / 4); first += VECS * C::THREADS) {
-      float4 acc[VECS];
-      i64 base[VECS];  // tmp_out offset of the column at partition 0; -1: no column here
-#pragma unroll
-      for (int v = 0; v < VECS; ++v) {
-        acc[v] = make_float4(0.f, 0.f, 0.f, 0.f);
-        const int idx = first + v * C::THREADS, m = idx / (HEAD / 4), d = idx % (HEAD / 4) * 4;
-        base[v] = m < rows && m / gqa < num_new
-                      ? (first_row + m / gqa) * p.stride_tmp_row + (kv_head * gqa + m % gqa) * p.stride_tmp_head + d
-                      : -1;
-      }
-#pragma unroll 4
-      for (int q = 0; q < num_active; ++q) {
-#pragma unroll
-        for (int v = 0; v < VECS; ++v) {
-          if (base[v] < 0) continue;
-          const float w = weights[(first + v * C::THREADS) / (HEAD / 4) * MAX_MERGE_PARTS + q];
-          const float4 x = load_partial4(tmp + base[v] + q * p.stride_tmp_part);
-          acc[v].x += w * x.x;
-          acc[v].y += w * x.y;
-          acc[v].z += w * x.z;
-          acc[v].w += w * x.w;
-        }
-      }
-#pragma unroll
-      for (int v = 0; v < VECS; ++v) {
-        if (base[v] < 0) continue;
-        const int idx = first + v * C::THREADS, m = idx / (HEAD / 4), d = idx % (HEAD / 4) * 4;
-        auto* o = reinterpret_cast<typename Q::t2*>(static_cast<qt*>(p.out) + (first_row + m / gqa) * p.stride_out_row +
-                                                    (kv_head * gqa + m % gqa) * p.stride_out_head + d);
-        o[0] = Q::from_floats(acc[v].x, acc[v].y);
-        o[1] = Q::from_floats(acc[v].z, acc[v].w);
-      }
-    }
-  };
-  if (p.tmp_kind == 0) {
-    merge(static_cast<const float*>(p.tmp_out));
-  } else if (p.tmp_kind == 1) {
-    merge(static_cast<const q16<true>::t*>(p.tmp_out));
-  } else {
-    merge(static_cast<const q16<false>::t*>(p.tmp_out));
   }
 }
 

@@ -21,7 +21,6 @@ from conftest import DEVICE, requires_gpu
 
 DATA = Path(__file__).parent / "data"
 
-requires_hip = pytest.mark.skipif("hip" not in dispatch.available_backends(DEVICE), reason="hip backend unavailable here")
 needs_nvrtc = pytest.mark.skipif(
     runtime.unavailable_reason() is not None, reason=f"runtime compiler unavailable: {runtime.unavailable_reason()}"
 )
@@ -50,7 +49,6 @@ def test_python_mirror_matches_the_cpp_struct_and_config(tmp_path):
         cls = f"pa::SplitKvConfig<{hip.template_args(q_dtype, kv_dtype, head_size, block_size)}>"
         checks.append(f'static_assert({cls}::SMEM_BYTES == {cfg["smem_bytes"]}, "smem");')
         checks.append(f'static_assert({cls}::THREADS == {cfg["threads"]}, "threads");')
-    checks.append(f"static_assert(pa::MAX_MERGE_PARTS == {hip.MAX_MERGE_PARTS});")
     (tmp_path / "expected_layout.h").write_text("\n".join(checks) + "\n")
     command = ["nvcc", "-std=c++17", "-c", f"-I{runtime.env.csrc_dir()}", f"-I{tmp_path}"]
     command += [str(DATA / "split_kv_layout_check.cu"), "-o", str(tmp_path / "check.o")]
@@ -84,64 +82,23 @@ def test_supports_states_what_the_kernel_covers():
 
 
 @requires_gpu
-@requires_hip
+@pytest.mark.skipif("hip" not in dispatch.available_backends(DEVICE), reason="hip backend unavailable here")
 @pytest.mark.parametrize(
     "kv_dtype,scales",
     [(torch.bfloat16, "none"), (torch.float8_e4m3fn, "per_tensor"), (torch.float8_e4m3fn, "per_token"), (torch.int8, "per_token")],
 )
 @pytest.mark.parametrize("gqa,qlen,head_size,block_size", [(8, 1, 128, 16), (1, 1, 64, 32), (16, 1, 256, 16), (4, 4, 128, 32), (5, 3, 128, 16)])
 def test_hip_matches_reference_long_and_ragged(kv_dtype, scales, gqa, qlen, head_size, block_size):
+    from pa_hybrid import paged_attention_common, reference_paged_attention
+
     lens = [0, 1, 16, 17, 255, 256, 257, 2000, 5000]
     case = make_decode_case(
         lens, num_heads=2 * gqa, num_kv_heads=2, head_size=head_size, block_size=block_size, kv_dtype=kv_dtype,
         max_qlen=qlen, scales=scales, strided_q=True, device="cuda",
     )  # fmt: skip
-    _check_hip(case, kv_dtype)
-
-
-def _check_hip(case, kv_dtype=torch.bfloat16):
-    """Forced hip against the reference, into a NaN-poisoned out."""
-    from pa_hybrid import paged_attention_common, reference_paged_attention
-
     out = torch.full_like(case["Q"], float("nan"))
     paged_attention_common(exp_sums=None, max_logits=None, tmp_out=None, out_=out, backend="hip", **case)
     ref = reference_paged_attention(**case)
     assert not out.isnan().any()
     rel = ((out.float() - ref).norm() / ref.norm()).item()
     assert rel < (1e-2 if kv_dtype.itemsize == 2 else 3e-2), rel
-
-
-@requires_gpu
-@requires_hip
-@pytest.mark.parametrize("merge", ["in_kernel", "reduce"])
-@pytest.mark.parametrize("kv_dtype,qlen", [(torch.bfloat16, 1), (torch.int8, 1), (torch.bfloat16, 3)])
-def test_hip_merges_in_kernel_or_in_the_reduce(monkeypatch, merge, kv_dtype, qlen):
-    """Both ways of merging partitions, over calls in a row (the in-kernel merge's tickets
-    must be back at 0 after each), ragged lengths: empty, single-partition (written
-    directly) and up to 24 partitions."""
-    if merge == "reduce":
-        monkeypatch.setattr(hip, "MAX_MERGE_PARTS", 0)
-    for lens in ([0, 1, 255, 256, 257, 3000], [6000, 17, 0, 512, 1024, 4000], [5, 2], [6000, 6000]):
-        case = make_decode_case(lens, num_heads=8, num_kv_heads=2, kv_dtype=kv_dtype, max_qlen=qlen, device="cuda")
-        _check_hip(case, kv_dtype)
-
-
-@requires_gpu
-@requires_hip
-def test_hip_first_call_inside_a_graph_capture_merges_in_the_reduce(monkeypatch):
-    """No ticket buffer can be made inside a capture: the captured call uses the reduce."""
-    from pa_hybrid import paged_attention_common, reference_paged_attention
-
-    pool = hip.TicketPool()
-    monkeypatch.setattr(hip, "TICKETS", pool)
-    _check_hip(make_decode_case([40], num_heads=8, num_kv_heads=1, device="cuda"))  # loads the kernel; one partition
-    case = make_decode_case([900, 300], num_heads=8, num_kv_heads=1, device="cuda")
-    out = torch.full_like(case["Q"], float("nan"))
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        paged_attention_common(exp_sums=None, max_logits=None, tmp_out=None, out_=out, backend="hip", **case)
-    assert pool.tickets(0, 1) is not None  # outside the capture it can be made now
-    graph.replay()
-    torch.cuda.synchronize()
-    ref = reference_paged_attention(**case)
-    assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2

@@ -1,6 +1,5 @@
 """The "hip" backend: the split-KV C++ kernel of ``csrc/paged_decode_split_kv.cu``
-compiled at first use by the runtime (NVRTC on NVIDIA); splits of a few partitions merge
-in the kernel, longer ones in the Triton reduce.
+compiled at first use by the runtime (NVRTC on NVIDIA), then the Triton reduce.
 
 Best at low concurrency: CTAs per (partition, kv head, sequence) keep every SM busy
 even with a handful of sequences. Each (query dtype, kv kind, head size, block size) is
@@ -24,11 +23,6 @@ from .base import Backend, cuda_device_ok, sm_count, split_kv_partition_size
 
 SOURCE = "paged_decode_split_kv.cu"
 PROGRAMS_PER_SM = 2
-
-MAX_MERGE_PARTS = 32
-"""Splits of at most this many partitions merge inside the kernel (``pa::MAX_MERGE_PARTS``:
-the last CTA of each (sequence, kv head) reads them all, from L2); longer ones, where one
-CTA reading every partial would be the tail, go to the separate reduce."""
 
 _KV_KIND = {torch.float8_e4m3fn: 1, torch.int8: 2}  # 16-bit caches: 0
 _TMP_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -54,7 +48,6 @@ class SplitKvParams(ctypes.Structure):
         ("partition_size", ctypes.c_int),
         ("write_out", ctypes.c_int),
         ("tmp_kind", ctypes.c_int),
-        ("tickets", ctypes.c_void_p),
         ("gqa", ctypes.c_int),
         ("max_qlen", ctypes.c_int),
         ("stride_q_row", ctypes.c_int64),
@@ -124,50 +117,6 @@ def _loaded(q_dtype, kv_dtype, head_size: int, block_size: int, device_index: in
     return runtime.get_function(spec, device_index), cfg["threads"], cfg["smem_bytes"]
 
 
-class TicketPool:
-    """The zeroed int32 tickets of the in-kernel merge: one per (sequence, kv head) of a
-    call, in a region per CUDA stream, so calls in flight on different streams never
-    share one. The kernel puts every ticket it takes back to 0, so a region stays zeroed
-    between calls, CUDA-graph replays included.
-
-    One buffer per device, allocated and zeroed at the first call on that device (one
-    host sync, like loading the kernel), never freed: graphs captured with it keep its
-    address. A call gets no tickets (and the launcher falls back to the separate reduce)
-    when it needs more than a region holds, when every region is taken by other streams,
-    or when the first call on a device is being captured into a graph (nothing may be
-    allocated and zeroed then). Two graphs captured on one stream share its region:
-    replay them in order, not concurrently on different streams."""
-
-    REGION = 1 << 16
-    REGIONS = 8
-
-    def __init__(self):
-        self._buffers: dict[int, torch.Tensor] = {}
-        self._regions: dict[int, dict[int, int]] = {}
-
-    def tickets(self, device_index: int, count: int) -> torch.Tensor | None:
-        if count > self.REGION:
-            return None
-        buffer = self._buffers.get(device_index)
-        if buffer is None:
-            if torch.cuda.is_current_stream_capturing():
-                return None
-            buffer = torch.zeros((self.REGIONS, self.REGION), dtype=torch.int32, device=f"cuda:{device_index}")
-            torch.cuda.synchronize(device_index)  # zeroed before any stream's kernel reads it
-            self._buffers[device_index] = buffer
-        regions = self._regions.setdefault(device_index, {})
-        stream = torch.cuda.current_stream(device_index).cuda_stream
-        region = regions.get(stream)
-        if region is None:
-            if len(regions) == self.REGIONS:
-                return None
-            region = regions[stream] = len(regions)
-        return buffer[region]
-
-
-TICKETS = TicketPool()
-
-
 class HipBackend(Backend):
     name = "hip"
     device_types = ("cuda",)
@@ -197,26 +146,18 @@ class HipBackend(Backend):
         partition_size = split_kv_partition_size(
             call.num_seqs, key.num_kv_heads, key.max_seq_len, sm_count("cuda", key.device_index), PROGRAMS_PER_SM
         )
-        num_parts = -(-key.max_seq_len // partition_size)
-        split = num_parts > 1
+        split = partition_size < key.max_seq_len
         exp_sums, max_logits, tmp_out = call.scratch() if split else (None, None, None)
-        tickets = None
-        if split and num_parts <= MAX_MERGE_PARTS and _columns_of_4(tmp_out):
-            tickets = TICKETS.tickets(key.device_index, call.num_seqs * key.num_kv_heads)
-        params = _params(call, partition_size, exp_sums, max_logits, tmp_out, tickets)
-        runtime.launch(function, (num_parts, key.num_kv_heads, call.num_seqs), threads, smem_bytes, [params])
-        if split and tickets is None:
+        params = _params(call, partition_size, exp_sums, max_logits, tmp_out)
+        grid = (-(-key.max_seq_len // partition_size), key.num_kv_heads, call.num_seqs)
+        runtime.launch(function, grid, threads, smem_bytes, [params])
+        if split:
             launch_split_kv_reduce(
                 call.out, exp_sums, max_logits, tmp_out, call.context_lens, call.qo_indptr, key.max_qlen, partition_size
             )
 
 
-def _columns_of_4(tmp_out: torch.Tensor) -> bool:
-    """Whether the in-kernel merge may read ``tmp_out`` 4 elements at a time (aligned vectors)."""
-    return tmp_out.data_ptr() % (4 * tmp_out.element_size()) == 0 and all(s % 4 == 0 for s in tmp_out.stride()[:3])
-
-
-def _params(call: DecodeCall, partition_size: int, exp_sums, max_logits, tmp_out, tickets) -> SplitKvParams:
+def _params(call: DecodeCall, partition_size: int, exp_sums, max_logits, tmp_out) -> SplitKvParams:
     q, out = call.Q, call.out
     split = exp_sums is not None
     scaled = call.key.scales != SCALES_NONE
@@ -238,7 +179,6 @@ def _params(call: DecodeCall, partition_size: int, exp_sums, max_logits, tmp_out
         partition_size=partition_size,
         write_out=0 if split else 1,
         tmp_kind=_TMP_KIND[tmp_out.dtype] if split else 0,
-        tickets=tickets.data_ptr() if tickets is not None else None,
         gqa=call.key.gqa,
         max_qlen=call.key.max_qlen,
         stride_q_row=q.stride(0),
