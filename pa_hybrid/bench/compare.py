@@ -163,6 +163,45 @@ def compare(our_rows: list, peer_rows: list, backend: str = "auto") -> Compariso
     return Comparison(backend=backend, cases=cases, one_sided=one_sided)
 
 
+def live_peer_rows(rows: list, peer_names) -> list:
+    """The bar of a ``--peers`` run: for each case where a peer of ``peer_names`` was
+    timed (status "ok"), the fastest one, as a row of the peers' CSV
+    (:data:`PEER_COLUMNS` plus ``floor_us`` and ``best_peer_pct_of_floor``), in the
+    order of the cases in ``rows`` (the benchmark's results as dicts)."""
+    names = set(peer_names)
+    best = {}
+    for r in rows:
+        if r["backend"] in names and r["status"] == OK:
+            key = case_key(r)
+            if key not in best or float(r["us"]) < float(best[key]["us"]):
+                best[key] = r
+    bar = []
+    for r in best.values():
+        floor_us = None if r["floor_us"] in (None, "") else float(r["floor_us"])
+        bar.append(dict(
+            model=r["model"], kv=r["kv"], num_seqs=r["num_seqs"], ctx=r["ctx"], mbytes=r["mbytes"],
+            floor_us=floor_us, best_peer=r["backend"], best_peer_us=float(r["us"]),
+            best_peer_pct_of_floor=None if floor_us is None else 100.0 * floor_us / float(r["us"]),
+        ))  # fmt: skip
+    return bar
+
+
+def write_peer_rows(bar: list, path) -> None:
+    """:func:`live_peer_rows` as a CSV with the columns of ``peers-h100.csv`` (readable
+    by ``--compare`` and by ``python -m pa_hybrid.bench.compare --peers``)."""
+    columns = ("model", "kv", "num_seqs", "ctx", "mbytes", "floor_us", "best_peer", "best_peer_us",
+               "best_peer_pct_of_floor")  # fmt: skip
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in bar:
+            writer.writerow({c: _csv_number(row[c]) for c in columns})
+
+
+def _csv_number(value):
+    return f"{value:.1f}" if isinstance(value, float) else ("" if value is None else value)
+
+
 def _missing_reason(key: tuple, other_side: dict, other_name: str) -> tuple:
     """Why ``key`` has no row in ``other_side``: its whole KV dtype or model is absent
     there (said once for the group), or only the case is."""

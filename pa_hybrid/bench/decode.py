@@ -38,6 +38,8 @@ from ..dispatch import BACKEND_NAMES, available_backends, policy_for
 from ..layouts import allocate_scratch, is_8bit
 from ..reference import reference_paged_attention
 from ..testing import make_decode_case
+from .peers import TOLERANCE_FP8_COMPUTE, available_peers, library_versions, peer_names
+from .peers.inputs import peer_inputs
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_WORKLOAD = REPO_ROOT.parent / "shared" / "bench" / "workload.json"
@@ -329,6 +331,7 @@ class Result:
     pct_of_floor: float | None = None  # 100 * floor_us / us
     us_above_floor: float | None = None
     speedup_vs_torch: float | None = None
+    speedup_vs_peer: float | None = None  # ours: the fastest peer's time on the case / ours
     chosen: str | None = None  # the backend "auto" ran
     regret: float | None = None  # auto: its time over the fastest other backend's in the same run
     rel_err: float | None = None
@@ -350,8 +353,11 @@ class Result:
 
 def add_relative_figures(results: list) -> None:
     """Fill, for timed results, ``speedup_vs_torch`` (baseline time / time) where the
-    torch baseline was timed too, and for "auto" its ``regret``: its time over the
-    fastest other backend timed on the same case (1.0 = auto picked the fastest)."""
+    torch baseline was timed too; for our backends ``speedup_vs_peer`` (the fastest
+    peer's time / ours) where a peer was timed; and for "auto" its ``regret``: its
+    time over the fastest of our other backends on the same case (1.0 = auto picked
+    the fastest; peers do not count)."""
+    peers = set(peer_names())
     by_case = {}
     for r in results:
         if r.us is not None:
@@ -362,7 +368,10 @@ def add_relative_figures(results: list) -> None:
             continue
         if BASELINE in times:
             r.speedup_vs_torch = times[BASELINE] / r.us
-        others = [t for b, t in times.items() if b != "auto"]
+        peer_times = [t for b, t in times.items() if b in peers]
+        if peer_times and r.backend not in peers:
+            r.speedup_vs_peer = min(peer_times) / r.us
+        others = [t for b, t in times.items() if b in BACKEND_NAMES]
         if r.backend == "auto" and others:
             r.regret = r.us / min(others)
 
@@ -395,18 +404,19 @@ TABLE_COLUMNS = (
     ("num_seqs", "num_seqs", 8, str),
     ("ctx", "ctx", 6, str),
     ("MB", "mbytes", 8, _number(".1f")),
-    ("backend", "backend", 7, str),
+    ("backend", "backend", 10, str),
     ("us", "us", 9, _number(".1f")),  # the status instead when not timed
     ("GB/s", "gbps", 7, _number(".0f")),
     ("%floor", "pct_of_floor", 6, _number(".1f")),
     ("+us", "us_above_floor", 8, _number(".1f")),
     ("xtorch", "speedup_vs_torch", 6, _number(".2f")),
+    ("xpeer", "speedup_vs_peer", 5, _number(".2f")),
     ("chosen", "chosen", 6, lambda v: v or ""),
     ("regret", "regret", 6, _number(".2f")),
 )
 """The printed table: K+V megabytes, time, effective GB/s (floor bytes / time), % of the
-floor, microseconds above the floor, speedup over the torch baseline, auto's choice and
-its regret (time over the fastest backend's)."""
+floor, microseconds above the floor, speedup over the torch baseline and over the
+fastest peer, auto's choice and its regret (time over our fastest backend's)."""
 
 
 def format_table_header() -> str:
@@ -517,6 +527,26 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
+def _check_call(result: Result, call, out: torch.Tensor, ref: torch.Tensor, rows: list, tolerance: float):
+    """Run ``call`` once with ``out`` poisoned and compare ``out[rows]`` with ``ref``:
+    ``(result, call)`` if correct, else ``(result with its status and reason, None)``."""
+    try:
+        if out.is_floating_point():
+            out.fill_(float("nan"))  # a call that writes nothing fails the check
+        call()
+        result.rel_err = relative_error(out[rows], ref)
+    except torch.cuda.OutOfMemoryError as e:
+        torch.cuda.empty_cache()
+        return replace(result, status=OOM, reason=_first_line(e)), None
+    except (ValueError, TypeError, RuntimeError) as e:  # the call is refused
+        return replace(result, status=NOT_AVAILABLE, reason=_first_line(e)), None
+    except Exception as e:  # e.g. a kernel that does not compile: reported, and the run goes on
+        return replace(result, status=ERROR, reason=_first_line(e)), None
+    if not result.rel_err < tolerance:
+        return replace(result, status=WRONG, reason=f"relative error {result.rel_err:.3g} >= {tolerance:g}"), None
+    return result, call
+
+
 def check(template: Result, kwargs: dict, backend: str, ref: torch.Tensor, rows: list, tolerance: float):
     """One backend on one case: run it and compare ``rows`` of its output with ``ref``.
     Returns the result (status "ok" if correct; refusals, OOM and other failures get
@@ -530,22 +560,43 @@ def check(template: Result, kwargs: dict, backend: str, ref: torch.Tensor, rows:
     def call():
         pa_hybrid.paged_attention_common(**kwargs, backend=backend)
 
-    out = kwargs["out_"]
+    return _check_call(result, call, kwargs["out_"], ref, rows, tolerance)
+
+
+def check_peers(template: Result, peers: list, case: dict, seq_indices: list, tolerance: float) -> list:
+    """Each peer (``pa_hybrid.bench.peers``) on the case, as :func:`check` does for our
+    backends: the call converted once for all of them (:func:`peer_inputs`), each
+    peer prepared (outside any timing) and its rows of the sequences ``seq_indices``
+    checked against the reference of the peers' inputs (``PeerInputs.reference``:
+    8-bit caches are requantized for them), peers that compute in fp8 with
+    :data:`TOLERANCE_FP8_COMPUTE`. Returns ``[(result, call or None)]``."""
     try:
-        if out.is_floating_point():
-            out.fill_(float("nan"))  # a backend that writes nothing fails the check
-        call()
-        result.rel_err = relative_error(out[rows], ref)
+        inputs = peer_inputs(case)
+        ref = inputs.reference(seq_indices)
     except torch.cuda.OutOfMemoryError as e:
         torch.cuda.empty_cache()
-        return replace(result, status=OOM, reason=_first_line(e)), None
-    except (ValueError, TypeError, RuntimeError) as e:  # the backend refuses the call
-        return replace(result, status=NOT_AVAILABLE, reason=_first_line(e)), None
-    except Exception as e:  # e.g. a kernel that does not compile: reported, and the run goes on
-        return replace(result, status=ERROR, reason=_first_line(e)), None
-    if not result.rel_err < tolerance:
-        return replace(result, status=WRONG, reason=f"relative error {result.rel_err:.3g} >= {tolerance:g}"), None
-    return result, call
+        return [(replace(template, backend=p.name, status=OOM, reason=f"converting: {_first_line(e)}"), None) for p in peers]
+    except ValueError as e:
+        return [(replace(template, backend=p.name, status=NOT_AVAILABLE, reason=_first_line(e)), None) for p in peers]
+    checked = []
+    for peer in peers:
+        result = replace(template, backend=peer.name, status=OK)
+        reason = peer.supports(inputs)
+        if reason is not None:
+            checked.append((replace(result, status=NOT_AVAILABLE, reason=reason), None))
+            continue
+        try:
+            call, out = peer.prepare(inputs)
+        except torch.cuda.OutOfMemoryError as e:
+            torch.cuda.empty_cache()
+            checked.append((replace(result, status=OOM, reason=f"preparing: {_first_line(e)}"), None))
+            continue
+        except Exception as e:  # a peer that cannot set up (missing kernel, library error) is reported
+            checked.append((replace(result, status=ERROR, reason=f"preparing: {_first_line(e)}"), None))
+            continue
+        limit = TOLERANCE_FP8_COMPUTE if peer.computes_in_fp8(inputs) else tolerance
+        checked.append(_check_call(result, call, out, ref, seq_indices, limit))
+    return checked
 
 
 def time_checked(checked: list, timer) -> list:
@@ -567,10 +618,11 @@ def time_checked(checked: list, timer) -> list:
     return results
 
 
-def run_case(spec: DecodeCase, backends: list, device, read_bandwidth: float | None, timer) -> list:
+def run_case(spec: DecodeCase, backends: list, device, read_bandwidth: float | None, timer, peers=()) -> list:
     """Build ``spec`` on ``device``, compute the reference of the sampled sequences once,
-    :func:`check` each backend, then time the correct ones together with ``timer``
-    (None: check only). Frees the case's tensors before returning."""
+    :func:`check` each backend (and :func:`check_peers` each of ``peers``), then time
+    the correct ones together with ``timer`` (None: check only). Frees the case's
+    tensors before returning."""
     template = Result(
         model=spec.model, kv=spec.kv, num_seqs=spec.num_seqs, ctx=spec.ctx, mbytes=spec.kv_bytes / 1e6,
         floor_bytes=0, floor_us=None, backend="", status=OK,
@@ -584,16 +636,18 @@ def run_case(spec: DecodeCase, backends: list, device, read_bandwidth: float | N
             floor_us=None if read_bandwidth is None else floor_bytes / read_bandwidth * 1e6,
         )
         kwargs = _call_kwargs(case, device)
-        checked = spread_indices(spec.num_seqs)
-        ref = reference_paged_attention(**slice_case(case, checked))
-        rows = query_rows(case, checked)
+        sampled = spread_indices(spec.num_seqs)
+        ref = reference_paged_attention(**slice_case(case, sampled))
+        rows = query_rows(case, sampled)
     except torch.cuda.OutOfMemoryError as e:
         case = kwargs = None  # drop what was built before emptying the cache
         torch.cuda.empty_cache()
         reason = f"building the case: {_first_line(e)}"
-        return [replace(template, backend=b, status=OOM, reason=reason) for b in backends]
+        return [replace(template, backend=b, status=OOM, reason=reason) for b in backends + [p.name for p in peers]]
     tolerance = tolerance_for(spec.kv_dtype)
     checked = [check(template, kwargs, b, ref, rows, tolerance) for b in backends]
+    if peers:
+        checked += check_peers(template, peers, case, sampled, tolerance)
     results = [r for r, _ in checked] if timer is None else time_checked(checked, timer)
     del case, kwargs, ref, checked
     if torch.cuda.is_available():
@@ -619,6 +673,28 @@ def run_portable_smoke(emit=print) -> int:
         emit(f"{r.backend}: {r.status}" + (f", relative error {r.rel_err:.2e}" if r.rel_err is not None else "")
              + (f" ({r.reason})" if r.reason else ""))  # fmt: skip
     return 1 if any(r.status in (WRONG, ERROR) for r in results) else 0
+
+
+def report_against_live_peers(results: list, names: list, gpu: str, out_dir: Path, stem: str) -> None:
+    """After a ``--peers`` run: the fastest peer per case written as a bar
+    (``{stem}-peers.csv``, the columns of ``peers-h100.csv``), auto compared with it
+    (printed) and the speedups as a heat map (``{stem}-vs-peers.png``)."""
+    from .compare import GpuCheck, compare, format_report, live_peer_rows, plot_speedups, write_peer_rows
+
+    rows = [asdict(r) for r in results]
+    bar = live_peer_rows(rows, names)
+    if not bar:
+        print("--peers: no peer was timed on any case; nothing to compare")
+        return
+    write_peer_rows(bar, out_dir / f"{stem}-peers.csv")
+    try:
+        comparison = compare(rows, bar, "auto")
+    except ValueError as e:
+        print(f"--peers: {e}", file=sys.stderr)
+        return
+    print("\n" + format_report(comparison, GpuCheck(gpu, "this run", gpu, "this run")))
+    plot = plot_speedups(comparison.cases, out_dir / f"{stem}-vs-peers.png", title=f"{gpu}: auto vs the fastest peer")
+    print(f"wrote {out_dir / stem}-peers.csv" + (f" and {plot}" if plot else ""))
 
 
 def git_commit() -> str | None:
@@ -681,7 +757,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bandwidth-gb", type=float, default=2.0, help="GiB streamed to measure read bandwidth")
     p.add_argument("--out", default="bench_out", help="directory for the CSV, JSON and plots")
     p.add_argument("--compare", metavar="PEERS.csv", help="then compare auto with a bar: ../shared/bench/peers-h100.csv")
+    p.add_argument(
+        "--peers",
+        nargs="*",
+        metavar="NAME",
+        help=f"also run the peer kernels importable here ({', '.join(peer_names())}; all if none is named), "
+        "then compare auto with the fastest of them per case",
+    )
     args = split_grid_options(p.parse_args(argv))
+    if args.peers is not None:
+        args.peers = _split_list(args.peers)
+        unknown = sorted(set(args.peers) - set(peer_names()))
+        if unknown:
+            p.error(f"--peers: {', '.join(unknown)} unknown (expected some of {', '.join(peer_names())})")
     if args.compare is not None and not Path(args.compare).is_file():
         p.error(f"--compare: no file at {args.compare}")  # before the run, not after it
     return args
@@ -716,6 +804,14 @@ def main(argv=None) -> int:
         print(f"--backends: {', '.join(unknown)} unknown (expected some of {', '.join(known)})", file=sys.stderr)
         return 2
 
+    peers = []
+    if args.peers is not None:
+        usable, skipped = available_peers(device)
+        peers = [p for p in usable if not args.peers or p.name in args.peers]
+        for name, reason in skipped.items():
+            if not args.peers or name in args.peers:
+                print(f"peer {name} skipped: {reason}")
+
     bandwidth_by_config = timing.read_bandwidth_by_config(device, int(args.bandwidth_gb * (1 << 30)))
     read_bandwidth = max(bandwidth_by_config.values())
     gpu = torch.cuda.get_device_name(device)
@@ -726,7 +822,9 @@ def main(argv=None) -> int:
         f"(best streaming-read kernel over {args.bandwidth_gb:g} GiB); "
         f"auto dispatches by {dispatch_table or 'the fallback rule (no dispatch table for this GPU)'}"
     )
-    print(f"{len(cases)} cases x backends {', '.join(backends)}; timing: {args.timing}, median of {args.samples}")
+    print(f"{len(cases)} cases x backends {', '.join(backends)}"
+          + (f" and peers {', '.join(p.name for p in peers)}" if peers else "")
+          + f"; timing: {args.timing}, median of {args.samples}")  # fmt: skip
 
     timer = timing.InterleavedTimer(graphs=args.timing == "graph", samples=args.samples, warmup=args.warmup)
 
@@ -742,7 +840,7 @@ def main(argv=None) -> int:
     for spec in cases:
         if bar is not None:
             bar.set_description(spec.label)
-        case_results = run_case(spec, backends, device, read_bandwidth, timer)
+        case_results = run_case(spec, backends, device, read_bandwidth, timer, peers)
         add_relative_figures(case_results)
         for r in case_results:
             emit(format_table_row(r))
@@ -783,12 +881,17 @@ def main(argv=None) -> int:
         read_bandwidth_bytes_per_s=read_bandwidth,
         dispatch_table=dispatch_table,
         read_bandwidth_by_config=bandwidth_by_config,
-        tolerance=dict(kv_16bit=TOLERANCE_16BIT, kv_8bit=TOLERANCE_8BIT, checked_sequences=CHECKED_SEQUENCES),
+        tolerance=dict(kv_16bit=TOLERANCE_16BIT, kv_8bit=TOLERANCE_8BIT, checked_sequences=CHECKED_SEQUENCES,
+                       peers_fp8_compute=TOLERANCE_FP8_COMPUTE),
+        peers={p.name: type(p).__module__ for p in peers},
+        peer_libraries=library_versions(peers),
     )
     write_csv(results, out_dir / f"{stem}.csv")
     write_json(results, meta, out_dir / f"{stem}.json")
     plots = plot_results(results, out_dir, stem)
     print(f"wrote {out_dir / stem}.csv, .json and {len(plots)} plot(s)")
+    if peers:
+        report_against_live_peers(results, [p.name for p in peers], gpu, out_dir, stem)
     if args.compare:
         from .compare import report_against_peers
 
