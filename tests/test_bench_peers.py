@@ -274,11 +274,15 @@ def _flashinfer_or_skip():
 
 def test_grid_jit_specs_cover_each_gqa_ratio_and_kv_dtype():
     _flashinfer_or_skip()
-    from pa_hybrid.bench.decode import load_workload
     from pa_hybrid.bench.peers.flashinfer import grid_jit_specs
 
-    names = [s.name for s in grid_jit_specs(load_workload())]
-    assert len(names) == len(set(names)) == 8  # 2 KV dtypes x (prefill + decode + XQA at GQA 4 and 16)
+    workload = {
+        "head_size": 128, "block_size": 16, "query_dtype": "bfloat16", "kv_dtypes": ["bfloat16", "float8_e4m3fn", "int8"],
+        "models": {"a": {"num_heads": 32, "num_kv_heads": 8}, "b": {"num_heads": 16, "num_kv_heads": 1},
+                   "c": {"num_heads": 64, "num_kv_heads": 4}},
+    }  # fmt: skip
+    names = [s.name for s in grid_jit_specs(workload)]
+    assert len(names) == len(set(names)) == 8  # 2 KV dtypes (no int8) x (prefill + decode + XQA at GQA 4 and 16)
     assert sum("xqa" in n and "e4m3" in n for n in names) == 2
 
 

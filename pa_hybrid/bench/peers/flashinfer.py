@@ -35,6 +35,9 @@ semaphores (its first 8 MB, zeroed once: the kernel leaves them zero) and scratc
 PAGE_SIZES = (16, 32, 64, 128)
 """Page sizes the XQA kernels are built for."""
 
+CUDA_CORE_GROUP_SIZES = (1, 2, 3, 4, 8)
+"""Query heads per KV head that FlashInfer's CUDA-core decode kernel is instantiated for."""
+
 
 def _import_flashinfer():
     """The ``flashinfer`` module, or ImportError with what to install."""
@@ -94,6 +97,9 @@ class WrapperDecode:
         return _library_unavailable(device)
 
     def supports(self, inputs: PeerInputs) -> str | None:
+        group = inputs.num_heads // inputs.num_kv_heads
+        if not self.use_tensor_cores and group not in CUDA_CORE_GROUP_SIZES:
+            return f"the CUDA-core decode kernel takes GQA group sizes {CUDA_CORE_GROUP_SIZES}, not {group}"
         return _dtype_refusal(inputs)
 
     def computes_in_fp8(self, inputs: PeerInputs) -> bool:
