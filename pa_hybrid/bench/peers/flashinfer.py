@@ -28,9 +28,10 @@ from .inputs import PeerInputs
 
 DISTRIBUTION = "flashinfer-python"
 
-WORKSPACE_BYTES = 256 << 20
-"""Workspace of each peer: the wrappers' float workspace (split-KV partials), XQA's
-semaphores (its first 8 MB, zeroed once: the kernel leaves them zero) and scratch."""
+WORKSPACE_BYTES = 1 << 30
+"""Workspace of each peer: the wrappers' float workspace (their split-KV partials reach
+256 MB at 256 sequences x 64 query heads), XQA's semaphores (its first 8 MB, zeroed
+once: the kernel leaves them zero) and scratch."""
 
 PAGE_SIZES = (16, 32, 64, 128)
 """Page sizes the XQA kernels are built for."""
