@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import json
 import math
 import os
@@ -650,7 +651,12 @@ def run_case(spec: DecodeCase, backends: list, device, read_bandwidth: float | N
         checked += check_peers(template, peers, case, sampled, tolerance)
     results = [r for r, _ in checked] if timer is None else time_checked(checked, timer)
     del case, kwargs, ref, checked
+    # free the case's objects now (peers' wrappers hold pinned host buffers and may sit
+    # in reference cycles): a garbage collection inside a later case's timing loop
+    # would land in its samples
+    gc.collect()
     if torch.cuda.is_available():
+        torch.cuda.synchronize()
         torch.cuda.empty_cache()
     return results
 
