@@ -257,7 +257,7 @@ def test_parse_args_peers():
 
 def test_every_peer_has_a_unique_name_and_says_why_it_cannot_run_on_the_cpu():
     names = peers.peer_names()
-    assert len(set(names)) == len(names) and {"xqa", "xqa-hopper", "fi-tc", "fi-decode"} <= set(names)
+    assert len(set(names)) == len(names) and {"xqa", "xqa-hopper", "fi-tc", "fi-decode", "cudnn"} <= set(names)
     usable, skipped = peers.available_peers("cpu")
     assert usable == [] and set(skipped) == set(names)
     assert all(reason for reason in skipped.values())

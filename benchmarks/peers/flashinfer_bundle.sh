@@ -5,8 +5,9 @@
 #   benchmarks/peers/flashinfer_bundle.sh OUT.tar.gz [WORKLOAD.json]
 #
 # Needs network (PyPI), nvcc and a C++ compiler here; no GPU. It
-#   1. installs flashinfer-python and apache-tvm-ffi for the GPU machine's Python
-#      (TARGET_PYTHON, default 3.12) into site/, and for this Python into a build tree;
+#   1. installs flashinfer-python, apache-tvm-ffi and nvidia-cudnn-frontend for the GPU
+#      machine's Python (TARGET_PYTHON, default 3.12) into site/, and the first two for
+#      this Python into a build tree;
 #   2. builds, with this machine's nvcc for CUDA_ARCH (default 9.0a), every kernel
 #      variant pa_hybrid.bench.peers.flashinfer runs on the grid (grid_jit_specs), and
 #      puts each library where FlashInfer loads prebuilt kernels without compiling
@@ -27,6 +28,7 @@ repo=$(cd "$(dirname "$0")/../.." && pwd)
 workload=${2:-$repo/../shared/bench/workload.json}
 flashinfer_version=${FLASHINFER_VERSION:-0.5.3}  # the version ../shared/bench/PEERS.md measured
 tvm_ffi_version=${TVM_FFI_VERSION:-0.1.15.post2}
+cudnn_frontend_version=${CUDNN_FRONTEND_VERSION:-1.32.0}  # the cudnn peer; cuDNN itself comes with torch
 target_python=${TARGET_PYTHON:-3.12}
 cuda_arch=${CUDA_ARCH:-9.0a}
 cuda_home=${CUDA_HOME:-${CUDA_PATH:-/usr/local/cuda}}
@@ -36,11 +38,12 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 pip_quiet=(-q --disable-pip-version-check --no-cache-dir)
 
-echo "== FlashInfer $flashinfer_version, tvm-ffi $tvm_ffi_version for Python $target_python"
+echo "== FlashInfer $flashinfer_version, tvm-ffi $tvm_ffi_version, cuDNN frontend $cudnn_frontend_version for Python $target_python"
 "$python" -m pip install "${pip_quiet[@]}" --no-deps --only-binary=:all: --target "$work/site" \
     --python-version "$target_python" --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
-    "flashinfer-python==$flashinfer_version" "apache-tvm-ffi==$tvm_ffi_version"
+    "flashinfer-python==$flashinfer_version" "apache-tvm-ffi==$tvm_ffi_version" \
+    "nvidia-cudnn-frontend==$cudnn_frontend_version"
 
 echo "== the same for this Python, to build with"
 "$python" -m pip install "${pip_quiet[@]}" --no-deps --target "$work/build" \

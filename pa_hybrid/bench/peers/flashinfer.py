@@ -10,6 +10,8 @@
   output scale (``bmm2_scale``), the library's documented way.
 - ``xqa-hopper``: that Hopper kernel forced onto a bf16/fp16 cache (the library
   picks it only for fp8), Hopper GPUs only.
+- ``cudnn``: cuDNN's paged SDPA decode through ``flashinfer.cudnn`` (needs
+  ``nvidia-cudnn-frontend``; bf16 only).
 
 FlashInfer compiles each kernel variant with nvcc at first use. On a machine without
 network or time for that, ``benchmarks/peers/flashinfer_bundle.sh`` builds the
@@ -259,11 +261,68 @@ class XqaDecode:
         return call, out
 
 
+# --------------------------------------------------------------------------- #
+# cuDNN
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True)
+class CudnnDecode:
+    """cuDNN's paged SDPA decode graph, built by FlashInfer (bf16 Q and cache)."""
+
+    name: str
+
+    def unavailable(self, device) -> str | None:
+        reason = _library_unavailable(device)
+        if reason is not None:
+            return reason
+        try:
+            import cudnn  # noqa: F401  (nvidia-cudnn-frontend: FlashInfer uses it when importable)
+        except Exception as e:
+            return f"cudnn (nvidia-cudnn-frontend) is not importable ({type(e).__name__}: {e})"
+        return None
+
+    def supports(self, inputs: PeerInputs) -> str | None:
+        if inputs.q.dtype != torch.bfloat16 or inputs.kv_dtype != torch.bfloat16:
+            return f"FlashInfer builds cuDNN's decode graph for bf16 Q and KV only, got {inputs.q.dtype} / {inputs.kv_dtype}"
+        return None
+
+    def computes_in_fp8(self, inputs: PeerInputs) -> bool:
+        return False
+
+    def prepare(self, inputs: PeerInputs):
+        from flashinfer.cudnn.decode import cudnn_batch_decode_with_kv_cache
+
+        workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=inputs.q.device)
+        out = torch.empty_like(inputs.q)
+        # cuDNN reads the cache as [pages, kv_heads, page_size, head_size]: the NHD cache seen through strides
+        k_cache, v_cache = inputs.k_cache.transpose(1, 2), inputs.v_cache.transpose(1, 2)
+        seq_lens = inputs.context_lens.view(-1, 1, 1, 1)
+        max_sequence_kv = inputs.block_tables.shape[1] * inputs.block_size
+
+        def call():
+            cudnn_batch_decode_with_kv_cache(
+                inputs.q,
+                k_cache,
+                v_cache,
+                inputs.scale,
+                workspace,
+                max_sequence_kv=max_sequence_kv,
+                actual_seq_lens_kv=seq_lens,
+                block_tables=inputs.block_tables,
+                is_cuda_graph_compatible=True,
+                out=out,
+            )
+
+        return call, out
+
+
 PEERS = [
     XqaDecode("xqa", force_hopper=False),
     XqaDecode("xqa-hopper", force_hopper=True),
     WrapperDecode("fi-tc", use_tensor_cores=True),
     WrapperDecode("fi-decode", use_tensor_cores=False),
+    CudnnDecode("cudnn"),
 ]
 
 
