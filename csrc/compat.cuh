@@ -13,6 +13,8 @@
 //   cp_async_commit/wait   group bookkeeping of those copies
 //   shfl_xor(v, m)         butterfly exchange inside a warp
 //   fast_exp2(x)           2^x
+//   allow_dependent_launch()  lets a kernel launched after this one with programmatic
+//                          dependent launch start now (it waits for this grid's results itself)
 //   widen2<KV_KIND, ...>   two 8-bit cache values -> one packed 16-bit pair
 //   PA_GRID_CONSTANT       how a by-value parameter struct is declared
 // (__syncthreads, __launch_bounds__, blockIdx/threadIdx and __shared__ are common to both.)
@@ -88,6 +90,12 @@ PA_DEVICE void cp_async_4(void* smem, const void* gmem) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(smem)), "l"(gmem));
 }
 PA_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+PA_DEVICE void allow_dependent_launch() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::);
+#endif
+}
 template <int N> PA_DEVICE void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 PA_DEVICE float shfl_xor(float v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }

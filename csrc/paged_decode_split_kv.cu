@@ -95,6 +95,8 @@ __global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS>::THR
   qt* q_s = reinterpret_cast<qt*>(smem);  // [16][Q_STRIDE]
   unsigned char* ring = smem + C::Q_BYTES;
 
+  // the split-KV reduce may start launching now: it waits for this grid before reading partials
+  allow_dependent_launch();
   const int part = blockIdx.x, kv_head = blockIdx.y, seq = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int context_len = p.context_lens[seq];

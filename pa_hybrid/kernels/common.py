@@ -14,6 +14,36 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _triton_launches_dependents() -> bool:
+    """Whether this Triton can launch a kernel with programmatic dependent launch
+    (the ``launch_pdl`` option and ``gdc_wait``, Triton 3.4+)."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        from triton.language.extra.cuda import gdc_wait  # noqa: F401
+    except ImportError:
+        return False
+    return "launch_pdl" in CUDAOptions.__dataclass_fields__
+
+
+_TRITON_LAUNCHES_DEPENDENTS = _triton_launches_dependents()
+
+
+def dependent_launch_ok(device: torch.device) -> bool:
+    """True when a kernel on ``device`` may be launched with programmatic dependent
+    launch: a CUDA GPU of compute capability 9.0+, compiled (not interpreted) Triton
+    that supports it, and ``PA_HYBRID_DEPENDENT_LAUNCH`` not "0". Such a kernel starts
+    while the previous one finishes and must wait (``gdc_wait``) before reading its
+    results."""
+    return (
+        _TRITON_LAUNCHES_DEPENDENTS
+        and device.type == "cuda"
+        and torch.version.hip is None
+        and not interpreting()
+        and os.environ.get("PA_HYBRID_DEPENDENT_LAUNCH", "1") != "0"
+        and torch.cuda.get_device_capability(device) >= (9, 0)
+    )
+
+
 def dot_dtype(q_dtype: torch.dtype):
     """The operand dtype of ``tl.dot`` for queries of ``q_dtype``: the query dtype
     itself, except under the interpreter, whose ``tl.dot`` multiplies bf16 operands

@@ -12,6 +12,10 @@ longer stretches; the scratch is always sized for 256), with logits
 
 Only partitions ``p < ceil(visible / P)`` are read, where ``visible`` is the
 number of tokens the row sees, so stage 1 need not write the others.
+
+On Hopper the reduce is launched with programmatic dependent launch: it may start
+while stage 1 finishes (the hip stage 1 allows it early) and waits for the previous
+grid before its first read, which hides its launch behind stage 1's tail.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from .._checks import (
     check_tensor,
 )
 from ..layouts import PARTITION_SIZE
-from .common import visible_tokens
+from .common import dependent_launch_ok, visible_tokens
 
 
 @triton.jit
@@ -51,11 +55,14 @@ def _split_kv_reduce_kernel(
     PARTITION: tl.constexpr,
     BLOCK_P: tl.constexpr,
     MAX_QLEN: tl.constexpr,
+    WAIT_FOR_STAGE1: tl.constexpr,  # launched as a programmatic dependent of stage 1
 ):
     """out = sum_p w_p tmp_out_p / sum_p w_p with w_p = l_p exp(m_p - max_p m_p).
 
     One program per (sequence, head, new-token index); rows that see no token get 0.
     """
+    if WAIT_FOR_STAGE1:  # before any read: whatever ran before may have written any input
+        tl.extra.cuda.gdc_wait()
     seq = tl.program_id(0)
     head = tl.program_id(1)
     token = tl.program_id(2)
@@ -129,6 +136,7 @@ def launch_split_kv_reduce(out, exp_sums, max_logits, tmp_out, context_lens, qo_
     _, num_heads, head_size = out.shape
     max_partitions = exp_sums.shape[2]
     block_p = min(triton.next_power_of_2(max_partitions), 64)
+    dependent = dependent_launch_ok(out.device)
     _split_kv_reduce_kernel[(num_seqs, num_heads, max_qlen)](
         out,
         exp_sums,
@@ -147,7 +155,9 @@ def launch_split_kv_reduce(out, exp_sums, max_logits, tmp_out, context_lens, qo_
         PARTITION=partition_size,
         BLOCK_P=block_p,
         MAX_QLEN=max_qlen,
+        WAIT_FOR_STAGE1=dependent,
         num_warps=4 if head_size <= 128 else 8,
+        **({"launch_pdl": True} if dependent else {}),
     )
     return out
 
