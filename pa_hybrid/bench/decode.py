@@ -698,6 +698,11 @@ def report_against_live_peers(results: list, names: list, gpu: str, out_dir: Pat
     except ValueError as e:
         print(f"--peers: {e}", file=sys.stderr)
         return
+    print(
+        f"\nEvery peer was checked against the reference of its own inputs before timing (8-bit caches are "
+        f"requantized to one scale per tensor for them): relative error below {TOLERANCE_16BIT:g} on 16-bit "
+        f"caches, {TOLERANCE_8BIT:g} on 8-bit ones, {TOLERANCE_FP8_COMPUTE:g} for peers that compute in fp8."
+    )
     print("\n" + format_report(comparison, GpuCheck(gpu, "this run", gpu, "this run")))
     plot = plot_speedups(comparison.cases, out_dir / f"{stem}-vs-peers.png", title=f"{gpu}: auto vs the fastest peer")
     print(f"wrote {out_dir / stem}-peers.csv" + (f" and {plot}" if plot else ""))
