@@ -307,3 +307,17 @@ def test_flashinfer_peer_matches_the_reference(peer, kv_dtype, heads):
     torch.cuda.synchronize()
     limit = peers.TOLERANCE_FP8_COMPUTE if peer.computes_in_fp8(inputs) else 2e-2
     assert relative(out, nhd_attention(inputs)) < limit
+
+
+def test_report_against_live_peers_writes_the_bar_and_prints_the_comparison(tmp_path, capsys):
+    from pa_hybrid.bench.decode import report_against_live_peers
+
+    results = [_timed("auto", 20.0), _timed("xqa", 10.0), _timed("auto", 30.0, ctx="2048"), _timed("fi-tc", 60.0, ctx="2048")]
+    report_against_live_peers(results, ["xqa", "fi-tc"], "NVIDIA H100 80GB HBM3", tmp_path, "run")
+    printed = capsys.readouterr().out
+    assert "2 cases: geomean speedup 1.000" in printed and "the same GPU model" in printed
+    assert "checked against the reference of its own inputs" in printed
+    bar = cmp.load_csv(tmp_path / "run-peers.csv", cmp.PEER_COLUMNS, "--compare")
+    assert [(b["ctx"], b["best_peer"], b["best_peer_us"]) for b in bar] == [("512", "xqa", "10.0"), ("2048", "fi-tc", "60.0")]
+    report_against_live_peers([_timed("auto", 20.0)], ["xqa"], "H100", tmp_path, "none")
+    assert "no peer was timed" in capsys.readouterr().out
