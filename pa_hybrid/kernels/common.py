@@ -2,6 +2,7 @@
 (block, kv head) tile of the shuffled cache, and the causal extent of a query row.
 """
 
+import functools
 import os
 
 import torch
@@ -40,8 +41,14 @@ def dependent_launch_ok(device: torch.device) -> bool:
         and torch.version.hip is None
         and not interpreting()
         and os.environ.get("PA_HYBRID_DEPENDENT_LAUNCH", "1") != "0"
-        and torch.cuda.get_device_capability(device) >= (9, 0)
+        and _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
     )
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> tuple:
+    """Compute capability of a CUDA device, looked up once (this runs on every launch)."""
+    return torch.cuda.get_device_capability(device_index)
 
 
 def dot_dtype(q_dtype: torch.dtype):
