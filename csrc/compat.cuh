@@ -10,6 +10,7 @@
 //   mma_16816<IS_BF16>     D[16x8] += A[16x16] * B[16x8], fp32 accumulators
 //   ldmatrix_x4(...)       four 8x8 16-bit matrices from shared memory into fragments
 //   cp_async_16 / _4       16- and 4-byte global->shared copies
+//   cp_async_4_or_zero     a 4-byte copy, or 4 zero bytes (nothing read) when !valid
 //   cp_async_commit/wait   group bookkeeping of those copies
 //   shfl_xor(v, m)         butterfly exchange inside a warp
 //   fast_exp2(x)           2^x
@@ -88,6 +89,9 @@ PA_DEVICE void cp_async_16(void* smem, const void* gmem) {
 // 4 bytes (cache-all: for small rows without 16-byte alignment, such as per-token scales).
 PA_DEVICE void cp_async_4(void* smem, const void* gmem) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(smem)), "l"(gmem));
+}
+PA_DEVICE void cp_async_4_or_zero(void* smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(valid ? 4 : 0));
 }
 PA_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 

@@ -5,9 +5,11 @@
 // of 256) of one sequence for one kv head and serves all gqa * max_qlen (<= 16) query rows
 // of that head's group at once: row m = i * gqa + g is new token i, group member g, and the
 // rows form the M = 16 dim of mma.sync m16n8k16 tiles (rows past them are masked). GQA and
-// qlen are run-time values, so one variant per (dtypes, head size, block size) serves all.
+// qlen are run-time values, so one variant per (dtypes, head size, block size, width) serves all.
 //
-// Work split: the CTA's cache blocks are dealt round-robin to its warps; each warp streams
+// Work split: the CTA's cache blocks are dealt round-robin to its warps (twice as many in
+// the WIDE variant, for tiny grids, where one CTA's latency is the call's: each warp then
+// has half the blocks, all in flight at once); each warp streams
 // its blocks through a private STAGES-deep ring of shared memory with 16-byte cp.async
 // copies (one stage = one cache block's K tile and V tile, copied as stored), keeps its own
 // online softmax, and the warps merge through shared memory at the end. So the main loop
@@ -43,7 +45,7 @@ struct SplitKvParams {
   const void* v;            // [num_blocks, num_kv_heads, BS / X, HEAD, X]
   const float* k_scale;     // 8-bit caches only: 1 element, or per token
   const float* v_scale;     //   [num_blocks, num_kv_heads, BS] (the same strides as k_scale)
-  const int* block_tables;  // [num_seqs, max_blocks]
+  const int* block_tables;  // [num_seqs, table_width]
   const int* context_lens;  // [num_seqs]
   const int* qo_indptr;     // [num_seqs + 1], read when max_qlen > 1
   float scale_log2;         // softmax scale * log2(e)
@@ -61,33 +63,36 @@ struct SplitKvParams {
   i64 stride_bt;
   i64 stride_scale_block, stride_scale_head;  // per-token scales, in elements
   int per_token_scales;                       // 8-bit caches: 1 per-token, 0 per-tensor scales
+  int table_width;                            // block-table entries per sequence (its shape[1])
 };
 
-template <bool IS_BF16, int KV_KIND, int HEAD, int BS>
+template <bool IS_BF16, int KV_KIND, int HEAD, int BS, bool WIDE>
 struct SplitKvConfig {  // restated by hip.py's kernel_config; the same test checks both agree
   static constexpr int KV_BYTES = KV_KIND == KV_16BIT ? 2 : 1;
   static constexpr int X = 16 / KV_BYTES;
   static constexpr int KV_TILE = HEAD * BS * KV_BYTES;  // one cache block of K (or of V)
   static constexpr int SCALES = KV_KIND == KV_16BIT ? 0 : BS * 4;  // one block's per-token K (or V) scales
   static constexpr int STAGE = 2 * KV_TILE + 2 * SCALES;
-  // keep 2 CTAs per SM within 227 KB: fewer warps and stages for big tiles
-  static constexpr int WARPS = 2 * KV_TILE >= 32768 ? 2 : 4;
+  // keep 2 CTAs per SM within 227 KB: fewer warps and stages for big tiles (WIDE: one CTA)
+  static constexpr int WARPS = (2 * KV_TILE >= 32768 ? 2 : 4) * (WIDE ? 2 : 1);
   static constexpr int THREADS = 32 * WARPS;
   static constexpr int STAGES = 2 * KV_TILE <= 8192 ? 3 : 2;
   static constexpr int Q_STRIDE = HEAD + 8;  // elements; the pad spreads ldmatrix rows over banks
   static constexpr int Q_BYTES = 16 * Q_STRIDE * 2;
   static constexpr int RING_BYTES = WARPS * STAGES * STAGE;
-  static constexpr int MERGE_BYTES = WARPS * 16 * (HEAD + 2) * 4;  // O, max and sum per warp and row
+  // O, max and sum per warp and row, then each row's output offset
+  static constexpr int MERGE_BYTES = WARPS * 16 * (HEAD + 2) * 4 + 16 * 8;
   static constexpr int SMEM_BYTES = Q_BYTES + (RING_BYTES > MERGE_BYTES ? RING_BYTES : MERGE_BYTES);
   static constexpr int NT = BS / 8;  // n-tiles of S per block
   static_assert(HEAD % 16 == 0 && BS % 16 == 0 && BS % X == 0, "unsupported head/block size");
   static_assert(KV_TILE % 512 == 0, "a warp copies tiles in 512-byte steps");
+  static_assert(SMEM_BYTES <= 227 * 1024, "more shared memory than one SM has");
 };
 
-template <bool IS_BF16, int KV_KIND, int HEAD, int BS>
-__global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS>::THREADS)
+template <bool IS_BF16, int KV_KIND, int HEAD, int BS, bool WIDE>
+__global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, WIDE>::THREADS)
     paged_decode_split_kv(const PA_GRID_CONSTANT SplitKvParams p) {
-  using C = SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS>;
+  using C = SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, WIDE>;
   using Q = q16<IS_BF16>;
   using qt = typename Q::t;
   constexpr float LN2 = 0.6931471805599453f;
@@ -105,6 +110,18 @@ __global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS>::THR
     num_new = p.qo_indptr[seq + 1] - first_row;
   }
   const int start = part * p.partition_size;
+  const int block_begin = start / BS;
+
+  // The table entries of this warp's first ring stages, read now (in bounds of the table,
+  // whether or not the context reaches them), so they arrive with the context length
+  // instead of one memory round trip after it.
+  const int* table = p.block_tables + seq * p.stride_bt;
+  int first_blocks[C::STAGES];
+#pragma unroll
+  for (int j = 0; j < C::STAGES; ++j) {
+    const int idx = block_begin + warp + j * C::WARPS;
+    first_blocks[j] = idx < p.table_width ? table[idx] : 0;
+  }
 
   // ---- phase 0: an empty partition writes nothing, except zeros for an empty context ----
   if (start >= context_len) {
@@ -122,19 +139,6 @@ __global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS>::THR
   }
   const int end = min(start + p.partition_size, context_len);
 
-  // ---- phase 1: the group's query rows into shared memory (rows past ROWS are zero) ----
-  for (int idx = threadIdx.x; idx < 16 * HEAD; idx += C::THREADS) {
-    const int m = idx / HEAD, d = idx % HEAD, i = m / gqa;
-    qt val = Q::from_float(0.f);
-    if (m < rows && i < num_new) {
-      const qt* q = static_cast<const qt*>(p.q) + (first_row + i) * p.stride_q_row +
-                    (kv_head * gqa + m % gqa) * p.stride_q_head;
-      val = q[d];
-    }
-    q_s[m * C::Q_STRIDE + d] = val;
-  }
-  __syncthreads();
-
   // tokens each of this lane's two rows sees, capped by the partition end
   const int row0 = lane / 4, row1 = lane / 4 + 8;
   auto limit_of = [&](int m) {
@@ -145,24 +149,24 @@ __global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS>::THR
   };
   const int limit0 = limit_of(row0), limit1 = limit_of(row1);
 
-  float qk_scale = p.scale_log2;
+  float qk_scale = p.scale_log2, v_scale = 1.f;
   const bool per_token = KV_KIND != KV_16BIT && p.per_token_scales;
   if constexpr (KV_KIND != KV_16BIT) {
-    if (!per_token) qk_scale *= *p.k_scale;
+    if (!per_token) {  // both read now, off the critical path of the merge
+      qk_scale *= *p.k_scale;
+      v_scale = *p.v_scale;
+    }
   }
 
-  // ---- phase 2: this warp's blocks through its cp.async ring ----
-  const int block_begin = start / BS;
+  // ---- phase 1: this warp's blocks through its cp.async ring ----
   const int num_blocks = (end + BS - 1) / BS - block_begin;
   const int mine = warp < num_blocks ? (num_blocks - warp + C::WARPS - 1) / C::WARPS : 0;
   unsigned char* my_ring = ring + warp * C::STAGES * C::STAGE;
-  const int* table = p.block_tables + seq * p.stride_bt;
   const unsigned char* k_head = static_cast<const unsigned char*>(p.k) + kv_head * p.stride_k_head * C::KV_BYTES;
   const unsigned char* v_head = static_cast<const unsigned char*>(p.v) + kv_head * p.stride_v_head * C::KV_BYTES;
   const i64 scale_head = kv_head * p.stride_scale_head;
 
-  auto issue = [&](int j) {  // copy this warp's j-th block into stage j % STAGES
-    const i64 blk = table[block_begin + warp + j * C::WARPS];
+  auto issue = [&](int j, i64 blk) {  // copy this warp's j-th block, cache block blk, into stage j % STAGES
     const unsigned char* kg = k_head + blk * p.stride_k_block * C::KV_BYTES;
     const unsigned char* vg = v_head + blk * p.stride_v_block * C::KV_BYTES;
     unsigned char* ks = my_ring + (j % C::STAGES) * C::STAGE;
@@ -185,14 +189,29 @@ __global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS>::THR
   for (int dt = 0; dt < HEAD / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
   float max0 = PA_NEG_INF, max1 = PA_NEG_INF, sum0 = 0.f, sum1 = 0.f;
 
+  // The query rows of the group go to shared memory in the first copy group, behind the
+  // first K/V copies (rows past ROWS are zero-filled); loaded one after another, 16 rows
+  // cost 16 memory round trips. 4-byte copies: Q rows need only be 4-byte aligned.
+  // Copy groups: one per ring stage, committed by every thread (empty or not), so stage j
+  // is complete once at most STAGES - 1 newer groups are pending.
 #pragma unroll
-  for (int j = 0; j < C::STAGES - 1; ++j) {
-    if (j < mine) issue(j);
+  for (int j = 0; j < C::STAGES; ++j) {
+    if (j < mine) issue(j, first_blocks[j]);
+    if (j == 0) {
+      constexpr int Q_WORDS = HEAD / 2;
+      for (int idx = threadIdx.x; idx < 16 * Q_WORDS; idx += C::THREADS) {
+        const int m = idx / Q_WORDS, w = idx % Q_WORDS, i = m / gqa;
+        const bool valid = m < rows && i < num_new;
+        const qt* q = static_cast<const qt*>(p.q);
+        if (valid) q += (first_row + i) * p.stride_q_row + (kv_head * gqa + m % gqa) * p.stride_q_head + 2 * w;
+        cp_async_4_or_zero(q_s + m * C::Q_STRIDE + 2 * w, q, valid);
+      }
+    }
     cp_async_commit();
   }
+  cp_async_wait<C::STAGES - 1>();  // the first group: this thread's query copies
+  __syncthreads();                 // and everyone's, before any warp reads q_s
   for (int j = 0; j < mine; ++j) {
-    if (j + C::STAGES - 1 < mine) issue(j + C::STAGES - 1);
-    cp_async_commit();
     cp_async_wait<C::STAGES - 1>();
     warp_sync();
 
@@ -330,6 +349,9 @@ __global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS>::THR
       }
     }
     warp_sync();  // every lane is done with this stage before it is refilled
+    const int next = j + C::STAGES;
+    if (next < mine) issue(next, table[block_begin + warp + next * C::WARPS]);
+    cp_async_commit();
   }
   cp_async_wait<0>();
 
@@ -337,7 +359,7 @@ __global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS>::THR
   // reading partials). Allowing it at the start made mid-size calls up to 2.7 us slower.
   allow_dependent_launch();
 
-  // ---- phase 3: merge the warps' (max, sum, O) through shared memory ----
+  // ---- phase 2: merge the warps' (max, sum, O) through shared memory ----
   sum0 += shfl_xor(sum0, 1);
   sum0 += shfl_xor(sum0, 2);
   sum1 += shfl_xor(sum1, 1);
@@ -346,6 +368,7 @@ __global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS>::THR
   float* merge_o = reinterpret_cast<float*>(ring);  // [WARPS][16][HEAD]
   float* merge_max = merge_o + C::WARPS * 16 * HEAD;  // [WARPS][16]
   float* merge_sum = merge_max + C::WARPS * 16;
+  i64* row_offset = reinterpret_cast<i64*>(merge_sum + C::WARPS * 16);  // [16], -1: row not stored
   if (lane % 4 == 0) {
     merge_max[warp * 16 + row0] = max0;
     merge_max[warp * 16 + row1] = max1;
@@ -364,8 +387,16 @@ __global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS>::THR
   }
   __syncthreads();
 
-  // per row: the merged max and sum, the partial stats, and each warp's weight
-  // exp2(max_w - max) / sum (with the V scale), written over merge_max
+  // per row: the merged max and sum, the partial stats, each warp's weight
+  // exp2(max_w - max) / sum (with the V scale), written over merge_max, and where the row goes
+  if (threadIdx.x < 16) {
+    const int m = threadIdx.x, i = m / gqa;
+    const i64 row = first_row + i;
+    const int head = kv_head * gqa + m % gqa;
+    row_offset[m] = m >= rows || i >= num_new ? -1
+                    : p.write_out ? row * p.stride_out_row + head * p.stride_out_head
+                                  : row * p.stride_tmp_row + head * p.stride_tmp_head + part * p.stride_tmp_part;
+  }
   if (threadIdx.x < rows) {
     const int m = threadIdx.x, i = m / gqa;
     float row_max = PA_NEG_INF;
@@ -375,10 +406,6 @@ __global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS>::THR
     float total = 0.f;
 #pragma unroll
     for (int w = 0; w < C::WARPS; ++w) total += merge_sum[w * 16 + m] * fast_exp2(merge_max[w * 16 + m] - shift);
-    float v_scale = 1.f;
-    if constexpr (KV_KIND != KV_16BIT) {
-      if (!per_token) v_scale = *p.v_scale;
-    }
     // total >= 1 for a row that saw a token here; rows that saw none stay 0
     const float norm = v_scale / fmaxf(total, 1e-30f);
 #pragma unroll
@@ -390,26 +417,32 @@ __global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS>::THR
     }
   }
   __syncthreads();
+  // two dims per step: float2 reads of the partial O, one 4-byte store of out (its rows are
+  // 4-byte aligned); tmp_out (any caller's scratch) is stored one element at a time
   const float* merge_weight = merge_max;
-  for (int idx = threadIdx.x; idx < rows * HEAD; idx += C::THREADS) {
-    const int m = idx / HEAD, d = idx % HEAD, i = m / gqa;
-    if (i >= num_new) continue;
-    float result = 0.f;
+  for (int idx = threadIdx.x; idx < rows * HEAD / 2; idx += C::THREADS) {
+    const int m = idx / (HEAD / 2), d = 2 * (idx % (HEAD / 2));
+    if (row_offset[m] < 0) continue;  // the row is not stored
+    const i64 at = row_offset[m] + d;
+    float r0 = 0.f, r1 = 0.f;
 #pragma unroll
-    for (int w = 0; w < C::WARPS; ++w) result += merge_o[(w * 16 + m) * HEAD + d] * merge_weight[w * 16 + m];
-    const i64 row = first_row + i;
-    const int head = kv_head * gqa + m % gqa;
+    for (int w = 0; w < C::WARPS; ++w) {
+      const float2 part_o = *reinterpret_cast<const float2*>(merge_o + (w * 16 + m) * HEAD + d);
+      const float weight = merge_weight[w * 16 + m];
+      r0 += part_o.x * weight;
+      r1 += part_o.y * weight;
+    }
     if (p.write_out) {
-      static_cast<qt*>(p.out)[row * p.stride_out_row + head * p.stride_out_head + d] = Q::from_float(result);
+      *reinterpret_cast<typename Q::t2*>(static_cast<qt*>(p.out) + at) = Q::from_floats(r0, r1);
+    } else if (p.tmp_kind == 0) {
+      static_cast<float*>(p.tmp_out)[at] = r0;
+      static_cast<float*>(p.tmp_out)[at + 1] = r1;
+    } else if (p.tmp_kind == 1) {
+      static_cast<q16<true>::t*>(p.tmp_out)[at] = q16<true>::from_float(r0);
+      static_cast<q16<true>::t*>(p.tmp_out)[at + 1] = q16<true>::from_float(r1);
     } else {
-      const i64 t = row * p.stride_tmp_row + head * p.stride_tmp_head + part * p.stride_tmp_part + d;
-      if (p.tmp_kind == 0) {
-        static_cast<float*>(p.tmp_out)[t] = result;
-      } else if (p.tmp_kind == 1) {
-        static_cast<q16<true>::t*>(p.tmp_out)[t] = q16<true>::from_float(result);
-      } else {
-        static_cast<q16<false>::t*>(p.tmp_out)[t] = q16<false>::from_float(result);
-      }
+      static_cast<q16<false>::t*>(p.tmp_out)[at] = q16<false>::from_float(r0);
+      static_cast<q16<false>::t*>(p.tmp_out)[at + 1] = q16<false>::from_float(r1);
     }
   }
 }

@@ -29,7 +29,7 @@ needs_nvrtc = pytest.mark.skipif(
 @needs_nvrtc
 def test_every_variant_compiles_for_sm90a_without_spills():
     specs = hip.warmup_specs("sm_90a")
-    assert len(specs) == 36
+    assert len(specs) == 62  # 36 variants, 26 of them also wide
     with ThreadPoolExecutor(max_workers=2) as pool:
         kernels = list(pool.map(runtime.compile_kernel, specs))
     for spec, kernel in zip(specs, kernels):
@@ -44,9 +44,9 @@ def test_python_mirror_matches_the_cpp_struct_and_config(tmp_path):
     for name, _ in hip.SplitKvParams._fields_:
         offset = getattr(hip.SplitKvParams, name).offset
         checks.append(f'static_assert(offsetof(pa::SplitKvParams, {name}) == {offset}, "{name}");')
-    for q_dtype, kv_dtype, head_size, block_size in hip.all_variants():
-        cfg = hip.kernel_config(head_size, block_size, kv_dtype.itemsize)
-        cls = f"pa::SplitKvConfig<{hip.template_args(q_dtype, kv_dtype, head_size, block_size)}>"
+    for q_dtype, kv_dtype, head_size, block_size, wide in hip.all_variants():
+        cfg = hip.kernel_config(head_size, block_size, kv_dtype.itemsize, wide)
+        cls = f"pa::SplitKvConfig<{hip.template_args(q_dtype, kv_dtype, head_size, block_size, wide)}>"
         checks.append(f'static_assert({cls}::SMEM_BYTES == {cfg["smem_bytes"]}, "smem");')
         checks.append(f'static_assert({cls}::THREADS == {cfg["threads"]}, "threads");')
     (tmp_path / "expected_layout.h").write_text("\n".join(checks) + "\n")
@@ -54,6 +54,15 @@ def test_python_mirror_matches_the_cpp_struct_and_config(tmp_path):
     command += [str(DATA / "split_kv_layout_check.cu"), "-o", str(tmp_path / "check.o")]
     done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_wide_variant_only_for_tiny_grids_whose_tiles_fit():
+    h100 = hip.SM90_SMEM_PER_CTA
+    assert hip.use_wide_variant(8, 132, 128, 16, 2, h100)
+    assert not hip.use_wide_variant(9, 132, 128, 16, 2, h100)  # more than one CTA per 16 SMs
+    assert not hip.use_wide_variant(1, 132, 256, 16, 2, h100)  # 16-bit head-256 tiles: 2 x 128 KB rings
+    assert not hip.use_wide_variant(1, 128, 128, 16, 2, 99 * 1024)  # sm_89: 99 KB per CTA
+    assert hip.use_wide_variant(1, 128, 64, 16, 1, 99 * 1024)  # small 8-bit tiles fit there
 
 
 def test_supports_states_what_the_kernel_covers():
@@ -88,8 +97,12 @@ def test_supports_states_what_the_kernel_covers():
     [(torch.bfloat16, "none"), (torch.float8_e4m3fn, "per_tensor"), (torch.float8_e4m3fn, "per_token"), (torch.int8, "per_token")],
 )
 @pytest.mark.parametrize("gqa,qlen,head_size,block_size", [(8, 1, 128, 16), (1, 1, 64, 32), (16, 1, 256, 16), (4, 4, 128, 32), (5, 3, 128, 16)])
-def test_hip_matches_reference_long_and_ragged(kv_dtype, scales, gqa, qlen, head_size, block_size):
+@pytest.mark.parametrize("width", ["narrow", "wide"])
+def test_hip_matches_reference_long_and_ragged(kv_dtype, scales, gqa, qlen, head_size, block_size, width, monkeypatch):
     from pa_hybrid import paged_attention_common, reference_paged_attention
+
+    # the variant forced whatever the grid (where the wide tiles fit; else the narrow one runs)
+    monkeypatch.setattr(hip, "use_wide_variant", lambda ctas, sms, *tiles: width == "wide" and hip.wide_fits(*tiles))
 
     lens = [0, 1, 16, 17, 255, 256, 257, 2000, 5000]
     case = make_decode_case(

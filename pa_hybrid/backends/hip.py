@@ -2,9 +2,10 @@
 compiled at first use by the runtime (NVRTC on NVIDIA), then the Triton reduce.
 
 Best at low concurrency: CTAs per (partition, kv head, sequence) keep every SM busy
-even with a handful of sequences. Each (query dtype, kv kind, head size, block size) is
-its own template instantiation, compiled once and cached on disk; GQA, qlen and the
-8-bit scale kind (per-tensor or per-token) are run-time values.
+even with a handful of sequences. Each (query dtype, kv kind, head size, block size,
+width) is its own template instantiation, compiled once and cached on disk; GQA, qlen and
+the 8-bit scale kind (per-tensor or per-token) are run-time values. The wide variant
+(twice the warps, one CTA per SM) runs tiny grids.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .base import Backend, cuda_device_ok, sm_count, split_kv_partition_size
 
 SOURCE = "paged_decode_split_kv.cu"
 PROGRAMS_PER_SM = 2
+SM90_SMEM_PER_CTA = 227 * 1024  # the most shared memory one CTA may opt into on sm_90
 
 _KV_KIND = {torch.float8_e4m3fn: 1, torch.int8: 2}  # 16-bit caches: 0
 _TMP_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -67,40 +69,61 @@ class SplitKvParams(ctypes.Structure):
         ("stride_scale_block", ctypes.c_int64),
         ("stride_scale_head", ctypes.c_int64),
         ("per_token_scales", ctypes.c_int),
+        ("table_width", ctypes.c_int),
     ]
 
 
-def kernel_config(head_size: int, block_size: int, kv_bytes: int) -> dict:
+def kernel_config(head_size: int, block_size: int, kv_bytes: int, wide: bool = False) -> dict:
     """Threads and dynamic shared memory of a variant: ``SplitKvConfig`` of the C++ source,
     restated (tests/test_hip_backend.py checks both agree, through static_asserts)."""
     kv_stage = 2 * head_size * block_size * kv_bytes
-    warps = 2 if kv_stage >= 32768 else 4
+    warps = (2 if kv_stage >= 32768 else 4) * (2 if wide else 1)
     stages = 3 if kv_stage <= 8192 else 2
     scales = 2 * block_size * 4 if kv_bytes == 1 else 0  # per-token K and V scales of the block
     ring = warps * stages * (kv_stage + scales)
-    merge = warps * 16 * (head_size + 2) * 4
+    merge = warps * 16 * (head_size + 2) * 4 + 16 * 8  # + each row's output offset
     q_bytes = 16 * (head_size + 8) * 2
     return {"threads": 32 * warps, "smem_bytes": q_bytes + max(ring, merge)}
 
 
-def template_args(q_dtype: torch.dtype, kv_dtype: torch.dtype, head_size: int, block_size: int) -> str:
-    """The variant: query dtype, kv kind, head size, block size (GQA and qlen are run-time values)."""
+def wide_fits(head_size: int, block_size: int, kv_bytes: int, smem_per_cta: int = SM90_SMEM_PER_CTA) -> bool:
+    """Whether the wide variant of these tiles fits the shared memory a CTA may have."""
+    return kernel_config(head_size, block_size, kv_bytes, wide=True)["smem_bytes"] <= smem_per_cta
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_per_cta(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
+
+
+def use_wide_variant(ctas: int, num_sms: int, head_size: int, block_size: int, kv_bytes: int, smem_per_cta: int) -> bool:
+    """The wide variant when the grid is tiny (at most one CTA per 16 SMs: the call is one
+    CTA's latency) and its tiles fit. Measured on the H100 (RESULTS.md section 16): 0.4-0.9 us
+    faster with 2-8 CTAs, even at 16-32, slower from 64 on."""
+    return 16 * ctas <= num_sms and wide_fits(head_size, block_size, kv_bytes, smem_per_cta)
+
+
+def template_args(q_dtype: torch.dtype, kv_dtype: torch.dtype, head_size: int, block_size: int, wide: bool) -> str:
+    """The variant: query dtype, kv kind, head size, block size, width (GQA and qlen are run-time values)."""
     is_bf16 = "true" if q_dtype == torch.bfloat16 else "false"
-    return f"{is_bf16}, {_KV_KIND.get(kv_dtype, 0)}, {head_size}, {block_size}"
+    return f"{is_bf16}, {_KV_KIND.get(kv_dtype, 0)}, {head_size}, {block_size}, {'true' if wide else 'false'}"
 
 
-def kernel_spec(q_dtype, kv_dtype, head_size: int, block_size: int, arch: str) -> "runtime.KernelSpec":
-    args = template_args(q_dtype, kv_dtype, head_size, block_size)
+def kernel_spec(q_dtype, kv_dtype, head_size: int, block_size: int, wide: bool, arch: str) -> "runtime.KernelSpec":
+    args = template_args(q_dtype, kv_dtype, head_size, block_size, wide)
     return runtime.KernelSpec(source=SOURCE, entries=(f"pa::paged_decode_split_kv<{args}>",), arch=arch)
 
 
 def all_variants():
-    """Every (q dtype, kv dtype, head size, block size) the backend can be asked for."""
+    """Every (q dtype, kv dtype, head size, block size, wide) the backend can be asked for
+    on sm_90."""
     for q_dtype in HipBackend.q_dtypes:
         for kv_dtype in (q_dtype, torch.float8_e4m3fn, torch.int8):
             for head_size in HipBackend.head_sizes:
                 for block_size in HipBackend.block_sizes:
-                    yield q_dtype, kv_dtype, head_size, block_size
+                    yield q_dtype, kv_dtype, head_size, block_size, False
+                    if wide_fits(head_size, block_size, kv_dtype.itemsize):
+                        yield q_dtype, kv_dtype, head_size, block_size, True
 
 
 def warmup_specs(arch: str = "sm_90a"):
@@ -109,11 +132,11 @@ def warmup_specs(arch: str = "sm_90a"):
 
 
 @functools.lru_cache(maxsize=None)
-def _loaded(q_dtype, kv_dtype, head_size: int, block_size: int, device_index: int):
+def _loaded(q_dtype, kv_dtype, head_size: int, block_size: int, wide: bool, device_index: int):
     """(function, threads, dynamic shared bytes) of one variant on one device: compiled
     (or read from the disk cache) and loaded once per process."""
-    spec = kernel_spec(q_dtype, kv_dtype, head_size, block_size, runtime.arch_of(device_index))
-    cfg = kernel_config(head_size, block_size, 1 if is_8bit(kv_dtype) else 2)
+    spec = kernel_spec(q_dtype, kv_dtype, head_size, block_size, wide, runtime.arch_of(device_index))
+    cfg = kernel_config(head_size, block_size, kv_dtype.itemsize, wide)
     return runtime.get_function(spec, device_index), cfg["threads"], cfg["smem_bytes"]
 
 
@@ -142,14 +165,17 @@ class HipBackend(Backend):
 
     def run(self, call: DecodeCall) -> None:
         key = call.key
-        function, threads, smem_bytes = _loaded(key.q_dtype, key.kv_dtype, key.head_size, key.block_size, key.device_index)
-        partition_size = split_kv_partition_size(
-            call.num_seqs, key.num_kv_heads, key.max_seq_len, sm_count("cuda", key.device_index), PROGRAMS_PER_SM
-        )
+        num_sms = sm_count("cuda", key.device_index)
+        partition_size = split_kv_partition_size(call.num_seqs, key.num_kv_heads, key.max_seq_len, num_sms, PROGRAMS_PER_SM)
+        grid = (-(-key.max_seq_len // partition_size), key.num_kv_heads, call.num_seqs)
+        wide = use_wide_variant(
+            grid[0] * grid[1] * grid[2], num_sms, key.head_size, key.block_size, key.kv_dtype.itemsize,
+            _smem_per_cta(key.device_index),
+        )  # fmt: skip
+        function, threads, smem_bytes = _loaded(key.q_dtype, key.kv_dtype, key.head_size, key.block_size, wide, key.device_index)
         split = partition_size < key.max_seq_len
         exp_sums, max_logits, tmp_out = call.scratch() if split else (None, None, None)
         params = _params(call, partition_size, exp_sums, max_logits, tmp_out)
-        grid = (-(-key.max_seq_len // partition_size), key.num_kv_heads, call.num_seqs)
         runtime.launch(function, grid, threads, smem_bytes, [params])
         if split:
             launch_split_kv_reduce(
@@ -198,6 +224,7 @@ def _params(call: DecodeCall, partition_size: int, exp_sums, max_logits, tmp_out
         stride_scale_block=call.k_scale.stride(0) if per_token else 0,
         stride_scale_head=call.k_scale.stride(1) if per_token else 0,
         per_token_scales=1 if per_token else 0,
+        table_width=call.block_tables.shape[1],
     )
 
 

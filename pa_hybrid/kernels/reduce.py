@@ -57,7 +57,8 @@ def _split_kv_reduce_kernel(
     MAX_QLEN: tl.constexpr,
     WAIT_FOR_STAGE1: tl.constexpr,  # launched as a programmatic dependent of stage 1
 ):
-    """out = sum_p w_p tmp_out_p / sum_p w_p with w_p = l_p exp(m_p - max_p m_p).
+    """out = sum_p w_p tmp_out_p / sum_p w_p with w_p = l_p exp(m_p - max_p m_p), the
+    maximum taken as the partitions are read (an online softmax over partitions).
 
     One program per (sequence, head, new-token index); rows that see no token get 0.
     """
@@ -84,27 +85,27 @@ def _split_kv_reduce_kernel(
     es_row = row.to(tl.int64) * stride_es_row + head * stride_es_head
     tmp_row = row.to(tl.int64) * stride_tmp_row + head * stride_tmp_head
 
-    # pass 1: the largest partition maximum, so no weight overflows
-    global_max = float("-inf")
-    for p0 in range(0, num_parts, BLOCK_P):
-        m = tl.load(max_logits_ptr + es_row + p0 + part, mask=p0 + part < num_parts, other=float("-inf"))
-        global_max = tl.maximum(global_max, tl.max(m, axis=0))
-
-    # pass 2: weighted sum of the normalized partials
+    # one pass, rescaled per chunk of BLOCK_P partitions: a chunk's maxima, sums and partials
+    # are loaded together (one memory round trip for up to BLOCK_P partitions, not two)
     acc = tl.zeros([HEAD_SIZE], dtype=tl.float32)
     weight_sum = 0.0
+    running_max = float("-inf")
     for p0 in range(0, num_parts, BLOCK_P):
         valid = p0 + part < num_parts
         m = tl.load(max_logits_ptr + es_row + p0 + part, mask=valid, other=float("-inf"))
         l = tl.load(exp_sums_ptr + es_row + p0 + part, mask=valid, other=0.0)
-        w = tl.where(valid, l * tl.exp(m - global_max), 0.0)
         partial = tl.load(
             tmp_out_ptr + tmp_row + (p0 + part)[:, None] * stride_tmp_part + dims[None, :],
             mask=valid[:, None],
             other=0.0,
         ).to(tl.float32)
-        acc += tl.sum(w[:, None] * partial, axis=0)
-        weight_sum += tl.sum(w, axis=0)
+        new_max = tl.maximum(running_max, tl.max(m, axis=0))
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # no -inf - -inf
+        rescale = tl.exp(running_max - shift)
+        w = tl.where(valid, l * tl.exp(m - shift), 0.0)
+        acc = acc * rescale + tl.sum(w[:, None] * partial, axis=0)
+        weight_sum = weight_sum * rescale + tl.sum(w, axis=0)
+        running_max = new_max
 
     # weight_sum >= 1 whenever the row sees a token (the largest partition contributes l >= 1)
     result = acc / tl.maximum(weight_sum, 1e-30)
