@@ -19,7 +19,7 @@ from .. import runtime
 from ..call import SCALES_NONE, SCALES_PER_TOKEN, CallKey, DecodeCall
 from ..kernels.decode import LOG2E
 from ..kernels.reduce import launch_split_kv_reduce
-from ..layouts import KV_DTYPES, is_8bit
+from ..layouts import KV_DTYPES
 from .base import Backend, cuda_device_ok, sm_count, split_kv_partition_size
 
 SOURCE = "paged_decode_split_kv.cu"
@@ -86,6 +86,7 @@ def kernel_config(head_size: int, block_size: int, kv_bytes: int, wide: bool = F
     return {"threads": 32 * warps, "smem_bytes": q_bytes + max(ring, merge)}
 
 
+@functools.lru_cache(maxsize=None)  # asked on every call
 def wide_fits(head_size: int, block_size: int, kv_bytes: int, smem_per_cta: int = SM90_SMEM_PER_CTA) -> bool:
     """Whether the wide variant of these tiles fits the shared memory a CTA may have."""
     return kernel_config(head_size, block_size, kv_bytes, wide=True)["smem_bytes"] <= smem_per_cta
