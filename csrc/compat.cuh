@@ -1,38 +1,43 @@
 // compat.cuh: every platform-specific construct the kernels use, behind one small API.
 //
 // The kernels in this directory include only this header and call only what it
-// defines (plus plain C++), so a ROCm build fills in the HIP half here and nowhere
-// else. The CUDA half targets sm_80+ (mma.sync m16n8k16, ldmatrix, cp.async) and
-// sm_89+ for the packed fp8 converts.
+// defines (plus plain C++); each platform's half is its own file (compat_cuda.cuh,
+// compat_hip.cuh), included from here, and nothing else in csrc/ is platform code.
+// The CUDA half targets sm_80+ (mma.sync m16n8k16, ldmatrix, cp.async) and sm_89+ for
+// the packed fp8 converts. The HIP half targets CDNA3 (gfx942, wave64); it compiles in
+// CI (clang-19, tests/test_hip_rocm_compile.py) but has never run on an AMD GPU.
 //
 // What the kernels need:
-//   q16_t<IS_BF16>         the 16-bit operand type and its packed pair
-//   mma_16816<IS_BF16>     D[16x8] += A[16x16] * B[16x8], fp32 accumulators
+//   q16<IS_BF16>           the 16-bit operand type and its packed pair
+//   mma_16816<IS_BF16>     D[16x8] += A[16x16] * B[16x8], fp32 accumulators, in the
+//                          fragment layout of PTX mma.sync m16n8k16 (per 32-lane warp)
 //   ldmatrix_x4(...)       four 8x8 16-bit matrices from shared memory into fragments
 //   cp_async_16 / _4       16- and 4-byte global->shared copies
 //   cp_async_4_or_zero     a 4-byte copy, or 4 zero bytes (nothing read) when !valid
 //   cp_async_commit/wait   group bookkeeping of those copies
 //   shfl_xor(v, m)         butterfly exchange inside a warp
+//   warp_sync()            a warp's shared-memory writes are visible to the whole warp
 //   fast_exp2(x)           2^x
 //   allow_dependent_launch()  lets a kernel launched after this one with programmatic
 //                          dependent launch start now (it waits for this grid's results itself)
 //   widen2<KV_KIND, ...>   two 8-bit cache values -> one packed 16-bit pair
 //   PA_GRID_CONSTANT       how a by-value parameter struct is declared
+//   PA_NEG_INF             -infinity as a float constant
+//   SMEM_PER_CTA           the most shared memory one CTA may have (tiles are sized to it)
+//   ASYNC_COPIES           whether cp_async_* overlap with compute (else a ring of one
+//                          stage does as well as a deeper one)
 // (__syncthreads, __launch_bounds__, blockIdx/threadIdx and __shared__ are common to both.)
+//
+// A "warp" is 32 lanes on both: on wave64 hardware each wave holds two of them (lanes
+// 0-31 and 32-63), and every cross-lane operation below stays inside its half.
 #pragma once
 
 #if defined(__HIPCC__) || defined(__HIP_PLATFORM_AMD__)
-#error "pa_hybrid csrc: the HIP half of compat.cuh is not written yet (the ROCm port fills it in here)"
-#else
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_fp8.h>
+#define PA_HIP 1
+#include <hip/hip_runtime.h>
+#endif
 
 #define PA_DEVICE __device__ __forceinline__
-// A by-value kernel parameter read in place from the constant bank (no local copy).
-#define PA_GRID_CONSTANT __grid_constant__
-#define PA_NEG_INF (__int_as_float(0xff800000))
 
 namespace pa {
 
@@ -40,91 +45,12 @@ using i64 = long long;
 
 enum KvKind : int { KV_16BIT = 0, KV_FP8_E4M3 = 1, KV_INT8 = 2 };
 
-template <bool IS_BF16> struct q16;
-template <> struct q16<true> {
-  using t = __nv_bfloat16;
-  using t2 = __nv_bfloat162;
-  static PA_DEVICE t2 from_floats(float a, float b) { return __floats2bfloat162_rn(a, b); }
-  static PA_DEVICE t from_float(float a) { return __float2bfloat16_rn(a); }
-  static PA_DEVICE float to_float(t a) { return __bfloat162float(a); }
-};
-template <> struct q16<false> {
-  using t = __half;
-  using t2 = __half2;
-  static PA_DEVICE t2 from_floats(float a, float b) { return __floats2half2_rn(a, b); }
-  static PA_DEVICE t from_float(float a) { return __float2half_rn(a); }
-  static PA_DEVICE float to_float(t a) { return __half2float(a); }
-};
-
 template <typename T2> PA_DEVICE unsigned as_u32(T2 v) { return *reinterpret_cast<unsigned*>(&v); }
-
-// D += A * B for one m16n8k16 tile; a: 4 regs, b: 2 regs, d: 4 fp32 (row-major fragments).
-template <bool IS_BF16> PA_DEVICE void mma_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-  if constexpr (IS_BF16) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
-PA_DEVICE unsigned smem_addr(const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
-
-// Lane l passes the address of row (l % 8) of matrix (l / 8); register i receives matrix i,
-// lane l holding row l / 4, columns 2 (l % 4) and 2 (l % 4) + 1.
-PA_DEVICE void ldmatrix_x4(unsigned (&r)[4], const void* row_addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(row_addr)));
-}
-
-PA_DEVICE void cp_async_16(void* smem, const void* gmem) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem)), "l"(gmem));
-}
-// 4 bytes (cache-all: for small rows without 16-byte alignment, such as per-token scales).
-PA_DEVICE void cp_async_4(void* smem, const void* gmem) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(smem)), "l"(gmem));
-}
-PA_DEVICE void cp_async_4_or_zero(void* smem, const void* gmem, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(valid ? 4 : 0));
-}
-PA_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-PA_DEVICE void allow_dependent_launch() {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::);
-#endif
-}
-template <int N> PA_DEVICE void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
-PA_DEVICE float shfl_xor(float v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
-PA_DEVICE void warp_sync() { __syncwarp(); }
-PA_DEVICE float fast_exp2(float x) { return exp2f(x); }
-
-// Two adjacent 8-bit cache values (low byte first) -> a packed 16-bit pair of the query type.
-// e4m3 -> f16 is exact and one instruction on sm_89+; int8 -> f16/bf16 is exact.
-template <int KV_KIND, bool IS_BF16> PA_DEVICE unsigned widen2(unsigned short v) {
-  using Q = q16<IS_BF16>;
-  if constexpr (KV_KIND == KV_FP8_E4M3) {
-    __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(v), __NV_E4M3);
-    if constexpr (IS_BF16) {
-      float2 f = __half22float2(*reinterpret_cast<__half2*>(&h));
-      return as_u32(Q::from_floats(f.x, f.y));
-    } else {
-      return *reinterpret_cast<unsigned*>(&h);
-    }
-  } else {
-    const signed char lo = static_cast<signed char>(v & 0xff);
-    const signed char hi = static_cast<signed char>(v >> 8);
-    return as_u32(Q::from_floats(static_cast<float>(lo), static_cast<float>(hi)));
-  }
-}
 
 }  // namespace pa
 
+#ifdef PA_HIP
+#include "compat_hip.cuh"
+#else
+#include "compat_cuda.cuh"
 #endif

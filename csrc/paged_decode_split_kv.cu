@@ -66,6 +66,18 @@ struct SplitKvParams {
   int table_width;                            // block-table entries per sequence (its shape[1])
 };
 
+// A CTA's shared memory: 16 query rows (padded), then each warp's ring, which the merge
+// reuses for O, max and sum per warp and row, and each row's output offset.
+constexpr int split_kv_smem_bytes(int warps, int ring_per_warp, int head) {
+  const int q = 16 * (head + 8) * 2, ring = warps * ring_per_warp, merge = warps * 16 * (head + 2) * 4 + 16 * 8;
+  return q + (ring > merge ? ring : merge);
+}
+constexpr int split_kv_fit_warps(int warps, int ring_per_warp, int head) {
+  return warps > 1 && split_kv_smem_bytes(warps, ring_per_warp, head) > SMEM_PER_CTA
+             ? split_kv_fit_warps(warps / 2, ring_per_warp, head)
+             : warps;
+}
+
 template <bool IS_BF16, int KV_KIND, int HEAD, int BS, bool WIDE>
 struct SplitKvConfig {  // restated by hip.py's kernel_config; the same test checks both agree
   static constexpr int KV_BYTES = KV_KIND == KV_16BIT ? 2 : 1;
@@ -73,24 +85,24 @@ struct SplitKvConfig {  // restated by hip.py's kernel_config; the same test che
   static constexpr int KV_TILE = HEAD * BS * KV_BYTES;  // one cache block of K (or of V)
   static constexpr int SCALES = KV_KIND == KV_16BIT ? 0 : BS * 4;  // one block's per-token K (or V) scales
   static constexpr int STAGE = 2 * KV_TILE + 2 * SCALES;
-  // keep 2 CTAs per SM within 227 KB: fewer warps and stages for big tiles (WIDE: one CTA)
-  static constexpr int WARPS = (2 * KV_TILE >= 32768 ? 2 : 4) * (WIDE ? 2 : 1);
-  static constexpr int THREADS = 32 * WARPS;
-  static constexpr int STAGES = 2 * KV_TILE <= 8192 ? 3 : 2;
+  // Async copies overlap the next blocks with this one's math; plain copies gain nothing
+  // from a deeper ring than one stage.
+  static constexpr int STAGES = !ASYNC_COPIES ? 1 : 2 * KV_TILE <= 8192 ? 3 : 2;
   static constexpr int Q_STRIDE = HEAD + 8;  // elements; the pad spreads ldmatrix rows over banks
-  static constexpr int Q_BYTES = 16 * Q_STRIDE * 2;
-  static constexpr int RING_BYTES = WARPS * STAGES * STAGE;
-  // O, max and sum per warp and row, then each row's output offset
-  static constexpr int MERGE_BYTES = WARPS * 16 * (HEAD + 2) * 4 + 16 * 8;
-  static constexpr int SMEM_BYTES = Q_BYTES + (RING_BYTES > MERGE_BYTES ? RING_BYTES : MERGE_BYTES);
+  static constexpr int Q_BYTES = 16 * Q_STRIDE * 2;  // as split_kv_smem_bytes counts it
+  // 2 CTAs per SM within sm_90's 227 KB: fewer warps for big tiles (WIDE: one CTA, twice
+  // the warps); then halved while the tiles exceed one CTA's shared memory (gfx942: 64 KB).
+  static constexpr int WARPS = split_kv_fit_warps((2 * KV_TILE >= 32768 ? 2 : 4) * (WIDE ? 2 : 1), STAGES * STAGE, HEAD);
+  static constexpr int THREADS = 32 * WARPS;
+  static constexpr int SMEM_BYTES = split_kv_smem_bytes(WARPS, STAGES * STAGE, HEAD);
   static constexpr int NT = BS / 8;  // n-tiles of S per block
   static_assert(HEAD % 16 == 0 && BS % 16 == 0 && BS % X == 0, "unsupported head/block size");
   static_assert(KV_TILE % 512 == 0, "a warp copies tiles in 512-byte steps");
-  static_assert(SMEM_BYTES <= 227 * 1024, "more shared memory than one SM has");
+  static_assert(SMEM_BYTES <= SMEM_PER_CTA, "more shared memory than one CTA may have");
 };
 
 template <bool IS_BF16, int KV_KIND, int HEAD, int BS, bool WIDE>
-__global__ void __launch_bounds__(SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, WIDE>::THREADS)
+__global__ void __launch_bounds__((SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, WIDE>::THREADS))  // (): HIP's macro splits at commas
     paged_decode_split_kv(const PA_GRID_CONSTANT SplitKvParams p) {
   using C = SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, WIDE>;
   using Q = q16<IS_BF16>;

@@ -1,5 +1,6 @@
 """The "hip" backend: the split-KV C++ kernel of ``csrc/paged_decode_split_kv.cu``
-compiled at first use by the runtime (NVRTC on NVIDIA), then the Triton reduce.
+compiled at first use by the runtime (NVRTC on NVIDIA, hipRTC on ROCm: never run there,
+README "Platforms"), then the Triton reduce.
 
 Best at low concurrency: CTAs per (partition, kv head, sequence) keep every SM busy
 even with a handful of sequences. Each (query dtype, kv kind, head size, block size,
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -73,35 +75,70 @@ class SplitKvParams(ctypes.Structure):
     ]
 
 
-def kernel_config(head_size: int, block_size: int, kv_bytes: int, wide: bool = False) -> dict:
+@dataclass(frozen=True)
+class TileTarget:
+    """What the variants depend on besides their template arguments: compat.cuh's
+    ``SMEM_PER_CTA`` and ``ASYNC_COPIES`` of the platform, and the head sizes compiled
+    for it (tests/test_hip_backend.py compiles every variant of both without spills)."""
+
+    name: str
+    smem_per_cta: int
+    async_copies: bool
+    head_sizes: tuple[int, ...]
+
+
+SM90 = TileTarget("sm_90", SM90_SMEM_PER_CTA, async_copies=True, head_sizes=(64, 128, 256))
+# Never run on an AMD GPU (README "Platforms"). Head 256 spills to scratch there: the MMA
+# built from lane shuffles (compat_hip.cuh) needs more registers than a wave64 lane has.
+GFX942 = TileTarget("gfx942", 64 * 1024, async_copies=False, head_sizes=(64, 128))
+
+
+def tile_target(arch: str) -> TileTarget:
+    return GFX942 if arch.startswith("gfx") else SM90
+
+
+def kernel_config(head_size: int, block_size: int, kv_bytes: int, wide: bool = False, target: TileTarget = SM90) -> dict:
     """Threads and dynamic shared memory of a variant: ``SplitKvConfig`` of the C++ source,
     restated (tests/test_hip_backend.py checks both agree, through static_asserts)."""
-    kv_stage = 2 * head_size * block_size * kv_bytes
-    warps = (2 if kv_stage >= 32768 else 4) * (2 if wide else 1)
-    stages = 3 if kv_stage <= 8192 else 2
-    scales = 2 * block_size * 4 if kv_bytes == 1 else 0  # per-token K and V scales of the block
-    ring = warps * stages * (kv_stage + scales)
-    merge = warps * 16 * (head_size + 2) * 4 + 16 * 8  # + each row's output offset
-    q_bytes = 16 * (head_size + 8) * 2
-    return {"threads": 32 * warps, "smem_bytes": q_bytes + max(ring, merge)}
+    kv_tile = head_size * block_size * kv_bytes
+    stage = 2 * kv_tile + (2 * block_size * 4 if kv_bytes == 1 else 0)  # + per-token K and V scales
+    stages = (3 if 2 * kv_tile <= 8192 else 2) if target.async_copies else 1
+
+    def smem_bytes(warps: int) -> int:
+        merge = warps * 16 * (head_size + 2) * 4 + 16 * 8  # + each row's output offset
+        return 16 * (head_size + 8) * 2 + max(warps * stages * stage, merge)
+
+    warps = (2 if 2 * kv_tile >= 32768 else 4) * (2 if wide else 1)
+    while warps > 1 and smem_bytes(warps) > target.smem_per_cta:
+        warps //= 2
+    return {"threads": 32 * warps, "smem_bytes": smem_bytes(warps)}
 
 
 @functools.lru_cache(maxsize=None)  # asked on every call
-def wide_fits(head_size: int, block_size: int, kv_bytes: int, smem_per_cta: int = SM90_SMEM_PER_CTA) -> bool:
-    """Whether the wide variant of these tiles fits the shared memory a CTA may have."""
-    return kernel_config(head_size, block_size, kv_bytes, wide=True)["smem_bytes"] <= smem_per_cta
+def wide_fits(
+    head_size: int, block_size: int, kv_bytes: int, smem_per_cta: int = SM90_SMEM_PER_CTA, target: TileTarget = SM90
+) -> bool:
+    """Whether the wide variant of these tiles has its twice the warps within the target's
+    and the device's shared memory per CTA."""
+    wide = kernel_config(head_size, block_size, kv_bytes, True, target)
+    narrow = kernel_config(head_size, block_size, kv_bytes, False, target)
+    return wide["threads"] == 2 * narrow["threads"] and wide["smem_bytes"] <= smem_per_cta
 
 
 @functools.lru_cache(maxsize=None)
 def _smem_per_cta(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
+    props = torch.cuda.get_device_properties(device_index)
+    # ROCm's torch has no opt-in figure: there a workgroup's LDS is all it may have
+    return getattr(props, "shared_memory_per_block_optin", None) or props.shared_memory_per_block
 
 
-def use_wide_variant(ctas: int, num_sms: int, head_size: int, block_size: int, kv_bytes: int, smem_per_cta: int) -> bool:
+def use_wide_variant(
+    ctas: int, num_sms: int, head_size: int, block_size: int, kv_bytes: int, smem_per_cta: int, target: TileTarget = SM90
+) -> bool:
     """The wide variant when the grid is tiny (at most one CTA per 16 SMs: the call is one
     CTA's latency) and its tiles fit. Measured on the H100 (RESULTS.md section 16): 0.4-0.9 us
     faster with 2-8 CTAs, even at 16-32, slower from 64 on."""
-    return 16 * ctas <= num_sms and wide_fits(head_size, block_size, kv_bytes, smem_per_cta)
+    return 16 * ctas <= num_sms and wide_fits(head_size, block_size, kv_bytes, smem_per_cta, target)
 
 
 def template_args(q_dtype: torch.dtype, kv_dtype: torch.dtype, head_size: int, block_size: int, wide: bool) -> str:
@@ -115,29 +152,30 @@ def kernel_spec(q_dtype, kv_dtype, head_size: int, block_size: int, wide: bool, 
     return runtime.KernelSpec(source=SOURCE, entries=(f"pa::paged_decode_split_kv<{args}>",), arch=arch)
 
 
-def all_variants():
+def all_variants(target: TileTarget = SM90):
     """Every (q dtype, kv dtype, head size, block size, wide) the backend can be asked for
-    on sm_90."""
+    on the target."""
     for q_dtype in HipBackend.q_dtypes:
         for kv_dtype in (q_dtype, torch.float8_e4m3fn, torch.int8):
-            for head_size in HipBackend.head_sizes:
+            for head_size in target.head_sizes:
                 for block_size in HipBackend.block_sizes:
                     yield q_dtype, kv_dtype, head_size, block_size, False
-                    if wide_fits(head_size, block_size, kv_dtype.itemsize):
+                    if wide_fits(head_size, block_size, kv_dtype.itemsize, target.smem_per_cta, target):
                         yield q_dtype, kv_dtype, head_size, block_size, True
 
 
 def warmup_specs(arch: str = "sm_90a"):
     """The kernel specs of every variant, for ``python -m pa_hybrid.runtime warmup``."""
-    return [kernel_spec(*variant, arch) for variant in all_variants()]
+    return [kernel_spec(*variant, arch) for variant in all_variants(tile_target(arch))]
 
 
 @functools.lru_cache(maxsize=None)
 def _loaded(q_dtype, kv_dtype, head_size: int, block_size: int, wide: bool, device_index: int):
     """(function, threads, dynamic shared bytes) of one variant on one device: compiled
     (or read from the disk cache) and loaded once per process."""
-    spec = kernel_spec(q_dtype, kv_dtype, head_size, block_size, wide, runtime.arch_of(device_index))
-    cfg = kernel_config(head_size, block_size, kv_dtype.itemsize, wide)
+    arch = runtime.arch_of(device_index)
+    spec = kernel_spec(q_dtype, kv_dtype, head_size, block_size, wide, arch)
+    cfg = kernel_config(head_size, block_size, kv_dtype.itemsize, wide, tile_target(arch))
     return runtime.get_function(spec, device_index), cfg["threads"], cfg["smem_bytes"]
 
 
@@ -153,12 +191,18 @@ class HipBackend(Backend):
 
     def available(self, device_type, device_index):
         reason = runtime.unavailable_reason() or cuda_device_ok(device_index)
-        if reason is None and torch.cuda.get_device_capability(device_index) < (8, 9):
+        if reason is None and torch.version.hip:
+            arch = runtime.arch_of(device_index)
+            if arch != GFX942.name:
+                reason = f"the HIP half of csrc/compat.cuh is written for {GFX942.name} (CDNA3 MFMA), not {arch}"
+        elif reason is None and torch.cuda.get_device_capability(device_index) < (8, 9):
             reason = "needs compute capability 8.9+ (mma.sync bf16 and packed fp8 converts)"
         return reason
 
     def _capability_reasons(self, key: CallKey):
         yield from super()._capability_reasons(key)
+        if torch.version.hip and key.head_size not in GFX942.head_sizes:
+            yield f"head_size {key.head_size} is not built for {GFX942.name} (it spills to scratch there)"
         if key.gqa * key.max_qlen > 16:
             yield f"GQA x max_qlen = {key.gqa * key.max_qlen} query rows exceed one 16-row MMA tile"
         if not key.kv_is_8bit and key.kv_dtype != key.q_dtype:
@@ -167,11 +211,11 @@ class HipBackend(Backend):
     def run(self, call: DecodeCall) -> None:
         key = call.key
         num_sms = sm_count("cuda", key.device_index)
-        partition_size = split_kv_partition_size(call.num_seqs, key.num_kv_heads, key.max_seq_len, num_sms, PROGRAMS_PER_SM)
+        partition_size = partition_size_for(call, num_sms)
         grid = (-(-key.max_seq_len // partition_size), key.num_kv_heads, call.num_seqs)
         wide = use_wide_variant(
             grid[0] * grid[1] * grid[2], num_sms, key.head_size, key.block_size, key.kv_dtype.itemsize,
-            _smem_per_cta(key.device_index),
+            _smem_per_cta(key.device_index), tile_target(runtime.arch_of(key.device_index)),
         )  # fmt: skip
         function, threads, smem_bytes = _loaded(key.q_dtype, key.kv_dtype, key.head_size, key.block_size, wide, key.device_index)
         split = partition_size < key.max_seq_len
@@ -182,6 +226,12 @@ class HipBackend(Backend):
             launch_split_kv_reduce(
                 call.out, exp_sums, max_logits, tmp_out, call.context_lens, call.qo_indptr, key.max_qlen, partition_size
             )
+
+
+def partition_size_for(call: DecodeCall, num_sms: int) -> int:
+    """Tokens per CTA: ``split_kv_partition_size`` at PROGRAMS_PER_SM (also what
+    pa_hybrid/aot.py enumerates the reduce's variants with)."""
+    return split_kv_partition_size(call.num_seqs, call.key.num_kv_heads, call.key.max_seq_len, num_sms, PROGRAMS_PER_SM)
 
 
 def _params(call: DecodeCall, partition_size: int, exp_sums, max_logits, tmp_out) -> SplitKvParams:

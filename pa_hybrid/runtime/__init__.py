@@ -13,19 +13,24 @@ Nothing here imports cuda-python until it is used, so ``import pa_hybrid`` works
 without it; :func:`unavailable_reason` says whether the runtime can work here.
 ``python -m pa_hybrid.runtime info`` / ``warmup`` (see ``__main__.py``).
 
-ROCm: the interface (a spec, a code object, a function handle, a launch on torch's
-stream) is platform-neutral, but only the CUDA half exists: on a ROCm build of torch
-:func:`unavailable_reason` says so. Untested on AMD hardware.
+ROCm: on a ROCm build of torch the same names come from ``rocm.py`` (hipRTC and HIP's
+module API through hip-python): never run on an AMD GPU, see README "Platforms".
 """
 
 from __future__ import annotations
 
 import functools
 
+import torch
+
 from .compiler import CompileError, CompiledKernel, KernelSpec, WarmupResult, compile_kernel, warmup
-from .driver import DriverError, Function, arch_of, get_function, launch, launch_packed, load_function
 from .env import cache_dir
 from .usage import ResourceUsage, resource_usage
+
+if torch.version.hip:
+    from .rocm import DriverError, Function, arch_of, get_function, launch, launch_packed, load_function
+else:
+    from .driver import DriverError, Function, arch_of, get_function, launch, launch_packed, load_function
 
 __all__ = [
     "CompileError",
@@ -56,10 +61,10 @@ def driver_unavailable_reason() -> str | None:
     """None when code objects (PTX, cubins) can be loaded and launched in this process,
     else why not: the platform and cuda-python's driver bindings; not whether a GPU is
     present (backends check that)."""
-    import torch
-
     if torch.version.hip:
-        return "the runtime is not implemented on ROCm in this build (no HIP module loader yet)"
+        from .rocm import unavailable_reason as rocm_unavailable_reason
+
+        return rocm_unavailable_reason()
     try:
         from cuda.bindings import driver  # noqa: F401
     except ImportError as error:
@@ -77,7 +82,7 @@ def unavailable_reason() -> str | None:
     from .env import cuda_include_dir
 
     reason = driver_unavailable_reason()
-    if reason is not None:
+    if reason is not None or torch.version.hip:  # hip-python brings hipRTC
         return reason
     try:
         from cuda.bindings import nvrtc  # noqa: F401

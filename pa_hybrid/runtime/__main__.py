@@ -21,7 +21,7 @@ import torch
 
 from . import unavailable_reason
 from .compiler import WarmupResult, nvrtc_version, warmup
-from .driver import arch_of
+from . import arch_of  # the platform's (driver.py or rocm.py)
 from .env import CACHE_DIR_ENV, cache_dir, cuda_include_dir, find_tool
 
 

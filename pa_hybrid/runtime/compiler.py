@@ -46,7 +46,7 @@ RUNTIME_OPTIONS = (
 _IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
 _TYPE_NAME = re.compile(r"[\w:<>,\s*&]+")  # a type, never a statement or a body
 _HEADER_NAME = re.compile(r"[\w./-]+")
-_ARCH = re.compile(r"sm_\d+a?")
+_ARCH = re.compile(r"sm_\d+a?|gfx[0-9a-f]+")  # NVIDIA, or an AMD target (hipRTC, amdgcn.py)
 _INCLUDE = re.compile(rb'^\s*#\s*include\s*[<"]([^>"]+)[>"]', re.MULTILINE)
 
 
@@ -78,7 +78,7 @@ class KernelSpec:
 
     source      file name relative to ``source_dir`` (default: the package's csrc/)
     entries     NVRTC name expressions of the kernels to export, e.g. "ns::k<128, true>"
-    arch        the real architecture to build SASS for, "sm_90a" on H100/H200
+    arch        the real architecture to build for: "sm_90a" on H100/H200, "gfx942" on MI300
     includes    headers the prelude includes first (so its aliases can name their types)
     constants   (name, bool | int | float) pairs -> ``constexpr`` in the prelude
     types       (name, type) pairs -> ``using name = type;`` in the prelude
@@ -107,7 +107,7 @@ class KernelSpec:
         if not self.entries or not all(isinstance(e, str) and e.strip() for e in self.entries):
             raise ValueError(f"KernelSpec.entries: expected one or more name expressions, got {self.entries!r}")
         if not _ARCH.fullmatch(self.arch):
-            raise ValueError(f"KernelSpec.arch: expected a real architecture like 'sm_90a' or 'sm_89', got {self.arch!r}")
+            raise ValueError(f"KernelSpec.arch: expected a real architecture like 'sm_90a', 'sm_89' or 'gfx942', got {self.arch!r}")
         for header in self.includes:
             if not _HEADER_NAME.fullmatch(header):
                 raise ValueError(f"KernelSpec.includes: expected header file names, got {header!r}")

@@ -1,0 +1,100 @@
+// compat_cuda.cuh: the CUDA half of compat.cuh (which documents the API); include that.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+// A by-value kernel parameter read in place from the constant bank (no local copy).
+#define PA_GRID_CONSTANT __grid_constant__
+#define PA_NEG_INF (__int_as_float(0xff800000))
+
+namespace pa {
+
+constexpr int SMEM_PER_CTA = 227 * 1024;  // sm_90's opt-in maximum
+constexpr bool ASYNC_COPIES = true;
+
+template <bool IS_BF16> struct q16;
+template <> struct q16<true> {
+  using t = __nv_bfloat16;
+  using t2 = __nv_bfloat162;
+  static PA_DEVICE t2 from_floats(float a, float b) { return __floats2bfloat162_rn(a, b); }
+  static PA_DEVICE t from_float(float a) { return __float2bfloat16_rn(a); }
+  static PA_DEVICE float to_float(t a) { return __bfloat162float(a); }
+};
+template <> struct q16<false> {
+  using t = __half;
+  using t2 = __half2;
+  static PA_DEVICE t2 from_floats(float a, float b) { return __floats2half2_rn(a, b); }
+  static PA_DEVICE t from_float(float a) { return __float2half_rn(a); }
+  static PA_DEVICE float to_float(t a) { return __half2float(a); }
+};
+
+// D += A * B for one m16n8k16 tile; a: 4 regs, b: 2 regs, d: 4 fp32 (row-major fragments).
+template <bool IS_BF16> PA_DEVICE void mma_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+  if constexpr (IS_BF16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+PA_DEVICE unsigned smem_addr(const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
+
+// Lane l passes the address of row (l % 8) of matrix (l / 8); register i receives matrix i,
+// lane l holding row l / 4, columns 2 (l % 4) and 2 (l % 4) + 1.
+PA_DEVICE void ldmatrix_x4(unsigned (&r)[4], const void* row_addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(row_addr)));
+}
+
+PA_DEVICE void cp_async_16(void* smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem)), "l"(gmem));
+}
+// 4 bytes (cache-all: for small rows without 16-byte alignment, such as per-token scales).
+PA_DEVICE void cp_async_4(void* smem, const void* gmem) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(smem)), "l"(gmem));
+}
+PA_DEVICE void cp_async_4_or_zero(void* smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(valid ? 4 : 0));
+}
+PA_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+PA_DEVICE void allow_dependent_launch() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::);
+#endif
+}
+template <int N> PA_DEVICE void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+PA_DEVICE float shfl_xor(float v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
+PA_DEVICE void warp_sync() { __syncwarp(); }
+PA_DEVICE float fast_exp2(float x) { return exp2f(x); }
+
+// Two adjacent 8-bit cache values (low byte first) -> a packed 16-bit pair of the query type.
+// e4m3 -> f16 is exact and one instruction on sm_89+; int8 -> f16/bf16 is exact.
+template <int KV_KIND, bool IS_BF16> PA_DEVICE unsigned widen2(unsigned short v) {
+  using Q = q16<IS_BF16>;
+  if constexpr (KV_KIND == KV_FP8_E4M3) {
+    __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(v), __NV_E4M3);
+    if constexpr (IS_BF16) {
+      float2 f = __half22float2(*reinterpret_cast<__half2*>(&h));
+      return as_u32(Q::from_floats(f.x, f.y));
+    } else {
+      return *reinterpret_cast<unsigned*>(&h);
+    }
+  } else {
+    const signed char lo = static_cast<signed char>(v & 0xff);
+    const signed char hi = static_cast<signed char>(v >> 8);
+    return as_u32(Q::from_floats(static_cast<float>(lo), static_cast<float>(hi)));
+  }
+}
+
+}  // namespace pa

@@ -1,0 +1,83 @@
+"""The hip backend's C++ kernel through HIP, checked without an AMD GPU: every variant the
+dispatcher can pick on gfx942 compiles with clang 19 (compat.cuh's HIP half) without
+spilling to scratch memory, and hip.py's launch configuration for gfx942 matches the
+C++ one. Spills from register to register touch no memory and are allowed: a few
+variants move VGPRs into AGPRs (the other half of gfx942's unified register file) or
+SGPRs into VGPR lanes; ``python -m pa_hybrid.runtime.amdgcn`` lists them. Needs clang-19 and the HIP headers (CI installs them; elsewhere the tests skip,
+unless CI is set). Nothing here runs a kernel: see README "Platforms"."""
+
+import ctypes
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pa_hybrid.backends import hip
+from pa_hybrid.runtime import KernelSpec, amdgcn, env, rocm
+
+DATA = Path(__file__).parent / "data"
+CLANG = amdgcn.find_clang()
+
+needs_clang = pytest.mark.skipif(
+    CLANG is None and not os.environ.get("CI"), reason=f"no clang with HIP headers: {amdgcn.INSTALL_HINT}"
+)
+
+
+@needs_clang
+def test_every_gfx942_variant_compiles_without_spilling_to_memory():
+    specs = hip.warmup_specs("gfx942")
+    assert len(specs) == 34  # head sizes 64 and 128 (24), 10 of them also wide
+    results = amdgcn.compile_variants(specs, CLANG)
+    for spec, kernels in results.items():
+        (kernel,) = kernels
+        assert kernel.name.startswith("_ZN2pa21paged_decode_split_kv"), kernel
+        assert kernel.scratch_bytes == 0, f"{spec.entries[0]} spills to scratch memory: {kernel}"
+        assert kernel.explicit_arg_bytes == ctypes.sizeof(hip.SplitKvParams), kernel  # the struct, by value
+        assert 0 < kernel.vgprs <= 512, kernel
+
+
+@needs_clang
+def test_the_check_sees_a_spill(tmp_path):
+    (tmp_path / "spill.cu").write_text(
+        "#include <hip/hip_runtime.h>\n"
+        "__global__ void spills(float* out, int i) { float local[256];\n"
+        "  for (int j = 0; j < 256; ++j) local[j] = out[j] * j;\n  out[0] = local[i & 255]; }\n"
+    )
+    spec = KernelSpec("spill.cu", ("spills",), "gfx942", source_dir=tmp_path)
+    (kernel,) = amdgcn.compile_variant(spec, CLANG, tmp_path)
+    assert kernel.scratch_bytes > 0
+
+
+@needs_clang
+def test_python_mirror_matches_the_cpp_config_on_gfx942(tmp_path):
+    checks = [f"static_assert(sizeof(pa::SplitKvParams) == {ctypes.sizeof(hip.SplitKvParams)});"]
+    for q_dtype, kv_dtype, head_size, block_size, wide in hip.all_variants(hip.GFX942):
+        cfg = hip.kernel_config(head_size, block_size, kv_dtype.itemsize, wide, hip.GFX942)
+        cls = f"pa::SplitKvConfig<{hip.template_args(q_dtype, kv_dtype, head_size, block_size, wide)}>"
+        checks.append(f'static_assert({cls}::SMEM_BYTES == {cfg["smem_bytes"]}, "smem");')
+        checks.append(f'static_assert({cls}::THREADS == {cfg["threads"]}, "threads");')
+    (tmp_path / "expected_layout.h").write_text("\n".join(checks) + "\n")
+    command = [CLANG, "-x", "hip", "-std=c++17", "--offload-arch=gfx942", "--cuda-device-only", "-nogpulib"]
+    command += ["-fsyntax-only", f"-I{env.csrc_dir()}", f"-I{tmp_path}", str(DATA / "split_kv_layout_check.cu")]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_wide_variant_on_gfx942_only_where_twice_the_warps_fit_64kb():
+    assert hip.wide_fits(64, 16, 2, 64 * 1024, hip.GFX942)
+    assert not hip.wide_fits(128, 16, 2, 64 * 1024, hip.GFX942)  # 8 warps' merge buffers exceed 64 KB
+    assert hip.kernel_config(256, 32, 2, False, hip.GFX942)["threads"] == 32  # halved until it fits
+
+
+def test_rocm_launch_buffer_follows_hips_extra_protocol():
+    params = hip.SplitKvParams(gqa=4)
+    extra, size = rocm.extra_buffer(params)
+    assert list(extra) == [1, ctypes.addressof(params), 2, ctypes.addressof(size), 3]  # POINTER, SIZE, END
+    assert size.value == ctypes.sizeof(hip.SplitKvParams)
+
+
+def test_hiprtc_compiles_for_the_specs_target_with_the_csrc_headers():
+    options = rocm.hiprtc_options(hip.kernel_spec(*next(hip.all_variants(hip.GFX942)), "gfx942"))
+    assert options[:3] == ["--offload-arch=gfx942", "-std=c++17", "-O3"]
+    assert options[3] == f"-I{env.csrc_dir().resolve()}"
