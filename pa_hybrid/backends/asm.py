@@ -19,6 +19,7 @@ from .. import runtime
 from ..call import SCALES_PER_TOKEN, CallKey, DecodeCall
 from ..kernels.decode import LOG2E
 from ..layouts import KV_DTYPES
+from . import asm_aiter
 from .base import Backend, cuda_device_ok, sm_count
 
 
@@ -218,4 +219,5 @@ def params(call: DecodeCall) -> AsmParams:
     )
 
 
-BACKEND = AsmBackend()
+BACKEND = asm_aiter.BACKEND if torch.version.hip else AsmBackend()
+"""On ROCm the asm slot runs aiter's code objects instead of this PTX (backends/asm_aiter.py)."""
