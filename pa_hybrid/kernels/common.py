@@ -51,6 +51,19 @@ def _capability(device_index: int) -> tuple:
     return torch.cuda.get_device_capability(device_index)
 
 
+def warp_size_of(device: torch.device) -> int:
+    """Threads per warp on ``device``: 64 on AMD CDNA GPUs (wavefronts), 32 on NVIDIA and
+    AMD RDNA GPUs, and taken as 32 under the interpreter (where nothing depends on it)."""
+    if device.type != "cuda":
+        return 32
+    return _warp_size(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _warp_size(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).warp_size
+
+
 def dot_dtype(q_dtype: torch.dtype):
     """The operand dtype of ``tl.dot`` for queries of ``q_dtype``: the query dtype
     itself, except under the interpreter, whose ``tl.dot`` multiplies bf16 operands

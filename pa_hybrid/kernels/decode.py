@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import dot_dtype, k_tile_offset, v_tile_offset, visible_tokens
+from .common import dot_dtype, k_tile_offset, v_tile_offset, visible_tokens, warp_size_of
 
 LOG2E = 1.4426950408889634
 
@@ -221,12 +221,21 @@ def _paged_decode_kernel(
         tl.store(out_ptr + o_offs, tl.zeros([M, HEAD_SIZE], dtype=out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-def decode_tile_config(head_size: int, block_size: int) -> tuple[int, int, int]:
+def decode_tile_config(head_size: int, block_size: int, warp_size: int = 32) -> tuple[int, int, int]:
     """(BLOCK_N, num_warps, num_stages). Measured on an H100 (benchmarks/RESULTS.md):
     128-token tiles with 4 warps and 2 stages were the best or within 2% of it on
-    every bulk bf16 shape; 8 warps lost 20-30% (the M=16 rows leave them idle)."""
+    every bulk bf16 shape; 8 warps lost 20-30% (the M=16 rows leave them idle).
+
+    Those tiles do not carry over to a wave64 GPU (AMD CDNA). Compiled for gfx942
+    (``python -m pa_hybrid.aot``) they took up to 398 VGPRs with Triton 3.9 and 484 with
+    3.6 (one wave per SIMD) and spilled in most 8-bit variants of the benchmark's shapes;
+    so did 2 warps (128 threads, as on the H100) with 128- or 64-token tiles under one of
+    the two versions. Quarter tiles in one stage spill under neither, in at most 156
+    VGPRs (three waves per SIMD). Not timed on an AMD GPU."""
     block_n = 64 if head_size >= 256 else 128
-    return max(block_n, block_size), 4, 2
+    if warp_size == 32:
+        return max(block_n, block_size), 4, 2
+    return max(block_n // 4, block_size), 4, 1
 
 
 def launch_paged_decode(
@@ -259,7 +268,7 @@ def launch_paged_decode(
     num_seqs = context_lens.shape[0]
     num_kv_heads = K.shape[1]
     rows = max(16, triton.next_power_of_2(max_qlen * gqa))
-    block_n, num_warps, num_stages = decode_tile_config(head_size, block_size)
+    block_n, num_warps, num_stages = decode_tile_config(head_size, block_size, warp_size_of(Q.device))
     write_out = num_partitions == 1
     # unused pointers still need a valid tensor
     k_scale = k_scale if k_scale is not None else context_lens
