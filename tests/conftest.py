@@ -1,6 +1,12 @@
 """Test setup: without a GPU every Triton kernel runs under Triton's CPU
 interpreter (TRITON_INTERPRET=1, set before triton is imported); with one, the
-same tests run on ``cuda`` with the kernels compiled for it."""
+same tests run on ``cuda`` with the kernels compiled for it: an NVIDIA GPU, or an
+AMD one under a ROCm build of torch (``torch.version.hip`` set, device still ``cuda``).
+
+Tests that need something only NVIDIA's stack has (PTX, NVRTC cubins, the CUDA driver
+API, FlashInfer) say so with :func:`requires_nvidia`; a forced backend that cannot run
+a call is skipped with the backend's own reason (:func:`skip_if_unsupported`).
+"""
 
 import os
 
@@ -12,6 +18,12 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ROCM = torch.version.hip is not None
+"""A ROCm build of torch: ``cuda`` devices are AMD GPUs, driven through HIP."""
+PLATFORM = f"ROCm (torch.version.hip {torch.version.hip})" if ROCM else (
+    f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only build"
+)
+"""What this torch was built for, as the report header and skip reasons name it."""
 
 
 @pytest.fixture
@@ -29,23 +41,89 @@ def _fresh_seed():
 
 
 def pytest_report_header(config):
-    mode = "GPU: " + torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU: Triton interpreter"
-    return f"pa_hybrid tests on {mode}"
+    if DEVICE == "cuda":
+        mode = "GPU: " + torch.cuda.get_device_name()
+        if ROCM:  # the offload target, e.g. gfx942:sramecc+:xnack-
+            mode += f" ({torch.cuda.get_device_properties(0).gcnArchName})"
+    else:
+        mode = "CPU: Triton interpreter"
+    return f"pa_hybrid tests on {mode}; torch {torch.__version__} built for {PLATFORM}"
 
 
 requires_gpu = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU (none found; CPU runs use the Triton interpreter)")
 
 
+def requires_nvidia(what: str):
+    """Skip unless the tests run on an NVIDIA GPU, for a GPU test that needs ``what``,
+    something only NVIDIA's stack has (PTX, NVRTC cubins, the CUDA driver API, FlashInfer).
+    Without a GPU it is :data:`requires_gpu`; on a ROCm build of torch the reason names
+    ``what``. (Backends that cannot run a call are skipped by :func:`skip_if_unsupported`
+    with their own reason instead.)"""
+    if DEVICE != "cuda":
+        return requires_gpu
+    return pytest.mark.skipif(ROCM, reason=f"NVIDIA only: {what}; this torch is built for {PLATFORM}")
+
+
+def requires_cuda_torch(what: str):
+    """Skip on a ROCm build of torch, with or without a GPU, for a test of the CUDA half of
+    the package (``runtime/driver.py``, cuda-python) that the ROCm half does differently."""
+    return pytest.mark.skipif(ROCM, reason=f"CUDA build of torch only: {what}; this torch is built for {PLATFORM}")
+
+
+def nvrtc_unavailable_reason() -> str | None:
+    """Why NVRTC (``runtime/compiler.py``, ``runtime.compile_kernel``) cannot compile here,
+    or None. On a CUDA build of torch this is ``runtime.unavailable_reason()``. On a ROCm
+    build that reason is hipRTC's (``runtime/rocm.py``), so NVRTC is checked on its own:
+    compiling for sm_90a needs no GPU, only cuda-python, NVRTC and the CUDA headers."""
+    from pa_hybrid import runtime
+
+    if not ROCM:
+        return runtime.unavailable_reason()
+    from pa_hybrid.runtime.compiler import nvrtc_version
+    from pa_hybrid.runtime.env import cuda_include_dir
+
+    try:
+        nvrtc_version()
+    except Exception as error:  # no cuda-python (ImportError) or no libnvrtc (the loader's own error)
+        return (
+            f"NVRTC is not usable beside this ROCm build of torch ({type(error).__name__}: {error}); "
+            f"the sm_90a compile tests need {runtime.PIP_HINT}"
+        )
+    if cuda_include_dir() is None:
+        return "CUDA headers (cuda_fp16.h) not found: pip install nvidia-cuda-runtime, or set CUDA_HOME"
+    return None
+
+
 def skip_if_unsupported(backend: str, case: dict) -> None:
     """Skip (with the backend's own reason) when a forced backend cannot run this call."""
+    reason = unsupported_reason(backend, case)
+    if reason is not None:
+        pytest.skip(f"{backend} cannot run this call: {reason}")
+
+
+def unsupported_reason(backend: str, case: dict) -> str | None:
+    """Why a forced backend cannot run the call of ``case`` (None for "auto"): what
+    ``dispatch.unavailable_reason`` says, else what the backend would refuse at launch."""
     if backend == "auto":
-        return
+        return None
     from pa_hybrid import dispatch
     from pa_hybrid.call import build_call
 
     scratchless = dict(case, exp_sums=None, max_logits=None, tmp_out=None)
     for name in ("out_", "backend"):
         scratchless.pop(name, None)
-    reason = dispatch.unavailable_reason(backend, build_call(**scratchless).key)
-    if reason is not None:
-        pytest.skip(f"{backend} cannot run this call: {reason}")
+    call = build_call(**scratchless)
+    return dispatch.unavailable_reason(backend, call.key) or _launch_time_reason(backend, call)
+
+
+def _launch_time_reason(backend: str, call) -> str | None:
+    """What a backend refuses only at launch, the tensors' strides being no part of the call
+    key: on ROCm, aiter's kernels in the asm slot take fewer strides than a call may have
+    (heads apart in Q, V strides other than K's: asm_aiter.layout_mismatch); the PTX
+    kernels take any."""
+    from pa_hybrid import dispatch
+    from pa_hybrid.backends import asm_aiter
+
+    if isinstance(dispatch.registered().get(backend), asm_aiter.AiterAsmBackend):
+        return asm_aiter.layout_mismatch(call)
+    return None

@@ -3,7 +3,9 @@ without spills, matches the manifest and the Python argument block; supports() a
 the kernel choice as a table; and (on a GPU) forced backend="asm" matches the
 reference over dtypes, GQA 1..16, qlen 1..4, ragged/zero/non-multiple lengths and
 strided Q (the shared tests in test_paged_attention_common.py and
-test_torch_integration.py, graph capture included, run it too)."""
+test_torch_integration.py, graph capture included, run it too). On a ROCm build of
+torch the "asm" slot is aiter's backend (test_aiter_code_objects.py): the GPU tests
+here name PTX kernels, so there they are skipped with its reason."""
 
 import ctypes
 import importlib.util
@@ -102,7 +104,7 @@ def _key(**change):
 
 
 def test_supports_states_what_the_kernels_cover():
-    backend = asm.BACKEND
+    backend = asm.AsmBackend()  # the PTX kernels' backend, also on ROCm, where asm.BACKEND is aiter's
     assert backend.supports(_key()) is None
     assert backend.supports(_key(gqa=16, max_qlen=2)) is None
     assert backend.supports(_key(kv_dtype=torch.int8, scales="per_token", high_precision=2)) is None

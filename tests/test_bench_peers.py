@@ -28,7 +28,7 @@ from pa_hybrid.bench.peers.inputs import peer_inputs, requantize_per_tensor
 from pa_hybrid.reference import gather_sequence_kv, reference_paged_attention
 from pa_hybrid.testing import make_decode_case
 
-from conftest import DEVICE, requires_gpu
+from conftest import DEVICE, requires_nvidia
 
 
 def nhd_attention(inputs) -> torch.Tensor:
@@ -286,7 +286,7 @@ def test_grid_jit_specs_cover_each_gqa_ratio_and_kv_dtype():
     assert sum("xqa" in n and "e4m3" in n for n in names) == 2
 
 
-@requires_gpu
+@requires_nvidia("FlashInfer's kernels and cuDNN are CUDA-only peers (their checks read compute capability, 9.4 on an MI300)")
 @pytest.mark.parametrize("peer", FLASHINFER_PEERS, ids=lambda p: p.name)
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("heads", [(32, 8), (16, 1), (64, 4)], ids=["gqa4", "gqa16-1kv", "gqa16"])

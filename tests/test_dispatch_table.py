@@ -11,10 +11,9 @@ from pa_hybrid import dispatch, dispatch_table
 from pa_hybrid.bench.decode import DEFAULT_WORKLOAD, DecodeCase, enumerate_cases, load_workload
 from pa_hybrid.call import build_call
 from pa_hybrid.dispatch_table import DispatchTable, build_table, format_table, kv_class
-from pa_hybrid.testing import make_decode_case
 from pa_hybrid.tune import Measurement, format_regrets, pick, policy_regrets, shape_models
 
-from test_dispatch import StandIn, all_four, key
+from test_dispatch import all_four, key
 
 GPU, CC = "Test GPU 80GB", (9, 0)
 BF16, FP8, INT8 = torch.bfloat16, torch.float8_e4m3fn, torch.int8

@@ -2,7 +2,10 @@
 usage, the command line, and loading/launching on the GPU (skipped without one).
 
 Test kernels live in tests/data: vector_add.cu (+ vector_add.cuh), scaled_copy.cu
-(configured by the generated prelude) and axpy.ptx (launched with a packed buffer)."""
+(configured by the generated prelude) and axpy.ptx (launched with a packed buffer).
+They are CUDA C++ and PTX, so the GPU tests here need an NVIDIA GPU; the compile
+tests need NVRTC only, and run beside a ROCm build of torch too where it is installed
+(the ROCm half of the runtime, runtime/rocm.py, is tested in test_hip_rocm_compile.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import requires_gpu
+from conftest import nvrtc_unavailable_reason, requires_cuda_torch, requires_nvidia
 
 from pa_hybrid import runtime
 from pa_hybrid.runtime import __main__ as cli
@@ -27,8 +30,15 @@ from pa_hybrid.runtime.usage import parse_cuobjdump_usage, parse_ptxas_report
 
 DATA = Path(__file__).parent / "data"
 ARCH = "sm_90a"  # compile-only tests target the H100/H200 arch whatever the machine
-_REASON = runtime.unavailable_reason()
+_REASON = nvrtc_unavailable_reason()
 needs_nvrtc = pytest.mark.skipif(_REASON is not None, reason=f"runtime unavailable: {_REASON}")
+_RUNTIME_REASON = runtime.unavailable_reason()  # the same as _REASON on a CUDA build of torch
+# the warmup command checks runtime.unavailable_reason() (hipRTC's on ROCm), then compiles with NVRTC
+needs_runtime = pytest.mark.skipif(_RUNTIME_REASON is not None, reason=f"runtime unavailable: {_RUNTIME_REASON}")
+
+# what the GPU tests need that only NVIDIA has
+CUDA_KERNELS = "the test kernels are CUDA C++ for NVRTC (tests/data/vector_add.cu: cuda_fp16.h, -default-device)"
+PTX = "loads tests/data/axpy.ptx (PTX, which HIP cannot load)"
 
 ADD_FLOAT = "pa_test::vector_add<float>"
 ADD_HALF = "pa_test::vector_add<__half>"
@@ -366,6 +376,7 @@ Resource usage:
 # --- availability, import, command line ---------------------------------------------------
 
 
+@requires_cuda_torch("on ROCm the runtime's reason is hip-python's (runtime/rocm.py), cuda-python is not asked")
 def test_unavailable_reason_without_cuda_python(monkeypatch):
     monkeypatch.setitem(sys.modules, "cuda.bindings", None)  # makes the import fail
     runtime.unavailable_reason.cache_clear()
@@ -388,7 +399,8 @@ def test_import_needs_no_cuda_python():
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=120
     )
     assert done.returncode == 0, done.stderr
-    assert "cuda-python is not installed" in done.stdout
+    if not torch.version.hip:  # on ROCm the reason is hip-python's (runtime/rocm.py): cuda-python is not asked
+        assert "cuda-python is not installed" in done.stdout
 
 
 def warmup_specs(arch):
@@ -401,6 +413,7 @@ def spilling_specs(arch):
 
 
 @needs_nvrtc
+@needs_runtime
 def test_warmup_command_fills_the_cache(cache, capsys):
     assert cli.main(["warmup", "--specs", "test_runtime:warmup_specs", "--arch", ARCH, "--no-spills"]) == 0
     out = capsys.readouterr().out
@@ -410,6 +423,7 @@ def test_warmup_command_fills_the_cache(cache, capsys):
 
 
 @needs_nvrtc
+@needs_runtime
 def test_warmup_command_fails_on_spills_and_compile_errors(cache, capsys):
     assert cli.main(["warmup", "--specs", "test_runtime:spilling_specs", "--arch", ARCH]) == 0
     assert cli.main(["warmup", "--specs", "test_runtime:spilling_specs", "--arch", ARCH, "--no-spills"]) == 1
@@ -430,6 +444,7 @@ def test_packed_struct_layout_matches_the_kernels():
     assert [getattr(AxpyArgs, f).offset for f in ("x", "y", "alpha", "n")] == [0, 8, 16, 20]
 
 
+@requires_cuda_torch("runtime/rocm.py's launch does not check its arguments (driver.py's does)")
 def test_launch_refuses_untyped_and_host_arguments():
     # checked before anything reaches the driver, so no GPU is needed
     with pytest.raises(TypeError, match=r"args\[1\]: .*Python numbers have no C type"):
@@ -457,7 +472,7 @@ def gpu(cache):
     return torch.cuda.current_device()
 
 
-@requires_gpu
+@requires_nvidia(CUDA_KERNELS)
 @needs_nvrtc
 def test_launch_with_listed_arguments(gpu):
     device = gpu
@@ -471,7 +486,7 @@ def test_launch_with_listed_arguments(gpu):
     assert runtime.get_function(spec, device, ADD_FLOAT) is runtime.get_function(spec, device, ADD_FLOAT)
 
 
-@requires_gpu
+@requires_nvidia(f"{CUDA_KERNELS}; {PTX}")
 @needs_nvrtc
 def test_launch_with_a_by_value_struct_and_a_packed_buffer(gpu):
     device = gpu
@@ -488,7 +503,7 @@ def test_launch_with_a_by_value_struct_and_a_packed_buffer(gpu):
     torch.testing.assert_close(y, expected)
 
 
-@requires_gpu
+@requires_nvidia(CUDA_KERNELS)
 @needs_nvrtc
 def test_launch_follows_the_current_and_a_given_stream(gpu):
     device = gpu
@@ -510,7 +525,7 @@ def test_launch_follows_the_current_and_a_given_stream(gpu):
         assert bool((out == 2).all()), f"explicit stream={explicit}"
 
 
-@requires_gpu
+@requires_nvidia(f"{CUDA_KERNELS}; {PTX}")
 @needs_nvrtc
 def test_launches_are_captured_by_cuda_graphs(gpu):
     device = gpu
@@ -531,7 +546,7 @@ def test_launches_are_captured_by_cuda_graphs(gpu):
         torch.testing.assert_close(out, a + b + 2 * a)
 
 
-@requires_gpu
+@requires_nvidia(f"{CUDA_KERNELS}; the CUDA driver's opt-in above 48 KB")
 @needs_nvrtc
 def test_dynamic_shared_memory_above_48_kb(gpu):
     device = gpu
@@ -545,7 +560,7 @@ def test_dynamic_shared_memory_above_48_kb(gpu):
         runtime.launch(function, 1, 256, 1 << 20, [x, out, ctypes.c_int32(n)])
 
 
-@requires_gpu
+@requires_nvidia(f"{CUDA_KERNELS}; CUDA driver contexts (cuCtxGetCurrent)")
 @needs_nvrtc
 def test_launch_from_a_thread_without_a_current_context(gpu):
     device = gpu
@@ -570,7 +585,7 @@ def test_launch_from_a_thread_without_a_current_context(gpu):
     assert seen["after"] == seen["before"]  # the primary context was pushed for the launch only
 
 
-@requires_gpu
+@requires_nvidia(f"{CUDA_KERNELS}; NVRTC cubins and the CUDA driver's function attributes")
 @needs_nvrtc
 def test_driver_usage_agrees_with_the_compile_report(gpu):
     device = gpu
@@ -584,7 +599,7 @@ def test_driver_usage_agrees_with_the_compile_report(gpu):
             assert loaded.max_threads > 0
 
 
-@requires_gpu
+@requires_nvidia(f"{PTX}; the CUDA driver's PTX assembler log")
 @needs_nvrtc
 def test_broken_ptx_error_carries_the_assemblers_log():
     broken = (DATA / "axpy.ptx").read_bytes().replace(b"fma.rn.f32", b"fma.bogus.f32")
