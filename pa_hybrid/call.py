@@ -47,6 +47,7 @@ class CallKey(NamedTuple):
     concurrency: int  # sequences in decode, query rows with max_qlen > 1
     max_seq_len: int
     aligned: bool = True  # K/V blocks 16-byte aligned, Q/out rows 4-byte aligned (see aligned_for_native)
+    row_strides_suffice: bool = True  # see row_strides_suffice: no strides beyond rows and K's are needed
 
     @property
     def kv_is_8bit(self) -> bool:
@@ -65,6 +66,18 @@ class CallKey(NamedTuple):
 def _aligned(t: torch.Tensor, unit: int, dims: int) -> bool:
     size = t.element_size()
     return t.data_ptr() % unit == 0 and all(t.stride(d) * size % unit == 0 for d in range(dims))
+
+
+def row_strides_suffice(Q, out, K, V, k_scale, v_scale, per_token: bool) -> bool:
+    """Whether a kernel told only Q's row stride and K's block and head strides can address
+    the call (aiter's asm kernels on ROCm take no others): Q's heads adjacent, ``out``
+    dense, V with K's block and head strides, per-token scales dense."""
+    return (
+        (Q.shape[1] == 1 or Q.stride(1) == Q.shape[2])
+        and out.is_contiguous()
+        and V.stride()[:2] == K.stride()[:2]
+        and (not per_token or (k_scale.is_contiguous() and v_scale.is_contiguous()))
+    )
 
 
 def aligned_for_native(Q, out, K, V) -> bool:
@@ -291,6 +304,7 @@ def build_call(
         concurrency=concurrency,
         max_seq_len=max_seq_len,
         aligned=aligned_for_native(Q, out, K, V),
+        row_strides_suffice=row_strides_suffice(Q, out, K, V, k_scale, v_scale, scales == SCALES_PER_TOKEN),
     )
     return DecodeCall(
         key=key,

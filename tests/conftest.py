@@ -103,7 +103,7 @@ def skip_if_unsupported(backend: str, case: dict) -> None:
 
 def unsupported_reason(backend: str, case: dict) -> str | None:
     """Why a forced backend cannot run the call of ``case`` (None for "auto"): what
-    ``dispatch.unavailable_reason`` says, else what the backend would refuse at launch."""
+    ``dispatch.unavailable_reason`` says."""
     if backend == "auto":
         return None
     from pa_hybrid import dispatch
@@ -113,17 +113,4 @@ def unsupported_reason(backend: str, case: dict) -> str | None:
     for name in ("out_", "backend"):
         scratchless.pop(name, None)
     call = build_call(**scratchless)
-    return dispatch.unavailable_reason(backend, call.key) or _launch_time_reason(backend, call)
-
-
-def _launch_time_reason(backend: str, call) -> str | None:
-    """What a backend refuses only at launch, the tensors' strides being no part of the call
-    key: on ROCm, aiter's kernels in the asm slot take fewer strides than a call may have
-    (heads apart in Q, V strides other than K's: asm_aiter.layout_mismatch); the PTX
-    kernels take any."""
-    from pa_hybrid import dispatch
-    from pa_hybrid.backends import asm_aiter
-
-    if isinstance(dispatch.registered().get(backend), asm_aiter.AiterAsmBackend):
-        return asm_aiter.layout_mismatch(call)
-    return None
+    return dispatch.unavailable_reason(backend, call.key)

@@ -287,7 +287,7 @@ def _call(**options):
 def test_the_buffer_is_packed_as_aiters_launcher_packs_it():
     call = _call(kv_dtype=torch.int8, scales="per_token", strided_q=True, max_qlen=3)
     args = asm_aiter.pack_args(call)
-    assert asm_aiter.layout_mismatch(call) is None
+    assert call.key.row_strides_suffice
     pointers = dict(
         out=call.out, q=call.Q, k=call.K, v=call.V, block_tables=call.block_tables, context_lens=call.context_lens,
         k_scale=call.k_scale, v_scale=call.v_scale, qo_indptr=call.qo_indptr,
@@ -303,15 +303,17 @@ def test_the_buffer_is_packed_as_aiters_launcher_packs_it():
 
 
 def test_layouts_the_launcher_cannot_describe_are_refused():
-    call = _call()
-    call.out = torch.empty(call.out.shape[0], call.out.shape[1] + 1, 128, dtype=call.out.dtype)[:, 1:]
-    assert asm_aiter.layout_mismatch(call).startswith("out_: aiter's kernels write a dense")
-    call = _call()
-    call.Q = call.Q.transpose(0, 1).contiguous().transpose(0, 1)
-    assert asm_aiter.layout_mismatch(call).startswith("Q: aiter's kernels need adjacent heads")
-    call = _call()
-    call.V = torch.empty((call.V.shape[0], 3) + call.V.shape[2:], dtype=call.V.dtype)[:, :2]
-    assert asm_aiter.layout_mismatch(call).startswith("V: aiter's kernels take K's block and head strides")
-    call = _call(kv_dtype=torch.int8, scales="per_token")
-    call.k_scale = call.k_scale.transpose(0, 1).contiguous().transpose(0, 1)
-    assert asm_aiter.layout_mismatch(call).startswith("K_QScale_asm: aiter's kernels read dense")
+    def refused(**changes):
+        case = make_decode_case([5, 40, 0], num_heads=16, num_kv_heads=2, device="cpu", **changes.pop("options", {}))
+        key = build_call(**dict(case, exp_sums=None, max_logits=None, tmp_out=None, **changes)).key
+        return not key.row_strides_suffice and any("row stride" in r for r in asm_aiter.BACKEND._capability_reasons(key) if r)
+
+    case = make_decode_case([5, 40, 0], num_heads=16, num_kv_heads=2, device="cpu")
+    out, Q, V = case["Q"].new_empty(case["Q"].shape), case["Q"], case["V"]
+    assert not refused()
+    assert refused(out_=torch.empty(out.shape[0], out.shape[1] + 1, 128, dtype=out.dtype)[:, 1:])
+    assert refused(Q=Q.transpose(0, 1).contiguous().transpose(0, 1))
+    assert refused(V=torch.empty((V.shape[0], 3) + V.shape[2:], dtype=V.dtype)[:, :2])
+    scaled = make_decode_case([5, 40, 0], num_heads=16, num_kv_heads=2, device="cpu", kv_dtype=torch.int8, scales="per_token")
+    k_scale = scaled["K_QScale_asm"].transpose(0, 1).contiguous().transpose(0, 1)
+    assert refused(options=dict(kv_dtype=torch.int8, scales="per_token"), K_QScale_asm=k_scale, V_QScale_asm=k_scale)

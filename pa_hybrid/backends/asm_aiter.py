@@ -219,26 +219,6 @@ def kernel_for(key: CallKey, arch: str) -> AiterKernel | str:
     return reason
 
 
-def layout_mismatch(call: DecodeCall) -> str | None:
-    """Why the call's tensors cannot be handed to aiter's kernels, or None: the launcher
-    passes Q's row stride only, no output strides, one block/head stride pair (K's) for
-    K and V, and no scale strides. (Not in the call key, so found at launch.)"""
-    Q, out, K, V, k_scale, v_scale = call.Q, call.out, call.K, call.V, call.k_scale, call.v_scale
-    if Q.shape[1] > 1 and Q.stride(1) != Q.shape[2]:
-        return f"Q: aiter's kernels need adjacent heads (stride(1) == head_size {Q.shape[2]}), got strides {Q.stride()}"
-    if not out.is_contiguous():
-        return f"out_: aiter's kernels write a dense [rows, num_heads, head_size] output, got strides {out.stride()}"
-    if V.stride()[:2] != K.stride()[:2]:
-        return f"V: aiter's kernels take K's block and head strides {K.stride()[:2]} for V too, got {V.stride()[:2]}"
-    for name, scale in (("K_QScale_asm", k_scale), ("V_QScale_asm", v_scale)):
-        if call.key.kv_is_8bit and not scale.is_contiguous():
-            return (
-                f"{name}: aiter's kernels read dense [num_blocks, num_kv_heads, block_size] scales, "
-                f"got strides {scale.stride()}"
-            )
-    return None
-
-
 def pack_args(call: DecodeCall) -> AiterPaArgs:
     """The argument buffer for the call, as aiter's pa_fwd fills it, but with the call's
     softmax scale (pa_fwd always passes 1/sqrt(head_size))."""
@@ -283,6 +263,11 @@ class AiterAsmBackend(Backend):
 
     def _capability_reasons(self, key: CallKey):
         yield from super()._capability_reasons(key)
+        if not key.row_strides_suffice:
+            yield (
+                "aiter's launcher passes Q's row stride and K's block and head strides only: it needs Q's heads "
+                "adjacent, a dense out_, V with K's strides and dense per-token scales (CallKey.row_strides_suffice)"
+            )
         if key.scales == SCALES_PER_TENSOR:
             yield "aiter's kernels read per-token scales (K_QScale_asm/V_QScale_asm), not per-tensor (K_QScale_hip)"
         if key.device_type == "cuda" and cuda_device_ok(key.device_index) is None:
@@ -293,9 +278,6 @@ class AiterAsmBackend(Backend):
                 yield f"{choice.symbol} takes exactly {choice.mtp - 10} query rows per sequence, not qo_indptr's"
 
     def run(self, call: DecodeCall) -> None:
-        reason = layout_mismatch(call)
-        if reason is not None:
-            raise ValueError(reason)
         key = call.key
         arch = runtime.arch_of(key.device_index)
         kernel = kernel_for(key, arch)
