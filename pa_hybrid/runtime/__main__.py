@@ -65,6 +65,11 @@ def _print_result(result: WarmupResult) -> None:
 
 
 def _warmup(args) -> int:
+    if torch.version.hip:
+        raise SystemExit(
+            "warmup: the disk cache is NVRTC's; on ROCm kernels compile with hipRTC at first use "
+            "(python -m pa_hybrid.runtime.amdgcn compiles them ahead of time with clang, as a check)"
+        )
     reason = unavailable_reason()
     if reason is not None:
         raise SystemExit(f"warmup: {reason}")
