@@ -1,7 +1,9 @@
 """The hip backend's C++ kernel through HIP, checked without an AMD GPU: every variant the
 dispatcher can pick on gfx942 compiles with clang 19 (compat.cuh's HIP half) without
-spilling to scratch memory, and hip.py's launch configuration for gfx942 matches the
-C++ one. Spills from register to register touch no memory and are allowed: a few
+spilling to scratch memory, hip.py's launch configuration for gfx942 matches the C++
+one, and the HIP half's fragment code (ldmatrix and the m16n8k16 MMA rebuilt from lane
+shuffles and the 4x4x4 MFMA) gives what PTX defines, run on the host with a thread per
+lane of a simulated wave64 (the MFMA itself simulated from AMD's documented layout). Spills from register to register touch no memory and are allowed: a few
 variants move VGPRs into AGPRs (the other half of gfx942's unified register file) or
 SGPRs into VGPR lanes; ``python -m pa_hybrid.runtime.amdgcn`` lists them. Needs clang-19 and the HIP headers (CI installs them; elsewhere the tests skip,
 unless CI is set). Nothing here runs a kernel: see README "Platforms"."""
@@ -62,6 +64,17 @@ def test_python_mirror_matches_the_cpp_config_on_gfx942(tmp_path):
     command += ["-fsyntax-only", f"-I{env.csrc_dir()}", f"-I{tmp_path}", str(DATA / "split_kv_layout_check.cu")]
     done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+@needs_clang
+def test_fragment_code_matches_ptx_on_simulated_wave64_lanes(tmp_path):
+    binary = tmp_path / "hip_fragments_check"
+    command = [CLANG, "-std=c++20", "-O1", "-pthread", "-D__HIP_PLATFORM_AMD__", f"-I{DATA / 'hip_lanes'}"]
+    command += [f"-I{env.csrc_dir()}", str(DATA / "hip_fragments_check.cpp"), "-o", str(binary)]
+    built = subprocess.run(command, capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    done = subprocess.run([str(binary)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_the_wide_variant_on_gfx942_only_where_twice_the_warps_fit_64kb():
