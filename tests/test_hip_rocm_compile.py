@@ -1,9 +1,11 @@
 """The hip backend's C++ kernel through HIP, checked without an AMD GPU: every variant the
 dispatcher can pick on gfx942 compiles with clang 19 (compat.cuh's HIP half) without
 spilling to scratch memory, hip.py's launch configuration for gfx942 matches the C++
-one, and the HIP half's fragment code (ldmatrix and the m16n8k16 MMA rebuilt from lane
-shuffles and the 4x4x4 MFMA) gives what PTX defines, run on the host with a thread per
-lane of a simulated wave64 (the MFMA itself simulated from AMD's documented layout). Spills from register to register touch no memory and are allowed: a few
+one. And, on the host with a thread per GPU thread (tests/data/hip_lanes: exchanges
+within 32-lane halves of a simulated wave64, the MFMA simulated from AMD's documented
+layout): the HIP half's fragment code (ldmatrix and the m16n8k16 MMA rebuilt from lane
+shuffles and the 4x4x4 MFMA) gives what PTX defines, and the whole kernel compiled
+through it matches the reference. Spills from register to register touch no memory and are allowed: a few
 variants move VGPRs into AGPRs (the other half of gfx942's unified register file) or
 SGPRs into VGPR lanes; ``python -m pa_hybrid.runtime.amdgcn`` lists them. Needs clang-19 and the HIP headers (CI installs them; elsewhere the tests skip,
 unless CI is set). Nothing here runs a kernel: see README "Platforms"."""
@@ -14,6 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from pa_hybrid.backends import hip
 from pa_hybrid.runtime import KernelSpec, amdgcn, env, rocm
@@ -75,6 +78,55 @@ def test_fragment_code_matches_ptx_on_simulated_wave64_lanes(tmp_path):
     assert built.returncode == 0, built.stderr
     done = subprocess.run([str(binary)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+SIMULATED_VARIANTS = [  # (q dtype, kv dtype, head, block, wide, scales, gqa, qlen): every kv kind, both
+    # widths, query rows past 8 (the MMA tile's lower half) and qlen > 1
+    (torch.bfloat16, torch.bfloat16, 128, 16, False, "none", 16, 1),
+    (torch.float16, torch.float8_e4m3fn, 64, 32, True, "per_token", 5, 3),
+    (torch.bfloat16, torch.int8, 128, 16, False, "per_tensor", 3, 1),
+]
+
+
+@needs_clang
+@pytest.mark.parametrize("q_dtype,kv_dtype,head_size,block_size,wide,scales,gqa,qlen", SIMULATED_VARIANTS)
+def test_hip_kernel_matches_reference_on_simulated_wave64_lanes(
+    q_dtype, kv_dtype, head_size, block_size, wide, scales, gqa, qlen, tmp_path
+):
+    """The whole stage-1 kernel through compat_hip.cuh, one host thread per GPU thread, on
+    CPU tensors; split into 256-token partitions (then the Triton reduce) or not at all."""
+    from pa_hybrid.call import build_call
+    from pa_hybrid.kernels.reduce import launch_split_kv_reduce
+    from pa_hybrid.reference import reference_paged_attention
+    from pa_hybrid.testing import make_decode_case
+
+    library = tmp_path / "hip_kernel_sim.so"
+    variant = hip.template_args(q_dtype, kv_dtype, head_size, block_size, wide)
+    command = [CLANG, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-D__HIP_PLATFORM_AMD__"]
+    command += [f"-DPA_SIM_VARIANT={variant}", f"-I{DATA / 'hip_lanes'}", f"-I{env.csrc_dir()}"]
+    command += [str(DATA / "hip_kernel_sim.cpp"), "-o", str(library)]
+    built = subprocess.run(command, capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    run_split_kv = ctypes.CDLL(str(library)).run_split_kv
+
+    case = make_decode_case(
+        [0, 1, 17, 300], num_heads=2 * gqa, num_kv_heads=2, head_size=head_size, block_size=block_size,
+        q_dtype=q_dtype, kv_dtype=kv_dtype, max_qlen=qlen, scales=scales, strided_q=True,
+    )  # fmt: skip
+    ref = reference_paged_attention(**case)
+    for partition_size in (256, 512):  # two partitions and the reduce; one partition writing out
+        call = build_call(**dict(case, exp_sums=None, max_logits=None, tmp_out=None))
+        call.out.fill_(float("nan"))
+        split = partition_size < call.key.max_seq_len
+        scratch = call.scratch() if split else (None, None, None)
+        params = hip._params(call, partition_size, *scratch)
+        grid = (-(-call.key.max_seq_len // partition_size), call.key.num_kv_heads, call.num_seqs)
+        assert run_split_kv(ctypes.byref(params), *grid) == 0
+        if split:
+            launch_split_kv_reduce(call.out, *scratch, call.context_lens, call.qo_indptr, qlen, partition_size)
+        assert not call.out.isnan().any(), partition_size
+        rel = ((call.out.float() - ref).norm() / ref.norm()).item()
+        assert rel < (1e-2 if kv_dtype.itemsize == 2 else 3e-2), (partition_size, rel)
 
 
 def test_the_wide_variant_on_gfx942_only_where_twice_the_warps_fit_64kb():

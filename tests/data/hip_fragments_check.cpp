@@ -3,21 +3,19 @@
 // CUDA half: ldmatrix.x4 and mma.sync m16n8k16 (f32 += bf16/f16), each 32-lane half of the
 // wave with its own data. Also the e4m3 and bf16 conversions. Exit code 0: all agree.
 // Build: clang++ -std=c++20 -O1 -pthread -D__HIP_PLATFORM_AMD__ -Ihip_lanes -I<csrc>
-#include <sys/mman.h>
-
+// (tests/test_hip_rocm_compile.py).
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <random>
-#include <thread>
 #include <vector>
 
 #include "compat.cuh"
 
 namespace {
 
-constexpr int HALVES = 2;
+constexpr int HALVES = 2, LANES = 64;
 int failures = 0;
 
 void expect(bool ok, const char* what, int half, int lane, double got, double want) {
@@ -38,20 +36,15 @@ template <bool IS_BF16> void check_mma(std::mt19937& rng) {
     for (auto& row : C[h]) for (float& x : row) x = value(rng);
   }
   float D[HALVES][32][4];
-  std::vector<std::thread> lanes;
-  for (int l = 0; l < sim::LANES; ++l) {
-    lanes.emplace_back([&, l] {
-      sim::lane = l;
-      const int h = l / 32, g = l % 32 / 4, t = l % 4;
+  sim::launch({1, 1, 1}, LANES, [&] {
+      const int l = threadIdx.x, h = l / 32, g = l % 32 / 4, t = l % 4;
       auto a16 = [&](int r, int c) { return pack(bits16<IS_BF16>(A[h][r][c]), bits16<IS_BF16>(A[h][r][c + 1])); };
       auto b16 = [&](int k, int n) { return pack(bits16<IS_BF16>(B[h][k][n]), bits16<IS_BF16>(B[h][k + 1][n])); };
       const unsigned a[4] = {a16(g, 2 * t), a16(g + 8, 2 * t), a16(g, 2 * t + 8), a16(g + 8, 2 * t + 8)};
       float d[4] = {C[h][g][2 * t], C[h][g][2 * t + 1], C[h][g + 8][2 * t], C[h][g + 8][2 * t + 1]};
       pa::mma_16816<IS_BF16>(d, a, b16(2 * t, g), b16(2 * t + 8, g));
       std::memcpy(D[h][l % 32], d, sizeof d);
-    });
-  }
-  for (auto& lane : lanes) lane.join();
+  });
   for (int h = 0; h < HALVES; ++h) {
     for (int l = 0; l < 32; ++l) {
       const int g = l / 4, t = l % 4;
@@ -75,17 +68,12 @@ void check_ldmatrix(std::mt19937& rng, unsigned char* lds) {
   std::shuffle(order.begin(), order.end(), rng);
   for (int i = 0; i < HALVES * 32; ++i) row_at[i / 32][i % 32 / 8][i % 8] = order[i];
   unsigned got[HALVES][32][4];
-  std::vector<std::thread> lanes;
-  for (int l = 0; l < sim::LANES; ++l) {
-    lanes.emplace_back([&, l] {
-      sim::lane = l;
-      const int h = l / 32, hl = l % 32;
+  sim::launch({1, 1, 1}, LANES, [&] {
+      const int h = threadIdx.x / 32, hl = threadIdx.x % 32;
       unsigned r[4];
       pa::ldmatrix_x4(r, lds + 16 * row_at[h][hl / 8][hl % 8]);
       std::memcpy(got[h][hl], r, sizeof r);
-    });
-  }
-  for (auto& lane : lanes) lane.join();
+  });
   for (int h = 0; h < HALVES; ++h)
     for (int l = 0; l < 32; ++l)
       for (int m = 0; m < 4; ++m) {
@@ -120,13 +108,12 @@ void check_conversions() {
 
 int main() {
   std::mt19937 rng(std::random_device{}());
-  // LDS addresses are 32 bits: the buffer must lie below 4 GB for ldmatrix's offsets
-  void* lds = mmap(nullptr, 1 << 16, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_32BIT, -1, 0);
-  if (lds == MAP_FAILED) return 2;
+  unsigned char* lds = sim::lds_buffer(1 << 16);
+  if (lds == nullptr) return 2;
   for (int round = 0; round < 4; ++round) {
     check_mma<true>(rng);
     check_mma<false>(rng);
-    check_ldmatrix(rng, static_cast<unsigned char*>(lds));
+    check_ldmatrix(rng, lds);
   }
   check_conversions();
   std::printf("%s\n", failures ? "FAILED" : "all fragments and conversions agree");
