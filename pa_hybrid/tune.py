@@ -200,6 +200,7 @@ def main(argv=None) -> int:
             command=decode.command_line("pa_hybrid.tune"),
             torch=torch.__version__,
             cuda=torch.version.cuda,
+            hip=torch.version.hip,  # a ROCm build of torch: cuda is None
             triton=triton.__version__,
             sm_count=torch.cuda.get_device_properties(device).multi_processor_count,
             timing=dict(method="graph, interleaved", samples=args.samples, warmup=args.warmup, flush_bytes=timing.FLUSH_BYTES),

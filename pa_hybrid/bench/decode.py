@@ -882,6 +882,7 @@ def main(argv=None) -> int:
         sm_count=torch.cuda.get_device_properties(device).multi_processor_count,
         torch=torch.__version__,
         cuda=torch.version.cuda,
+        hip=torch.version.hip,  # a ROCm build of torch: cuda is None
         triton=triton.__version__,
         python=platform.python_version(),
         git_commit=git_commit(),

@@ -55,6 +55,8 @@ def _library_unavailable(device) -> str | None:
     device = torch.device(device)
     if device.type != "cuda":
         return f"needs a CUDA GPU (got device {device})"
+    if torch.version.hip:
+        return "FlashInfer's decode kernels are built for NVIDIA GPUs (this torch is built for ROCm)"
     try:
         _import_flashinfer()
     except ImportError as e:
