@@ -359,7 +359,9 @@ def test_per_token_properties(cache_dtype, device):
         if cache_dtype == torch.int8:
             bound = scale[..., None] / 2 * (1 + 1e-5)
         else:
-            bound = torch.maximum(real.abs() * 2**-4, scale[..., None] * 2**-10)
+            # (1 + 1e-5): real / scale is rounded to fp32 before fp8, so a quotient just under
+            # a midpoint can land on it and round away (seen: 1.7e-7 over the bound)
+            bound = torch.maximum(real.abs() * 2**-4, scale[..., None] * 2**-10) * (1 + 1e-5)
         assert torch.all(err <= bound)
         at_max = real.abs() == amax[..., None]
         assert torch.all(stored.abs()[at_max & nonzero[..., None]] == qmax)

@@ -99,7 +99,8 @@ def test_quantize_per_token(dtype, source_dtype, block_size, head_size, device):
         if dtype == torch.int8:
             assert torch.all(err <= scale[..., None] / 2 * (1 + 1e-5))
         else:
-            assert torch.all(err <= torch.maximum(real.abs() * 2**-4, scale[..., None] * 2**-10))
+            # (1 + 1e-5): the fp32 rounding of real / scale before fp8 (see test_cache.py)
+            assert torch.all(err <= torch.maximum(real.abs() * 2**-4, scale[..., None] * 2**-10) * (1 + 1e-5))
         at_max = (real.abs() == amax[..., None]) & (amax[..., None] > 0)
         assert torch.all(stored.abs()[at_max] == qmax)
     assert torch.all(k_scale[0, 0, 0] == 1) and torch.all(K8[0, 0, :, 0, :].float() == 0)  # the zero vector
