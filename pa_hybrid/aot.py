@@ -99,10 +99,10 @@ class Target:
 
 
 def _dependent_launch_answers() -> tuple:
-    from .kernels.common import _TRITON_LAUNCHES_DEPENDENTS
+    from .kernels.common import TRITON_LAUNCHES_DEPENDENTS
 
     # PA_HYBRID_DEPENDENT_LAUNCH=0 turns it off, so both kinds of reduce can run on Hopper
-    return (False, True) if _TRITON_LAUNCHES_DEPENDENTS else (False,)
+    return (False, True) if TRITON_LAUNCHES_DEPENDENTS else (False,)
 
 
 TARGETS = {

@@ -26,7 +26,7 @@ def _triton_launches_dependents() -> bool:
     return "launch_pdl" in CUDAOptions.__dataclass_fields__
 
 
-_TRITON_LAUNCHES_DEPENDENTS = _triton_launches_dependents()
+TRITON_LAUNCHES_DEPENDENTS = _triton_launches_dependents()
 
 
 def dependent_launch_ok(device: torch.device) -> bool:
@@ -36,7 +36,7 @@ def dependent_launch_ok(device: torch.device) -> bool:
     while the previous one finishes and must wait (``gdc_wait``) before reading its
     results."""
     return (
-        _TRITON_LAUNCHES_DEPENDENTS
+        TRITON_LAUNCHES_DEPENDENTS
         and device.type == "cuda"
         and torch.version.hip is None
         and not interpreting()

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .compiler import KernelSpec
-from .driver import _dim3, _kernel_arg  # argument checks shared with the CUDA half (no cuda-python needed)
+from .driver import dim3, kernel_arg  # argument checks shared with the CUDA half (no cuda-python needed)
 from .env import csrc_dir
 
 PIP_HINT = "pip install hip-python (the version of the installed ROCm)"
@@ -155,7 +155,7 @@ def _load(code_key, image: bytes, symbol: str, device_index: int) -> Function:
 def launch(function: Function, grid, block, shared_bytes: int = 0, args=(), *, stream=None) -> None:
     """Launch with parameters given one by one: ctypes values (a ``Structure`` passes a
     by-value struct) and tensors (their data pointer), as the CUDA half takes them."""
-    values = [_kernel_arg(a, i) for i, a in enumerate(args)]
+    values = [kernel_arg(a, i) for i, a in enumerate(args)]
     pointers = (ctypes.c_void_p * len(values))(*map(ctypes.addressof, values))
     _launch(function, grid, block, shared_bytes, stream, ctypes.addressof(pointers), None)
 
@@ -186,7 +186,7 @@ def _launch(function: Function, grid, block, shared_bytes: int, stream, params, 
         stream = stream.cuda_stream
     _check(
         hip.hipModuleLaunchKernel(
-            function.handle, *_dim3(grid, "grid"), *_dim3(block, "block"), shared_bytes, stream, params, extra
+            function.handle, *dim3(grid, "grid"), *dim3(block, "block"), shared_bytes, stream, params, extra
         ),
         f"hipModuleLaunchKernel({function.symbol}, grid={grid}, block={block})",
     )
