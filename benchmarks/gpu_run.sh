@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's checks, in order: environment, the test suite on the GPU, then
 # the benchmarks named as arguments. Full logs go to $OUT (or ./gpu_out).
-#   bash benchmarks/gpu_run.sh tests cache decode:llama3-8b decode:qwen3-235b ...
+#   bash benchmarks/gpu_run.sh tests cache schedule decode:llama3-8b decode:qwen3-235b ...
 # WORKLOAD (default ../shared/bench/workload.json) points at the shared grid.
 set -uo pipefail
 out="${OUT:-gpu_out}"
@@ -23,6 +23,9 @@ for step in "$@"; do
       # by torch and cuda-python (cuGetProcAddress) is not a memory error, so it is not reported
       compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 9 python3 -m pytest -q -p no:cacheprovider -k "${step#sanitize:}" \
         2>&1 | tee "$out/memcheck.log" | tail -15 || status=1 ;;
+    schedule)
+      python3 benchmarks/bench_split_schedule.py --workload "$workload" --json "$out/split_schedule.json" 2>&1 \
+        | tee "$out/split_schedule.log" | tail -50 || status=1 ;;
     cache)
       python3 benchmarks/bench_cache_write.py --json "$out/cache_write.json" 2>&1 | tee "$out/cache_write.log" | tail -20 || status=1 ;;
     decode:*)

@@ -2,8 +2,10 @@
 // every platform construct is in compat.cuh).
 //
 // Grid (partitions, kv heads, sequences); one CTA walks `partition_size` tokens (a multiple
-// of 256) of one sequence for one kv head and serves all gqa * max_qlen (<= 16) query rows
-// of that head's group at once: row m = i * gqa + g is new token i, group member g, and the
+// of 256) of one sequence for one kv head. Or, in the BALANCED entry, the balanced
+// schedule: grid (CTAs per kv head, kv heads), each CTA an equal share of the kv head's
+// 256-token pages, one span per sequence they touch. A span serves all gqa * max_qlen (<= 16)
+// query rows of the head's group at once: row m = i * gqa + g is new token i, group member g, and the
 // rows form the M = 16 dim of mma.sync m16n8k16 tiles (rows past them are masked). GQA and
 // qlen are run-time values, so one variant per (dtypes, head size, block size, width) serves all.
 //
@@ -28,7 +30,7 @@
 //
 // Output: the partial format of pa_hybrid/kernels/reduce.py (max_logits in natural-log
 // units, exp_sums, normalized tmp_out), or `out` itself when one partition covers every
-// context (write_out), so stage 2 is skipped.
+// context (write_out), so stage 2 is skipped (balanced: when one CTA holds a whole sequence).
 #include "compat.cuh"
 
 namespace pa {
@@ -64,6 +66,8 @@ struct SplitKvParams {
   i64 stride_scale_block, stride_scale_head;  // per-token scales, in elements
   int per_token_scales;                       // 8-bit caches: 1 per-token, 0 per-tensor scales
   int table_width;                            // block-table entries per sequence (its shape[1])
+  int num_seqs;     // the balanced schedule only, as is the next
+  int max_seq_len;
 };
 
 // A CTA's shared memory: 16 query rows (padded), then each warp's ring, which the merge
@@ -101,27 +105,29 @@ struct SplitKvConfig {  // restated by hip.py's kernel_config; the same test che
   static_assert(SMEM_BYTES <= SMEM_PER_CTA, "more shared memory than one CTA may have");
 };
 
+// The CTA's dynamic shared memory: 16 query rows, then the rings (see split_kv_smem_bytes).
+extern __shared__ __align__(128) unsigned char smem[];
+
+// Attends every query row of (seq, kv_head) to tokens [start, end) (start block aligned;
+// an empty span gives zeros) and writes `out` (write_out) or the partial of slot `part`.
+// Called by every thread of the CTA; the caller syncs before the next span reuses shared memory.
 template <bool IS_BF16, int KV_KIND, int HEAD, int BS, bool WIDE>
-__global__ void __launch_bounds__((SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, WIDE>::THREADS))  // (): HIP's macro splits at commas
-    paged_decode_split_kv(const PA_GRID_CONSTANT SplitKvParams p) {
+__device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int kv_head, int context_len, int start,
+                                            int end, int part, bool write_out, bool last_span) {
   using C = SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, WIDE>;
   using Q = q16<IS_BF16>;
   using qt = typename Q::t;
   constexpr float LN2 = 0.6931471805599453f;
-  extern __shared__ __align__(128) unsigned char smem[];
   qt* q_s = reinterpret_cast<qt*>(smem);  // [16][Q_STRIDE]
   unsigned char* ring = smem + C::Q_BYTES;
 
-  const int part = blockIdx.x, kv_head = blockIdx.y, seq = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int context_len = p.context_lens[seq];
   const int gqa = p.gqa, rows = p.gqa * p.max_qlen;
   int first_row = seq, num_new = 1;
   if (p.max_qlen > 1) {
     first_row = p.qo_indptr[seq];
     num_new = p.qo_indptr[seq + 1] - first_row;
   }
-  const int start = part * p.partition_size;
   const int block_begin = start / BS;
 
   // The table entries of this warp's first ring stages, read now (in bounds of the table,
@@ -134,22 +140,6 @@ __global__ void __launch_bounds__((SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, WID
     const int idx = block_begin + warp + j * C::WARPS;
     first_blocks[j] = idx < p.table_width ? table[idx] : 0;
   }
-
-  // ---- phase 0: an empty partition writes nothing, except zeros for an empty context ----
-  if (start >= context_len) {
-    if (p.write_out) {
-      for (int idx = threadIdx.x; idx < rows * HEAD; idx += C::THREADS) {
-        const int m = idx / HEAD, d = idx % HEAD, i = m / gqa;
-        if (i < num_new) {
-          qt* o = static_cast<qt*>(p.out) + (first_row + i) * p.stride_out_row +
-                  (kv_head * gqa + m % gqa) * p.stride_out_head;
-          o[d] = Q::from_float(0.f);
-        }
-      }
-    }
-    return;
-  }
-  const int end = min(start + p.partition_size, context_len);
 
   // tokens each of this lane's two rows sees, capped by the partition end
   const int row0 = lane / 4, row1 = lane / 4 + 8;
@@ -369,7 +359,7 @@ __global__ void __launch_bounds__((SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, WID
 
   // Past the cache reads: the split-KV reduce may launch now (it waits for this grid before
   // reading partials). Allowing it at the start made mid-size calls up to 2.7 us slower.
-  allow_dependent_launch();
+  if (last_span) allow_dependent_launch();
 
   // ---- phase 2: merge the warps' (max, sum, O) through shared memory ----
   sum0 += shfl_xor(sum0, 1);
@@ -406,7 +396,7 @@ __global__ void __launch_bounds__((SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, WID
     const i64 row = first_row + i;
     const int head = kv_head * gqa + m % gqa;
     row_offset[m] = m >= rows || i >= num_new ? -1
-                    : p.write_out ? row * p.stride_out_row + head * p.stride_out_head
+                    : write_out ? row * p.stride_out_row + head * p.stride_out_head
                                   : row * p.stride_tmp_row + head * p.stride_tmp_head + part * p.stride_tmp_part;
   }
   if (threadIdx.x < rows) {
@@ -422,7 +412,7 @@ __global__ void __launch_bounds__((SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, WID
     const float norm = v_scale / fmaxf(total, 1e-30f);
 #pragma unroll
     for (int w = 0; w < C::WARPS; ++w) merge_max[w * 16 + m] = fast_exp2(merge_max[w * 16 + m] - shift) * norm;
-    if (!p.write_out && i < num_new) {
+    if (!write_out && i < num_new) {
       const i64 e = (first_row + i) * p.stride_es_row + (kv_head * gqa + m % gqa) * p.stride_es_head + part;
       p.exp_sums[e] = total;
       p.max_logits[e] = row_max * LN2;  // natural-log units, as the partial format says
@@ -444,7 +434,7 @@ __global__ void __launch_bounds__((SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, WID
       r0 += part_o.x * weight;
       r1 += part_o.y * weight;
     }
-    if (p.write_out) {
+    if (write_out) {
       *reinterpret_cast<typename Q::t2*>(static_cast<qt*>(p.out) + at) = Q::from_floats(r0, r1);
     } else if (p.tmp_kind == 0) {
       static_cast<float*>(p.tmp_out)[at] = r0;
@@ -455,6 +445,86 @@ __global__ void __launch_bounds__((SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, WID
     } else {
       static_cast<q16<false>::t*>(p.tmp_out)[at] = q16<false>::from_float(r0);
       static_cast<q16<false>::t*>(p.tmp_out)[at + 1] = q16<false>::from_float(r1);
+    }
+  }
+}
+
+
+// The balanced schedule of pa_hybrid/kernels/common.py (balanced_schedule): the pages of
+// 256 tokens of all sequences end to end, an equal run of them per CTA of a kv head, cut at
+// sequence ends into spans. Finds this CTA's first page's sequence and that sequence's first
+// page with a CTA-wide scan of the page counts (in the ring, before any span uses it).
+struct BalancedStart {
+  int seq, seq_first_page, first_page, last_page, pages_per_program;
+};
+
+template <int THREADS>
+__device__ __forceinline__ BalancedStart balanced_start(const SplitKvParams& p, int program, int* scan) {
+  const int page = p.partition_size, per_thread = (p.num_seqs + THREADS - 1) / THREADS;
+  const int s_begin = min(threadIdx.x * per_thread, p.num_seqs), s_end = min(s_begin + per_thread, p.num_seqs);
+  auto pages_of = [&](int s) { return (min(max(p.context_lens[s], 0), p.max_seq_len) + page - 1) / page; };
+  int mine = 0;
+  for (int s = s_begin; s < s_end; ++s) mine += pages_of(s);
+  scan[threadIdx.x] = mine;
+  __syncthreads();
+  for (int offset = 1; offset < THREADS; offset *= 2) {  // inclusive scan, Hillis-Steele
+    const int add = threadIdx.x >= offset ? scan[threadIdx.x - offset] : 0;
+    __syncthreads();
+    scan[threadIdx.x] += add;
+    __syncthreads();
+  }
+  const int total = scan[THREADS - 1], thread_first_page = scan[threadIdx.x] - mine;
+  BalancedStart b;
+  b.pages_per_program = max((total + gridDim.x - 1) / gridDim.x, 1);  // gridDim.x CTAs per kv head
+  b.first_page = program * b.pages_per_program;
+  b.last_page = min(b.first_page + b.pages_per_program, total);
+  __syncthreads();  // every thread has read the scan: slots 0 and 1 take the answer
+  if (thread_first_page <= b.first_page && b.first_page < thread_first_page + mine) {
+    int first = thread_first_page, s = s_begin;  // the sequence holding first_page (never an empty one)
+    while (first + pages_of(s) <= b.first_page) first += pages_of(s++);
+    scan[0] = s;
+    scan[1] = first;
+  }
+  __syncthreads();
+  b.seq = scan[0];
+  b.seq_first_page = scan[1];
+  __syncthreads();  // before a span's copies overwrite the slots
+  return b;
+}
+
+// BALANCED picks the schedule: one entry each, so that the static one keeps its registers
+// (the balanced loop costs up to 30 more per thread).
+template <bool IS_BF16, int KV_KIND, int HEAD, int BS, bool WIDE, bool BALANCED>
+__global__ void __launch_bounds__((SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, WIDE>::THREADS))  // (): HIP's macro splits at commas
+    paged_decode_split_kv(const PA_GRID_CONSTANT SplitKvParams p) {
+  using C = SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, WIDE>;
+  const int kv_head = blockIdx.y;
+  if constexpr (!BALANCED) {
+    // partition blockIdx.x of sequence blockIdx.z; past the context nothing, except the zeros
+    // of an empty context when writing out
+    const int part = blockIdx.x, seq = blockIdx.z;
+    const int context_len = p.context_lens[seq], start = part * p.partition_size;
+    if (start >= context_len && !p.write_out) return;
+    decode_span<IS_BF16, KV_KIND, HEAD, BS, WIDE>(p, seq, kv_head, context_len, start,
+                                                  min(start + p.partition_size, context_len), part, p.write_out, true);
+  } else {
+    const BalancedStart b = balanced_start<C::THREADS>(p, blockIdx.x, reinterpret_cast<int*>(smem + C::Q_BYTES));
+    int seq = b.seq, seq_first_page = b.seq_first_page;
+    for (int page = b.first_page; page < b.last_page;) {  // one span per sequence
+      const int context_len = min(p.context_lens[seq], p.max_seq_len);
+      const int seq_end_page = seq_first_page + (max(context_len, 0) + p.partition_size - 1) / p.partition_size;
+      const int span_end_page = min(seq_end_page, b.last_page);
+      if (span_end_page > page) {  // empty sequences have no pages
+        const int first_program = seq_first_page / b.pages_per_program;
+        decode_span<IS_BF16, KV_KIND, HEAD, BS, WIDE>(
+            p, seq, kv_head, context_len, (page - seq_first_page) * p.partition_size,
+            min((span_end_page - seq_first_page) * p.partition_size, context_len), blockIdx.x - first_program,
+            first_program == (seq_end_page - 1) / b.pages_per_program, span_end_page == b.last_page);
+        __syncthreads();  // the next span reuses shared memory
+        page = span_end_page;
+      }
+      seq_first_page = seq_end_page;
+      ++seq;
     }
   }
 }

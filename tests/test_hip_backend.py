@@ -35,9 +35,11 @@ def test_every_variant_compiles_for_sm90a_without_spills():
     with ThreadPoolExecutor(max_workers=2) as pool:
         kernels = list(pool.map(runtime.compile_kernel, specs))
     for spec, kernel in zip(specs, kernels):
-        (usage,) = runtime.resource_usage(kernel.cubin).values()
-        assert usage.stack_bytes == 0, f"{spec.entries[0]} uses local memory (spills): {usage}"
-        assert 0 < usage.registers <= 255, f"{spec.entries[0]}: {usage}"
+        usages = runtime.resource_usage(kernel.cubin)
+        assert len(usages) == len(spec.entries), f"{spec.entries}: got the kernels {list(usages)}"
+        for symbol, usage in usages.items():
+            assert usage.stack_bytes == 0, f"{spec.entries} ({symbol}) uses local memory (spills): {usage}"
+            assert 0 < usage.registers <= 255, f"{spec.entries} ({symbol}): {usage}"
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the check runs in its host pass)")

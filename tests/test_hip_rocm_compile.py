@@ -35,11 +35,12 @@ def test_every_gfx942_variant_compiles_without_spilling_to_memory():
     assert len(specs) == 34  # head sizes 64 and 128 (24), 10 of them also wide
     results = amdgcn.compile_variants(specs, CLANG)
     for spec, kernels in results.items():
-        (kernel,) = kernels
-        assert kernel.name.startswith("_ZN2pa21paged_decode_split_kv"), kernel
-        assert kernel.scratch_bytes == 0, f"{spec.entries[0]} spills to scratch memory: {kernel}"
-        assert kernel.explicit_arg_bytes == ctypes.sizeof(hip.SplitKvParams), kernel  # the struct, by value
-        assert 0 < kernel.vgprs <= 512, kernel
+        assert len(kernels) == len(spec.entries), (spec.entries, kernels)  # the static and balanced entries
+        for kernel in kernels:
+            assert kernel.name.startswith("_ZN2pa21paged_decode_split_kv"), kernel
+            assert kernel.scratch_bytes == 0, f"{spec.entries} spills to scratch memory: {kernel}"
+            assert kernel.explicit_arg_bytes == ctypes.sizeof(hip.SplitKvParams), kernel  # the struct, by value
+            assert 0 < kernel.vgprs <= 512, kernel
 
 
 @needs_clang
@@ -94,7 +95,9 @@ def test_hip_kernel_matches_reference_on_simulated_wave64_lanes(
     q_dtype, kv_dtype, head_size, block_size, wide, scales, gqa, qlen, tmp_path
 ):
     """The whole stage-1 kernel through compat_hip.cuh, one host thread per GPU thread, on
-    CPU tensors; split into 256-token partitions (then the Triton reduce) or not at all."""
+    CPU tensors: split into 512-token partitions (then the Triton reduce), not at all, or
+    under the balanced schedule (3 CTAs per kv head for 7 pages: a CTA with spans of three
+    sequences, two sequences split over two CTAs; then the Triton reduce)."""
     from pa_hybrid.call import build_call
     from pa_hybrid.kernels.reduce import launch_split_kv_reduce
     from pa_hybrid.reference import reference_paged_attention
@@ -110,23 +113,31 @@ def test_hip_kernel_matches_reference_on_simulated_wave64_lanes(
     run_split_kv = ctypes.CDLL(str(library)).run_split_kv
 
     case = make_decode_case(
-        [0, 1, 17, 300], num_heads=2 * gqa, num_kv_heads=2, head_size=head_size, block_size=block_size,
+        [0, 1, 17, 300, 700], num_heads=2 * gqa, num_kv_heads=2, head_size=head_size, block_size=block_size,
         q_dtype=q_dtype, kv_dtype=kv_dtype, max_qlen=qlen, scales=scales, strided_q=True,
     )  # fmt: skip
     ref = reference_paged_attention(**case)
-    for partition_size in (256, 512):  # two partitions and the reduce; one partition writing out
+    # (partition size, balanced programs per head): two partitions and the reduce; one
+    # partition writing out; the balanced schedule
+    for partition_size, programs in ((512, 0), (1024, 0), (256, 3)):
         call = build_call(**dict(case, exp_sums=None, max_logits=None, tmp_out=None))
         call.out.fill_(float("nan"))
-        split = partition_size < call.key.max_seq_len
+        split = programs > 0 or partition_size < call.key.max_seq_len
         scratch = call.scratch() if split else (None, None, None)
         params = hip._params(call, partition_size, *scratch)
-        grid = (-(-call.key.max_seq_len // partition_size), call.key.num_kv_heads, call.num_seqs)
-        assert run_split_kv(ctypes.byref(params), *grid) == 0
+        if programs:
+            grid = (programs, call.key.num_kv_heads, 1)
+        else:
+            grid = (-(-call.key.max_seq_len // partition_size), call.key.num_kv_heads, call.num_seqs)
+        assert run_split_kv(ctypes.byref(params), int(programs > 0), *grid) == 0
         if split:
-            launch_split_kv_reduce(call.out, *scratch, call.context_lens, call.qo_indptr, qlen, partition_size)
-        assert not call.out.isnan().any(), partition_size
+            launch_split_kv_reduce(
+                call.out, *scratch, call.context_lens, call.qo_indptr, qlen, partition_size,
+                max_seq_len=call.key.max_seq_len, programs_per_head=programs,
+            )  # fmt: skip
+        assert not call.out.isnan().any(), (partition_size, programs)
         rel = ((call.out.float() - ref).norm() / ref.norm()).item()
-        assert rel < (1e-2 if kv_dtype.itemsize == 2 else 3e-2), (partition_size, rel)
+        assert rel < (1e-2 if kv_dtype.itemsize == 2 else 3e-2), (partition_size, programs, rel)
 
 
 def test_the_wide_variant_on_gfx942_only_where_twice_the_warps_fit_64kb():

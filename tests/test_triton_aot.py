@@ -40,8 +40,8 @@ def test_every_module_with_triton_kernels_is_checked():
 def test_launches_see_the_target_device():
     """The launchers' device questions are answered for the target: the wave64 decode tiles
     (32 tokens, one stage) on gfx942, where no reduce waits for stage 1 (ROCm has no
-    programmatic dependent launch); the H100-tuned tiles on sm_90a, whose reduce comes
-    both ways."""
+    programmatic dependent launch) and only the static split-KV schedule runs; the
+    H100-tuned tiles on sm_90a, whose reduce comes both ways, under both schedules."""
     def variants(target, kernel):
         return [v for v in aot.enumerate_variants(aot.TARGETS[target]) if v.kernel.endswith(kernel)]
 
@@ -52,8 +52,13 @@ def test_launches_see_the_target_device():
     def waits_for_stage1(target):
         return {dict(v.options).get("launch_pdl", False) for v in variants(target, "_split_kv_reduce_kernel")}
 
+    def schedules(target):
+        return {dict(v.constexprs)["BALANCED"] for v in variants(target, "_paged_decode_kernel")}
+
     assert decode_tiles("gfx942") == {(32, 1)}
     assert decode_tiles("sm_90a") == {(128, 2)}
+    assert schedules("gfx942") == {False}  # the balanced one is not offered on wave64
+    assert schedules("sm_90a") == {False, True}
     assert waits_for_stage1("gfx942") == {False}
     assert waits_for_stage1("sm_90a") == {False, True}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import functools
+import os
 
 import torch
 import triton
@@ -114,3 +115,69 @@ def split_kv_partition_size(num_seqs: int, num_kv_heads: int, max_seq_len: int, 
     ):
         partition *= 2
     return partition
+
+
+BALANCED_MAX_SEQS = 1024
+"""Most sequences for the balanced split-KV schedule: each stage-1 program and each
+reduce program reads all of ``context_lens`` (the reduce's grid has ``num_seqs x
+num_heads`` programs, so that traffic grows with the square of ``num_seqs``)."""
+
+
+BALANCED_PROGRAMS_PER_SM = 2
+"""Stage-1 programs per SM of the balanced schedule: not yet timed on a GPU
+(benchmarks/RESULTS.md, section 19)."""
+
+
+def split_schedule_programs(call: DecodeCall, num_sms: int) -> int:
+    """The split-KV schedule of a split-KV backend's call: programs per kv head of the
+    balanced schedule, or 0 for the static one. The static schedule stays the default until
+    the balanced one is timed on a GPU; ``PA_HYBRID_SPLIT_SCHEDULE=balanced`` picks the
+    balanced one wherever it applies (:func:`balanced_programs_per_head`)."""
+    if os.environ.get("PA_HYBRID_SPLIT_SCHEDULE", "static") != "balanced":
+        return 0
+    key = call.key
+    return balanced_programs_per_head(call.num_seqs, key.num_kv_heads, key.max_seq_len, num_sms, BALANCED_PROGRAMS_PER_SM)
+
+
+def balanced_programs_per_head(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int, programs_per_sm: int) -> int:
+    """Stage-1 programs per kv head of the balanced schedule (``kernels/common.py``,
+    ``balanced_schedule``): ``programs_per_sm`` per SM over all kv heads, never more than
+    there can be 256-token pages; 0 where the static schedule fits better: one partition
+    covers every context (no stage 2 at all), every page would get a program of its own
+    anyway (as the static schedule's 256-token partitions do, without a scan of the
+    lengths), or too many sequences."""
+    if max_seq_len <= PARTITION_SIZE or num_seqs > BALANCED_MAX_SEQS:
+        return 0
+    programs = max(1, num_sms * programs_per_sm // num_kv_heads)
+    return programs if num_seqs * triton.cdiv(max_seq_len, PARTITION_SIZE) > programs else 0
+
+
+class SplitKvBackend(Backend):
+    """A backend with a split-KV stage 1 and the Triton reduce: :meth:`run` picks the
+    schedule (:func:`split_schedule_programs`; static partitions sized by
+    :func:`split_kv_partition_size` at ``programs_per_sm``), :meth:`launch` runs it."""
+
+    programs_per_sm: int = 1
+
+    def offers_balanced(self, call: DecodeCall) -> bool:
+        """Whether the balanced schedule is built for this call's device."""
+        return True
+
+    def run(self, call: DecodeCall) -> None:
+        key = call.key
+        num_sms = sm_count(key.device_type, key.device_index)
+        programs_per_head = split_schedule_programs(call, num_sms)
+        if programs_per_head and self.offers_balanced(call):
+            self.launch(call, PARTITION_SIZE, programs_per_head)
+        else:
+            self.launch(call, self.partition_size(call, num_sms))
+
+    def partition_size(self, call: DecodeCall, num_sms: int) -> int:
+        """Tokens per stage-1 program under the static schedule."""
+        return split_kv_partition_size(call.num_seqs, call.key.num_kv_heads, call.key.max_seq_len, num_sms, self.programs_per_sm)
+
+    @abc.abstractmethod
+    def launch(self, call: DecodeCall, partition_size: int, programs_per_head: int = 0) -> None:
+        """Stage 1 and, when it splits, the reduce: the static schedule with partitions of
+        ``partition_size`` tokens, or with ``programs_per_head > 0`` the balanced one with
+        pages of ``partition_size`` tokens (``kernels/common.py``, ``balanced_schedule``)."""

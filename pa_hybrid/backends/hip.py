@@ -22,7 +22,7 @@ from ..call import SCALES_NONE, SCALES_PER_TOKEN, CallKey, DecodeCall
 from ..kernels.decode import LOG2E
 from ..kernels.reduce import launch_split_kv_reduce
 from ..layouts import KV_DTYPES
-from .base import Backend, cuda_device_ok, sm_count, split_kv_partition_size
+from .base import SplitKvBackend, cuda_device_ok, sm_count
 
 SOURCE = "paged_decode_split_kv.cu"
 # Partitions double while each SM still gets one CTA (not two): longer walks amortize a
@@ -75,6 +75,8 @@ class SplitKvParams(ctypes.Structure):
         ("stride_scale_head", ctypes.c_int64),
         ("per_token_scales", ctypes.c_int),
         ("table_width", ctypes.c_int),
+        ("num_seqs", ctypes.c_int),
+        ("max_seq_len", ctypes.c_int),
     ]
 
 
@@ -150,9 +152,25 @@ def template_args(q_dtype: torch.dtype, kv_dtype: torch.dtype, head_size: int, b
     return f"{is_bf16}, {_KV_KIND.get(kv_dtype, 0)}, {head_size}, {block_size}, {'true' if wide else 'false'}"
 
 
-def kernel_spec(q_dtype, kv_dtype, head_size: int, block_size: int, wide: bool, arch: str) -> "runtime.KernelSpec":
+def kernel_entry(q_dtype, kv_dtype, head_size: int, block_size: int, wide: bool, balanced: bool) -> str:
+    """The kernel of a variant under the static or the balanced split-KV schedule."""
     args = template_args(q_dtype, kv_dtype, head_size, block_size, wide)
-    return runtime.KernelSpec(source=SOURCE, entries=(f"pa::paged_decode_split_kv<{args}>",), arch=arch)
+    return f"pa::paged_decode_split_kv<{args}, {'true' if balanced else 'false'}>"
+
+
+def builds_balanced(arch: str, wide: bool) -> bool:
+    """Whether a variant has the balanced schedule's kernel: not the wide ones (their tiny
+    grids are never balanced), not on gfx942 (there it spills to scratch memory; never run
+    there either)."""
+    return not wide and not arch.startswith("gfx")
+
+
+def kernel_spec(q_dtype, kv_dtype, head_size: int, block_size: int, wide: bool, arch: str) -> "runtime.KernelSpec":
+    """One compile per variant, exporting the static schedule's kernel and, where built,
+    the balanced one's."""
+    variant = (q_dtype, kv_dtype, head_size, block_size, wide)
+    schedules = (False, True) if builds_balanced(arch, wide) else (False,)
+    return runtime.KernelSpec(source=SOURCE, entries=tuple(kernel_entry(*variant, b) for b in schedules), arch=arch)
 
 
 def all_variants(target: TileTarget = SM90):
@@ -173,16 +191,18 @@ def warmup_specs(arch: str = "sm_90a"):
 
 
 @functools.lru_cache(maxsize=None)
-def _loaded(q_dtype, kv_dtype, head_size: int, block_size: int, wide: bool, device_index: int):
-    """(function, threads, dynamic shared bytes) of one variant on one device: compiled
-    (or read from the disk cache) and loaded once per process."""
+def _loaded(q_dtype, kv_dtype, head_size: int, block_size: int, wide: bool, balanced: bool, device_index: int):
+    """(function, threads, dynamic shared bytes) of one variant and schedule on one device:
+    compiled (or read from the disk cache) and loaded once per process."""
     arch = runtime.arch_of(device_index)
-    spec = kernel_spec(q_dtype, kv_dtype, head_size, block_size, wide, arch)
+    variant = (q_dtype, kv_dtype, head_size, block_size, wide)
+    spec = kernel_spec(*variant, arch)
     cfg = kernel_config(head_size, block_size, kv_dtype.itemsize, wide, tile_target(arch))
-    return runtime.get_function(spec, device_index), cfg["threads"], cfg["smem_bytes"]
+    function = runtime.get_function(spec, device_index, kernel_entry(*variant, balanced))
+    return function, cfg["threads"], cfg["smem_bytes"]
 
 
-class HipBackend(Backend):
+class HipBackend(SplitKvBackend):
     name = "hip"
     device_types = ("cuda",)
     kv_dtypes = KV_DTYPES
@@ -191,6 +211,7 @@ class HipBackend(Backend):
     max_gqa = 16
     max_qlen = 16
     needs_alignment = True
+    programs_per_sm = PROGRAMS_PER_SM
 
     def available(self, device_type, device_index):
         reason = runtime.unavailable_reason() or cuda_device_ok(device_index)
@@ -211,33 +232,37 @@ class HipBackend(Backend):
         if not key.kv_is_8bit and key.kv_dtype != key.q_dtype:
             yield f"a 16-bit cache must have the query dtype ({key.q_dtype}), got {key.kv_dtype}"
 
-    def run(self, call: DecodeCall) -> None:
+    def offers_balanced(self, call: DecodeCall) -> bool:
+        return builds_balanced(runtime.arch_of(call.key.device_index), wide=False)
+
+    def launch(self, call: DecodeCall, partition_size: int, programs_per_head: int = 0) -> None:
         key = call.key
         num_sms = sm_count("cuda", key.device_index)
-        partition_size = partition_size_for(call, num_sms)
-        grid = (-(-key.max_seq_len // partition_size), key.num_kv_heads, call.num_seqs)
-        wide = use_wide_variant(
+        if programs_per_head:
+            grid = (programs_per_head, key.num_kv_heads, 1)
+        else:
+            grid = (-(-key.max_seq_len // partition_size), key.num_kv_heads, call.num_seqs)
+        wide = not programs_per_head and use_wide_variant(
             grid[0] * grid[1] * grid[2], num_sms, key.head_size, key.block_size, key.kv_dtype.itemsize,
             _smem_per_cta(key.device_index), tile_target(runtime.arch_of(key.device_index)),
         )  # fmt: skip
-        function, threads, smem_bytes = _loaded(key.q_dtype, key.kv_dtype, key.head_size, key.block_size, wide, key.device_index)
-        split = partition_size < key.max_seq_len
+        function, threads, smem_bytes = _loaded(
+            key.q_dtype, key.kv_dtype, key.head_size, key.block_size, wide, programs_per_head > 0, key.device_index
+        )
+        split = programs_per_head > 0 or partition_size < key.max_seq_len
         exp_sums, max_logits, tmp_out = call.scratch() if split else (None, None, None)
         params = _params(call, partition_size, exp_sums, max_logits, tmp_out)
         runtime.launch(function, grid, threads, smem_bytes, [params])
         if split:
             launch_split_kv_reduce(
-                call.out, exp_sums, max_logits, tmp_out, call.context_lens, call.qo_indptr, key.max_qlen, partition_size
-            )
-
-
-def partition_size_for(call: DecodeCall, num_sms: int) -> int:
-    """Tokens per CTA: ``split_kv_partition_size`` at PROGRAMS_PER_SM (also what
-    pa_hybrid/aot.py enumerates the reduce's variants with)."""
-    return split_kv_partition_size(call.num_seqs, call.key.num_kv_heads, call.key.max_seq_len, num_sms, PROGRAMS_PER_SM)
+                call.out, exp_sums, max_logits, tmp_out, call.context_lens, call.qo_indptr, key.max_qlen, partition_size,
+                max_seq_len=key.max_seq_len, programs_per_head=programs_per_head,
+            )  # fmt: skip
 
 
 def _params(call: DecodeCall, partition_size: int, exp_sums, max_logits, tmp_out) -> SplitKvParams:
+    """The kernel's arguments: partitions (static schedule) or pages (balanced) of
+    ``partition_size`` tokens; without scratch, one partition that writes ``out``."""
     q, out = call.Q, call.out
     split = exp_sums is not None
     scaled = call.key.scales != SCALES_NONE
@@ -279,6 +304,8 @@ def _params(call: DecodeCall, partition_size: int, exp_sums, max_logits, tmp_out
         stride_scale_head=call.k_scale.stride(1) if per_token else 0,
         per_token_scales=1 if per_token else 0,
         table_width=call.block_tables.shape[1],
+        num_seqs=call.num_seqs,
+        max_seq_len=call.key.max_seq_len,
     )
 
 

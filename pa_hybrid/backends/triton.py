@@ -9,10 +9,11 @@ from __future__ import annotations
 import os
 
 from ..call import SCALES_PER_TENSOR, SCALES_PER_TOKEN, DecodeCall
+from ..kernels.common import warp_size_of
 from ..kernels.decode import SCALE_NONE, SCALE_PER_TENSOR, SCALE_PER_TOKEN, launch_paged_decode
 from ..kernels.reduce import launch_split_kv_reduce
 from ..layouts import KV_DTYPES, x_for
-from .base import Backend, cuda_device_ok, sm_count, split_kv_partition_size
+from .base import SplitKvBackend, cuda_device_ok
 
 PROGRAMS_PER_SM = 1
 """Measured on an H100 (benchmarks/RESULTS.md): 1 or 2 programs per SM were best for bulk
@@ -21,7 +22,7 @@ calls; 1 also keeps mid-size calls (e.g. 256 x 2048 tokens, 1 kv head) in one pa
 _SCALE_KINDS = {SCALES_PER_TENSOR: SCALE_PER_TENSOR, SCALES_PER_TOKEN: SCALE_PER_TOKEN}
 
 
-class TritonBackend(Backend):
+class TritonBackend(SplitKvBackend):
     name = "triton"
     device_types = ("cuda", "cpu")
     kv_dtypes = KV_DTYPES
@@ -29,6 +30,7 @@ class TritonBackend(Backend):
     block_sizes = (16, 32)
     max_gqa = 16
     max_qlen = 4
+    programs_per_sm = PROGRAMS_PER_SM
 
     def available(self, device_type, device_index):
         if device_type == "cpu":
@@ -37,11 +39,13 @@ class TritonBackend(Backend):
             return None
         return cuda_device_ok(device_index)
 
-    def run(self, call: DecodeCall) -> None:
+    def offers_balanced(self, call: DecodeCall) -> bool:
+        # not on wave64 GPUs (AMD CDNA): there the balanced stage 1 spills scalar registers
+        # in the int8 per-token variants (pa_hybrid/aot.py), and it was never timed
+        return warp_size_of(call.Q.device) == 32
+
+    def launch(self, call: DecodeCall, partition_size: int, programs_per_head: int = 0) -> None:
         key = call.key
-        partition_size = split_kv_partition_size(
-            call.num_seqs, key.num_kv_heads, key.max_seq_len, sm_count(key.device_type, key.device_index), PROGRAMS_PER_SM
-        )
         common = dict(
             scale=call.scale,
             max_qlen=key.max_qlen,
@@ -51,8 +55,9 @@ class TritonBackend(Backend):
             block_size=key.block_size,
             x=x_for(key.kv_dtype),
             gqa=key.gqa,
+            programs_per_head=programs_per_head,
         )
-        split = partition_size < key.max_seq_len
+        split = programs_per_head > 0 or partition_size < key.max_seq_len
         exp_sums, max_logits, tmp_out = call.scratch() if split else (None, None, None)
         launch_paged_decode(
             call.out, exp_sums, max_logits, tmp_out, call.Q, call.K, call.V, call.k_scale, call.v_scale,
@@ -62,7 +67,7 @@ class TritonBackend(Backend):
         if split:
             launch_split_kv_reduce(
                 call.out, exp_sums, max_logits, tmp_out, call.context_lens, call.qo_indptr, key.max_qlen,
-                partition_size,
+                partition_size, max_seq_len=key.max_seq_len, programs_per_head=programs_per_head,
             )  # fmt: skip
 
 

@@ -91,3 +91,25 @@ def visible_tokens(context_len, num_new_tokens, new_token_index):
     (causal among the new tokens; the context length includes them). Never negative."""
     return tl.maximum(context_len - num_new_tokens + new_token_index + 1, 0)
 
+
+@triton.jit
+def balanced_schedule(context_lens_ptr, num_seqs, max_seq_len, programs_per_head, PAGE: tl.constexpr, BLOCK_S: tl.constexpr):
+    """The balanced split-KV schedule, shared by stage 1 and the reduce so that both
+    derive it from ``context_lens`` alone (no host sync, nothing stored between them).
+
+    Each sequence is cut into ``ceil(min(context_len, max_seq_len) / PAGE)`` pages, laid
+    end to end in sequence order; the ``G`` programs of a kv head take ``q = ceil(total /
+    G)`` consecutive pages each (program ``p`` pages ``[p q, (p + 1) q)``), so every
+    program reads about the same number of tokens whatever the mix of lengths. The pages
+    of sequence ``s``, ``[first_s, end_s)``, are shared by programs ``first_s // q`` to
+    ``(end_s - 1) // q``; program ``p`` writes its piece as partial ``p - first_s // q``,
+    or ``out`` when a single program holds them all. A sequence has at most as many pieces
+    as pages, so the partials fit the 256-token scratch when ``PAGE`` is a multiple of 256.
+
+    Returns ``end_s`` for every sequence (``[BLOCK_S]``, padding lanes equal to the
+    total), the total number of pages and ``q`` (at least 1)."""
+    idx = tl.arange(0, BLOCK_S)
+    lens = tl.load(context_lens_ptr + idx, mask=idx < num_seqs, other=0)
+    pages = tl.cdiv(tl.minimum(tl.maximum(lens, 0), max_seq_len), PAGE)
+    total_pages = tl.sum(pages, axis=0)
+    return tl.cumsum(pages, axis=0), total_pages, tl.maximum(tl.cdiv(total_pages, programs_per_head), 1)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import dot_dtype, k_tile_offset, v_tile_offset, visible_tokens, warp_size_of
+from .common import balanced_schedule, dot_dtype, k_tile_offset, v_tile_offset, visible_tokens, warp_size_of
 
 LOG2E = 1.4426950408889634
 
@@ -96,6 +96,114 @@ def _decode_tile(
 
 
 @triton.jit
+def _decode_span(
+    out_ptr,
+    exp_sums_ptr,
+    max_logits_ptr,
+    tmp_out_ptr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
+    block_tables_ptr,
+    qo_indptr_ptr,
+    sm_scale_log2,
+    stride_q_row,
+    stride_q_head,
+    stride_out_row,
+    stride_out_head,
+    stride_es_row,
+    stride_es_head,
+    stride_tmp_row,
+    stride_tmp_head,
+    stride_tmp_part,
+    stride_k_block,
+    stride_k_head,
+    stride_v_block,
+    stride_v_head,
+    stride_scale_block,
+    stride_scale_head,
+    stride_bt_seq,
+    seq,
+    kv_head,
+    context_len,
+    start,  # first token of the span, block aligned
+    end,  # first token after it (<= context_len)
+    part,  # the span's partial slot when it does not write out
+    write_out,  # the span covers the whole context: write out, not a partial
+    GQA: tl.constexpr,
+    MAX_QLEN: tl.constexpr,
+    M: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    X: tl.constexpr,
+    SCALES: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+):
+    """Attend every query row of (``seq``, ``kv_head``) to tokens [start, end) and write
+    the result to ``out`` or the partial of slot ``part``. An empty span writes zeros
+    (a partial with l = 0 and m = -inf)."""
+    m_idx = tl.arange(0, M)
+    new_tok = m_idx // GQA
+    head = kv_head * GQA + m_idx % GQA
+    if MAX_QLEN > 1:
+        first_row = tl.load(qo_indptr_ptr + seq)
+        num_new = tl.load(qo_indptr_ptr + seq + 1) - first_row
+        row_ok = new_tok < num_new
+        visible = tl.where(row_ok, visible_tokens(context_len, num_new, new_tok), 0)
+        row = first_row + new_tok
+    else:
+        row_ok = m_idx < GQA
+        visible = tl.where(row_ok, context_len, 0)
+        row = tl.zeros([M], dtype=tl.int32) + seq
+    row = row.to(tl.int64)
+    dim = tl.arange(0, HEAD_SIZE)
+    q = tl.load(
+        q_ptr + row[:, None] * stride_q_row + head[:, None] * stride_q_head + dim[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    ).to(DOT_DTYPE)
+
+    qk_scale = sm_scale_log2
+    if SCALES == 1:
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
+    k_head_ptr = k_ptr + kv_head.to(tl.int64) * stride_k_head
+    v_head_ptr = v_ptr + kv_head.to(tl.int64) * stride_v_head
+    k_scale_head_ptr = k_scale_ptr + kv_head * stride_scale_head
+    v_scale_head_ptr = v_scale_ptr + kv_head * stride_scale_head
+    block_ids_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
+
+    acc = tl.zeros([M, HEAD_SIZE], dtype=tl.float32)
+    row_max = tl.full([M], float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros([M], dtype=tl.float32)
+    for tile_start in range(start, end, BLOCK_N):
+        acc, row_max, row_sum = _decode_tile(
+            q, acc, row_max, row_sum, tile_start,
+            block_ids_ptr, k_head_ptr, v_head_ptr, k_scale_head_ptr, v_scale_head_ptr,
+            stride_k_block, stride_v_block, stride_scale_block,
+            end, visible, qk_scale,
+            HEAD_SIZE, BLOCK_SIZE, BLOCK_N, X, SCALES, DOT_DTYPE,
+        )  # fmt: skip
+
+    if SCALES == 1:
+        acc = acc * tl.load(v_scale_ptr)
+    # row_sum >= 1 for a row that saw a token; rows that saw none stay 0
+    result = acc / tl.maximum(row_sum, 1e-30)[:, None]
+    if write_out:
+        o_offs = row[:, None] * stride_out_row + head[:, None] * stride_out_head + dim[None, :]
+        tl.store(out_ptr + o_offs, result.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        es_offs = row * stride_es_row + head * stride_es_head + part
+        tl.store(exp_sums_ptr + es_offs, row_sum, mask=row_ok)
+        # natural-log units, as the partial format says
+        tl.store(max_logits_ptr + es_offs, row_max / 1.4426950408889634, mask=row_ok)
+        t_offs = row[:, None] * stride_tmp_row + head[:, None] * stride_tmp_head + part * stride_tmp_part
+        tl.store(tmp_out_ptr + t_offs + dim[None, :], result.to(tmp_out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
 def _paged_decode_kernel(
     out_ptr,  # [rows, num_heads, HEAD_SIZE]
     exp_sums_ptr,  # [rows, num_heads, max_partitions] fp32
@@ -126,6 +234,9 @@ def _paged_decode_kernel(
     stride_scale_block,
     stride_scale_head,
     stride_bt_seq,
+    num_seqs,
+    max_seq_len,
+    programs_per_head,  # BALANCED: programs (grid dim 0) sharing one kv head's pages
     GQA: tl.constexpr,
     MAX_QLEN: tl.constexpr,
     M: tl.constexpr,  # rows per program: MAX_QLEN * GQA padded to a power of 2 >= 16
@@ -133,92 +244,67 @@ def _paged_decode_kernel(
     BLOCK_SIZE: tl.constexpr,
     X: tl.constexpr,
     SCALES: tl.constexpr,  # SCALE_NONE / SCALE_PER_TENSOR / SCALE_PER_TOKEN
-    PARTITION: tl.constexpr,
-    WRITE_OUT: tl.constexpr,  # one partition covers every context: write out, skip stage 2
+    PARTITION: tl.constexpr,  # static schedule: tokens per program
+    WRITE_OUT: tl.constexpr,  # static schedule, one partition covers every context: write out, no stage 2
+    BALANCED: tl.constexpr,  # the length-aware schedule of common.balanced_schedule
+    BLOCK_S: tl.constexpr,  # BALANCED: num_seqs padded to a power of 2
     BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr,  # operand dtype of tl.dot (the query dtype on GPUs)
 ):
-    part = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    seq = tl.program_id(2)
-
-    context_len = tl.load(context_lens_ptr + seq)
-    start = part * PARTITION
-    end = tl.minimum(start + PARTITION, context_len)
-    if start < context_len:
-        m_idx = tl.arange(0, M)
-        new_tok = m_idx // GQA
-        head = kv_head * GQA + m_idx % GQA
-        if MAX_QLEN > 1:
-            first_row = tl.load(qo_indptr_ptr + seq)
-            num_new = tl.load(qo_indptr_ptr + seq + 1) - first_row
-            row_ok = new_tok < num_new
-            visible = tl.where(row_ok, visible_tokens(context_len, num_new, new_tok), 0)
-            row = first_row + new_tok
-        else:
-            row_ok = m_idx < GQA
-            visible = tl.where(row_ok, context_len, 0)
-            row = tl.zeros([M], dtype=tl.int32) + seq
-        row = row.to(tl.int64)
-        dim = tl.arange(0, HEAD_SIZE)
-        q = tl.load(
-            q_ptr + row[:, None] * stride_q_row + head[:, None] * stride_q_head + dim[None, :],
-            mask=row_ok[:, None],
-            other=0.0,
-        ).to(DOT_DTYPE)
-
-        qk_scale = sm_scale_log2
-        if SCALES == 1:
-            qk_scale = qk_scale * tl.load(k_scale_ptr)
-        k_head_ptr = k_ptr + kv_head.to(tl.int64) * stride_k_head
-        v_head_ptr = v_ptr + kv_head.to(tl.int64) * stride_v_head
-        k_scale_head_ptr = k_scale_ptr + kv_head * stride_scale_head
-        v_scale_head_ptr = v_scale_ptr + kv_head * stride_scale_head
-        block_ids_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
-
-        acc = tl.zeros([M, HEAD_SIZE], dtype=tl.float32)
-        row_max = tl.full([M], float("-inf"), dtype=tl.float32)
-        row_sum = tl.zeros([M], dtype=tl.float32)
-        for tile_start in range(start, end, BLOCK_N):
-            acc, row_max, row_sum = _decode_tile(
-                q, acc, row_max, row_sum, tile_start,
-                block_ids_ptr, k_head_ptr, v_head_ptr, k_scale_head_ptr, v_scale_head_ptr,
-                stride_k_block, stride_v_block, stride_scale_block,
-                end, visible, qk_scale,
-                HEAD_SIZE, BLOCK_SIZE, BLOCK_N, X, SCALES, DOT_DTYPE,
+    if BALANCED:
+        # grid (programs_per_head, num_kv_heads): this program's share of the kv head's
+        # pages, sequence by sequence; a sequence whose pages one program holds is written out
+        program = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        page_ends, total_pages, pages_per_program = balanced_schedule(
+            context_lens_ptr, num_seqs, max_seq_len, programs_per_head, PARTITION, BLOCK_S
+        )
+        page = program * pages_per_program
+        last_page = tl.minimum(page + pages_per_program, total_pages)
+        # each span's sequence comes from the scan (fewer scalars live through the loop than
+        # walking the sequences: gfx942 spilled scalar registers, sm_90a registers that way)
+        while page < last_page:
+            done = page_ends <= page  # the sequences before the one holding this page
+            seq = tl.sum(done.to(tl.int32), axis=0)
+            seq_first_page = tl.max(tl.where(done, page_ends, 0), axis=0)
+            seq_end_page = tl.min(tl.where(done, 2**30, page_ends), axis=0)
+            span_end_page = tl.minimum(seq_end_page, last_page)
+            context_len = tl.minimum(tl.load(context_lens_ptr + seq), max_seq_len)
+            first_program = seq_first_page // pages_per_program
+            _decode_span(
+                out_ptr, exp_sums_ptr, max_logits_ptr, tmp_out_ptr, q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr,
+                block_tables_ptr, qo_indptr_ptr, sm_scale_log2,
+                stride_q_row, stride_q_head, stride_out_row, stride_out_head, stride_es_row, stride_es_head,
+                stride_tmp_row, stride_tmp_head, stride_tmp_part, stride_k_block, stride_k_head,
+                stride_v_block, stride_v_head, stride_scale_block, stride_scale_head, stride_bt_seq,
+                seq, kv_head, context_len,
+                (page - seq_first_page) * PARTITION,
+                tl.minimum((span_end_page - seq_first_page) * PARTITION, context_len),
+                program - first_program,
+                first_program == (seq_end_page - 1) // pages_per_program,
+                GQA, MAX_QLEN, M, HEAD_SIZE, BLOCK_SIZE, X, SCALES, BLOCK_N, DOT_DTYPE,
             )  # fmt: skip
-
-        if SCALES == 1:
-            acc = acc * tl.load(v_scale_ptr)
-        # row_sum >= 1 for a row that saw a token; rows that saw none stay 0
-        result = acc / tl.maximum(row_sum, 1e-30)[:, None]
-        if WRITE_OUT:
-            o_offs = row[:, None] * stride_out_row + head[:, None] * stride_out_head + dim[None, :]
-            tl.store(out_ptr + o_offs, result.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-        else:
-            es_offs = row * stride_es_row + head * stride_es_head + part
-            tl.store(exp_sums_ptr + es_offs, row_sum, mask=row_ok)
-            # natural-log units, as the partial format says
-            tl.store(max_logits_ptr + es_offs, row_max / 1.4426950408889634, mask=row_ok)
-            t_offs = row[:, None] * stride_tmp_row + head[:, None] * stride_tmp_head + part * stride_tmp_part
-            tl.store(
-                tmp_out_ptr + t_offs + dim[None, :], result.to(tmp_out_ptr.dtype.element_ty), mask=row_ok[:, None]
-            )
-    elif WRITE_OUT:
-        # an empty context gives zeros; only partition 0 exists when WRITE_OUT
-        m_idx = tl.arange(0, M)
-        head = kv_head * GQA + m_idx % GQA
-        if MAX_QLEN > 1:
-            first_row = tl.load(qo_indptr_ptr + seq)
-            num_new = tl.load(qo_indptr_ptr + seq + 1) - first_row
-            row_ok = m_idx // GQA < num_new
-            row = (first_row + m_idx // GQA).to(tl.int64)
-        else:
-            row_ok = m_idx < GQA
-            row = tl.zeros([M], dtype=tl.int64) + seq
-        dim = tl.arange(0, HEAD_SIZE)
-        o_offs = row[:, None] * stride_out_row + head[:, None] * stride_out_head + dim[None, :]
-        tl.store(out_ptr + o_offs, tl.zeros([M, HEAD_SIZE], dtype=out_ptr.dtype.element_ty), mask=row_ok[:, None])
+            page = span_end_page
+    else:
+        # grid (partitions, num_kv_heads, num_seqs): one PARTITION-token stretch each
+        part = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        seq = tl.program_id(2)
+        context_len = tl.load(context_lens_ptr + seq)
+        start = part * PARTITION
+        needed = start < context_len
+        if WRITE_OUT:  # partition 0 of an empty context writes its zeros
+            needed = needed | (part == 0)
+        if needed:
+            _decode_span(
+                out_ptr, exp_sums_ptr, max_logits_ptr, tmp_out_ptr, q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr,
+                block_tables_ptr, qo_indptr_ptr, sm_scale_log2,
+                stride_q_row, stride_q_head, stride_out_row, stride_out_head, stride_es_row, stride_es_head,
+                stride_tmp_row, stride_tmp_head, stride_tmp_part, stride_k_block, stride_k_head,
+                stride_v_block, stride_v_head, stride_scale_block, stride_scale_head, stride_bt_seq,
+                seq, kv_head, context_len, start, tl.minimum(start + PARTITION, context_len), part, WRITE_OUT,
+                GQA, MAX_QLEN, M, HEAD_SIZE, BLOCK_SIZE, X, SCALES, BLOCK_N, DOT_DTYPE,
+            )  # fmt: skip
 
 
 def decode_tile_config(head_size: int, block_size: int, warp_size: int = 32) -> tuple[int, int, int]:
@@ -261,30 +347,43 @@ def launch_paged_decode(
     block_size: int,
     x: int,
     gqa: int,
+    programs_per_head: int = 0,
 ):
-    """Launch stage 1 with partitions of ``partition_size`` tokens (a multiple of 256);
-    when one partition covers ``max_seq_len`` it writes ``out`` and no stage 2 is needed."""
-    num_partitions = triton.cdiv(max_seq_len, partition_size)
+    """Launch stage 1. The static schedule (``programs_per_head == 0``): one program per
+    ``partition_size`` tokens (a multiple of 256) of every sequence; when one partition
+    covers ``max_seq_len`` it writes ``out`` and no stage 2 is needed. The balanced
+    schedule: ``programs_per_head`` programs per kv head share its pages of
+    ``partition_size`` tokens (see ``common.balanced_schedule``); stage 2 always follows."""
     num_seqs = context_lens.shape[0]
     num_kv_heads = K.shape[1]
     rows = max(16, triton.next_power_of_2(max_qlen * gqa))
     block_n, num_warps, num_stages = decode_tile_config(head_size, block_size, warp_size_of(Q.device))
-    write_out = num_partitions == 1
+    balanced = programs_per_head > 0
+    if balanced:
+        grid = (programs_per_head, num_kv_heads)
+        write_out = False
+        # the static variants keep their compiled specializations: these are unused there
+        schedule_args = (num_seqs, max_seq_len, programs_per_head)
+    else:
+        num_partitions = triton.cdiv(max_seq_len, partition_size)
+        grid = (num_partitions, num_kv_heads, num_seqs)
+        write_out = num_partitions == 1
+        schedule_args = (0, 0, 0)
     # unused pointers still need a valid tensor
     k_scale = k_scale if k_scale is not None else context_lens
     v_scale = v_scale if v_scale is not None else context_lens
     scale_strides = (k_scale.stride(0), k_scale.stride(1)) if scales_kind == SCALE_PER_TOKEN else (0, 0)
     if write_out:
-        es, tmp = context_lens, context_lens
+        es, ml, tmp = context_lens, context_lens, context_lens
         es_strides, tmp_strides = (0, 0), (0, 0, 0)
     else:
-        es, tmp = exp_sums, tmp_out
+        es, ml, tmp = exp_sums, max_logits, tmp_out
         es_strides = (exp_sums.stride(0), exp_sums.stride(1))
         tmp_strides = (tmp_out.stride(0), tmp_out.stride(1), tmp_out.stride(2))
-    _paged_decode_kernel[(num_partitions, num_kv_heads, num_seqs)](
+    _paged_decode_kernel[grid](
         out,
         es,
-        max_logits if not write_out else context_lens,
+        ml,
         tmp,
         Q,
         K,
@@ -307,6 +406,7 @@ def launch_paged_decode(
         V.stride(1),
         *scale_strides,
         block_tables.stride(0),
+        *schedule_args,
         GQA=gqa,
         MAX_QLEN=max_qlen,
         M=rows,
@@ -316,6 +416,8 @@ def launch_paged_decode(
         SCALES=scales_kind,
         PARTITION=partition_size,
         WRITE_OUT=write_out,
+        BALANCED=balanced,
+        BLOCK_S=triton.next_power_of_2(num_seqs) if balanced else 1,
         BLOCK_N=block_n,
         DOT_DTYPE=dot_dtype(Q.dtype),
         num_warps=num_warps,

@@ -11,7 +11,9 @@ longer stretches; the scratch is always sized for 256), with logits
 * ``tmp_out[r, h, p, :] = sum_j exp(s_j - m_p) v_j / l_p``
 
 Only partitions ``p < ceil(visible / P)`` are read, where ``visible`` is the
-number of tokens the row sees, so stage 1 need not write the others.
+number of tokens the row sees, so stage 1 need not write the others. After a stage 1
+under the balanced schedule (``common.balanced_schedule``) slot ``p`` holds a sequence's
+``p``-th piece instead, of whatever length, and slots ``0 .. pieces - 1`` are read.
 
 On Hopper the reduce is launched with programmatic dependent launch: it may start
 while stage 1 finishes (the hip stage 1 allows it early) and waits for the previous
@@ -33,7 +35,7 @@ from .._checks import (
     check_tensor,
 )
 from ..layouts import PARTITION_SIZE
-from .common import dependent_launch_ok, visible_tokens
+from .common import balanced_schedule, dependent_launch_ok, visible_tokens
 
 
 @triton.jit
@@ -51,16 +53,23 @@ def _split_kv_reduce_kernel(
     stride_tmp_row,
     stride_tmp_head,
     stride_tmp_part,
+    num_seqs,
+    max_seq_len,
+    programs_per_head,  # BALANCED: stage 1's programs per kv head
     HEAD_SIZE: tl.constexpr,
     PARTITION: tl.constexpr,
     BLOCK_P: tl.constexpr,
     MAX_QLEN: tl.constexpr,
+    BALANCED: tl.constexpr,  # stage 1 ran the schedule of common.balanced_schedule
+    BLOCK_S: tl.constexpr,  # BALANCED: num_seqs padded to a power of 2
     WAIT_FOR_STAGE1: tl.constexpr,  # launched as a programmatic dependent of stage 1
 ):
     """out = sum_p w_p tmp_out_p / sum_p w_p with w_p = l_p exp(m_p - max_p m_p), the
     maximum taken as the partitions are read (an online softmax over partitions).
 
     One program per (sequence, head, new-token index); rows that see no token get 0.
+    Under the balanced schedule a sequence has as many partials as stage-1 programs
+    shared its pages, and one that a single program held was written out already.
     """
     if WAIT_FOR_STAGE1:  # before any read: whatever ran before may have written any input
         tl.extra.cuda.gdc_wait()
@@ -78,7 +87,17 @@ def _split_kv_reduce_kernel(
         row = seq
         row_valid = True
         visible = context_len
-    num_parts = tl.cdiv(visible, PARTITION)
+    if BALANCED:
+        page_ends, total_pages, pages_per_program = balanced_schedule(
+            context_lens_ptr, num_seqs, max_seq_len, programs_per_head, PARTITION, BLOCK_S
+        )
+        seq_end_page = tl.sum(tl.where(tl.arange(0, BLOCK_S) == seq, page_ends, 0), axis=0)
+        seq_pages = tl.cdiv(tl.minimum(tl.maximum(context_len, 0), max_seq_len), PARTITION)
+        pieces = (seq_end_page - 1) // pages_per_program - (seq_end_page - seq_pages) // pages_per_program + 1
+        pieces = tl.where(seq_pages == 0, 0, pieces)
+        num_parts = tl.where(pieces == 1, 0, pieces)
+    else:
+        num_parts = tl.cdiv(visible, PARTITION)
 
     part = tl.arange(0, BLOCK_P)
     dims = tl.arange(0, HEAD_SIZE)
@@ -111,6 +130,8 @@ def _split_kv_reduce_kernel(
     result = acc / tl.maximum(weight_sum, 1e-30)
     out_offs = row.to(tl.int64) * stride_out_row + head * stride_out_head + dims
     dims_to_store = tl.where(row_valid, HEAD_SIZE, 0)  # padding rows (token >= num_new) store nothing
+    if BALANCED:  # stage 1 wrote out the sequences it did not split
+        dims_to_store = tl.where(pieces == 1, 0, dims_to_store)
     tl.store(out_ptr + out_offs, result.to(out_ptr.dtype.element_ty), mask=dims < dims_to_store)
 
 
@@ -131,9 +152,15 @@ def split_kv_reduce(
     return launch_split_kv_reduce(out, exp_sums, max_logits, tmp_out, context_lens, qo_indptr, max_qlen, partition_size)
 
 
-def launch_split_kv_reduce(out, exp_sums, max_logits, tmp_out, context_lens, qo_indptr, max_qlen, partition_size):
-    """:func:`split_kv_reduce` without the checks, for backends whose call was validated already."""
+def launch_split_kv_reduce(
+    out, exp_sums, max_logits, tmp_out, context_lens, qo_indptr, max_qlen, partition_size, *, max_seq_len=0,
+    programs_per_head=0,
+):
+    """:func:`split_kv_reduce` without the checks, for backends whose call was validated
+    already; with ``programs_per_head > 0``, after a stage 1 that ran the balanced
+    schedule with those ``programs_per_head``, ``max_seq_len`` and pages of ``partition_size``."""
     num_seqs = context_lens.shape[0]
+    balanced = programs_per_head > 0
     _, num_heads, head_size = out.shape
     max_partitions = exp_sums.shape[2]
     block_p = min(triton.next_power_of_2(max_partitions), 64)
@@ -152,10 +179,13 @@ def launch_split_kv_reduce(out, exp_sums, max_logits, tmp_out, context_lens, qo_
         tmp_out.stride(0),
         tmp_out.stride(1),
         tmp_out.stride(2),
+        *((num_seqs, max_seq_len, programs_per_head) if balanced else (0, 0, 0)),
         HEAD_SIZE=head_size,
         PARTITION=partition_size,
         BLOCK_P=block_p,
         MAX_QLEN=max_qlen,
+        BALANCED=balanced,
+        BLOCK_S=triton.next_power_of_2(num_seqs) if balanced else 1,
         WAIT_FOR_STAGE1=dependent,
         num_warps=4 if head_size <= 128 else 8,
         **({"launch_pdl": True} if dependent else {}),

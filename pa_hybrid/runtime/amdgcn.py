@@ -113,12 +113,12 @@ def main() -> int:
         print(f"no clang with HIP headers: {INSTALL_HINT}")
         return 2
     results = compile_variants(hip.warmup_specs("gfx942"), clang)
-    print(f"{'variant':<58} {'vgpr':>5} {'agpr':>5} {'sgpr':>5} {'v-spill':>7} {'s-spill':>7} {'scratch':>7}")
+    print(f"{'kernel':<58} {'vgpr':>5} {'agpr':>5} {'sgpr':>5} {'v-spill':>7} {'s-spill':>7} {'scratch':>7}")
     failed = 0
-    for spec, kernels in results.items():
+    for kernels in results.values():
         for k in kernels:
             failed += k.scratch_bytes > 0
-            print(f"{spec.entries[0]:<58} {k.vgprs:>5} {k.agprs:>5} {k.sgprs:>5} {k.vgpr_spills:>7} {k.sgpr_spills:>7} {k.scratch_bytes:>7}")
+            print(f"{k.name:<58} {k.vgprs:>5} {k.agprs:>5} {k.sgprs:>5} {k.vgpr_spills:>7} {k.sgpr_spills:>7} {k.scratch_bytes:>7}")
     print(f"{len(results)} variants for gfx942; {failed} spill to scratch memory")
     return 1 if failed else 0
 

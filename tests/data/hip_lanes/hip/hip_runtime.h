@@ -34,11 +34,13 @@ struct float2 {
 };
 inline float2 make_float2(float x, float y) { return {x, y}; }
 inline int min(int a, int b) { return std::min(a, b); }
+inline int max(int a, int b) { return std::max(a, b); }
 
 struct sim_dim3 {
   unsigned x = 0, y = 0, z = 0;
 };
 inline thread_local sim_dim3 threadIdx, blockIdx;
+inline sim_dim3 gridDim;
 
 namespace sim {
 constexpr int HALF = 32;  // the lanes one exchange spans
@@ -59,6 +61,7 @@ inline std::barrier<>& my_half() { return *block->halves[threadIdx.x / HALF]; }
 
 // Run fn on every thread of every block of the grid, one block at a time.
 inline void launch(sim_dim3 grid, int threads, const std::function<void()>& fn) {
+  gridDim = grid;
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {

@@ -1,0 +1,126 @@
+"""The split-KV backends (hip, triton) under the static schedule and under the balanced one
+(``PA_HYBRID_SPLIT_SCHEDULE=balanced``; ``pa_hybrid/kernels/common.py``, ``balanced_schedule``)
+at 1, 2 and 4 programs per SM, timed against each other on each case (CUDA-graph replays,
+L2 flushed, interleaved, median), every variant's output first checked against the
+reference: % of the floor, with the read bandwidth measured in the same run. The data
+that decides the default schedule (benchmarks/RESULTS.md, section 19).
+
+    python benchmarks/bench_split_schedule.py [--workload W] [--models ...] [--kv-dtypes bf16 fp8]
+        [--num-seqs 16 64 256] [--ctx 2048 8192 mixed] [--backends hip triton] [--json out.json]
+"""
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+from dataclasses import replace
+
+import torch
+
+from pa_hybrid import paged_attention_common, reference_paged_attention
+from pa_hybrid.backends import base
+from pa_hybrid.bench.decode import (
+    OK,
+    Result,
+    _call_kwargs,
+    _check_call,
+    decode_bytes,
+    enumerate_cases,
+    load_workload,
+    query_rows,
+    slice_case,
+    spread_indices,
+    tolerance_for,
+)
+from pa_hybrid.bench.timing import InterleavedTimer, measure_read_bandwidth
+
+SCHEDULES = {"static": 0, "balanced-1": 1, "balanced-2": 2, "balanced-4": 4}
+"""Name -> balanced programs per SM (0: the static schedule)."""
+
+
+@contextlib.contextmanager
+def split_schedule(programs_per_sm: int):
+    """Calls made inside run the static schedule (0) or the balanced one at
+    ``programs_per_sm`` (where :func:`pa_hybrid.backends.base.balanced_programs_per_head`
+    applies it)."""
+    saved = os.environ.get("PA_HYBRID_SPLIT_SCHEDULE"), base.BALANCED_PROGRAMS_PER_SM
+    os.environ["PA_HYBRID_SPLIT_SCHEDULE"] = "balanced" if programs_per_sm else "static"
+    base.BALANCED_PROGRAMS_PER_SM = programs_per_sm or saved[1]
+    try:
+        yield
+    finally:
+        if saved[0] is None:
+            del os.environ["PA_HYBRID_SPLIT_SCHEDULE"]
+        else:
+            os.environ["PA_HYBRID_SPLIT_SCHEDULE"] = saved[0]
+        base.BALANCED_PROGRAMS_PER_SM = saved[1]
+
+
+def scheduled_call(kwargs: dict, backend: str, programs_per_sm: int):
+    def call():  # run eagerly by the check and before capture: the schedule is read then
+        with split_schedule(programs_per_sm):
+            paged_attention_common(**kwargs, backend=backend)
+
+    return call
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workload", default=None)
+    parser.add_argument("--models", nargs="+", default=None)
+    parser.add_argument("--kv-dtypes", nargs="+", default=["bf16", "fp8"])
+    parser.add_argument("--num-seqs", nargs="+", type=int, default=[16, 64, 256])
+    parser.add_argument("--ctx", nargs="+", default=["2048", "8192", "mixed"])
+    parser.add_argument("--backends", nargs="+", default=["hip", "triton"])
+    parser.add_argument("--samples", type=int, default=30)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    bandwidth = measure_read_bandwidth()
+    print(f"read bandwidth {bandwidth / 1e12:.3f} TB/s; % of the floor per backend and schedule", flush=True)
+    print(f"{'case':42s} " + " ".join(f"{b[:3]}:{s:>10s}" for b in args.backends for s in SCHEDULES), flush=True)
+    timer = InterleavedTimer(samples=args.samples)
+    rows = []
+    cases = enumerate_cases(load_workload(args.workload), models=args.models, kv_dtypes=args.kv_dtypes, num_seqs=args.num_seqs, ctx=args.ctx)
+    for spec in cases:
+        case = spec.build("cuda")
+        kwargs = _call_kwargs(case, "cuda")
+        floor_us = decode_bytes(case) / bandwidth * 1e6
+        sampled = spread_indices(spec.num_seqs)
+        ref = reference_paged_attention(**slice_case(case, sampled))
+        template = Result(
+            model=spec.model, kv=spec.kv, num_seqs=spec.num_seqs, ctx=spec.ctx, mbytes=spec.kv_bytes / 1e6,
+            floor_bytes=decode_bytes(case), floor_us=floor_us, backend="", status=OK,
+        )  # fmt: skip
+        checked = {}
+        for backend in args.backends:
+            for name, programs_per_sm in SCHEDULES.items():
+                result = replace(template, backend=f"{backend}/{name}")
+                result, call = _check_call(
+                    result, scheduled_call(kwargs, backend, programs_per_sm), kwargs["out_"], ref,
+                    query_rows(case, sampled), tolerance_for(spec.kv_dtype),
+                )  # fmt: skip
+                checked[result.backend] = (result, call)
+        timings = timer({name: call for name, (_, call) in checked.items() if call is not None})
+        row = dict(model=spec.model, kv=spec.kv, num_seqs=spec.num_seqs, ctx=spec.ctx, floor_us=floor_us)
+        cells = []
+        for name, (result, _) in checked.items():
+            timing = timings.get(name)
+            if result.status != OK or not hasattr(timing, "median_us"):
+                row[name] = f"{result.status}: {result.reason or timing}"
+                cells.append(f"{result.status:>14s}")
+                continue
+            row[name] = dict(us=timing.median_us, pct_of_floor=100 * floor_us / timing.median_us, rel_err=result.rel_err)
+            cells.append(f"{100 * floor_us / timing.median_us:14.1f}")
+        print(f"{spec.label():42s} " + " ".join(cells), flush=True)
+        rows.append(row)
+        del case, kwargs, ref, checked
+        gc.collect()
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(read_bandwidth=bandwidth, schedules=SCHEDULES, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""The balanced split-KV schedule (``kernels/common.py``, ``balanced_schedule``) of the
+split-KV backends (triton; hip on a GPU): stage-1 programs share a kv head's pages
+whatever the mix of lengths, and the reduce rebuilds the same schedule from ``context_lens``.
+
+Checked against the reference for stage-1 grids that hold every sequence whole in
+one program, give one program several sequences, split one sequence over several
+programs, or leave programs without pages; the scratch gets one extra poisoned
+partition slot that must stay untouched (no piece is written past what
+``scratch_shapes`` tells callers to allocate).
+"""
+
+import random
+
+import pytest
+import torch
+
+from pa_hybrid import paged_attention_common, reference_paged_attention
+from pa_hybrid.backends.base import BALANCED_MAX_SEQS, balanced_programs_per_head
+from pa_hybrid.backends import base
+from pa_hybrid.backends.hip import BACKEND as HIP
+from pa_hybrid.backends.triton import BACKEND as TRITON
+from pa_hybrid.call import build_call
+from pa_hybrid.layouts import PARTITION_SIZE, max_num_partitions
+from pa_hybrid.testing import make_decode_case
+
+from conftest import skip_if_unsupported
+
+# 14 pages over 13 sequences, with empty ones first, in the middle and last
+RAGGED = [0, 1, 15, 300, 256, 257, 0, 700, 5, 1100, 16, 64, 0]
+
+# (kv dtype, q dtype, gqa, max_qlen, head_size, block_size, scales)
+CONFIGS = [
+    (torch.bfloat16, torch.bfloat16, 4, 1, 128, 16, "per_token"),
+    (torch.float16, torch.float16, 1, 2, 64, 32, "per_token"),
+    (torch.float8_e4m3fn, torch.bfloat16, 8, 1, 128, 16, "per_token"),
+    (torch.int8, torch.float16, 3, 3, 64, 16, "per_tensor"),
+]
+
+
+def _id(cfg):
+    kv, q, gqa, qlen, hs, bs, sc = cfg
+    return f"kv={str(kv)[6:]}-q={str(q)[6:]}-gqa{gqa}-qlen{qlen}-d{hs}-bs{bs}-{sc}"
+
+
+def _guarded_scratch(rows, num_heads, head_size, max_seq_len, device):
+    """NaN scratch with one partition slot more than callers allocate, and views of the
+    size they do allocate."""
+    parts = max_num_partitions(max_seq_len)
+    full = (
+        torch.full((rows, num_heads, parts + 1), float("nan"), device=device),
+        torch.full((rows, num_heads, parts + 1), float("nan"), device=device),
+        torch.full((rows, num_heads, parts + 1, head_size), float("nan"), device=device),
+    )
+    return full, (full[0][..., :parts], full[1][..., :parts], full[2][..., :parts, :])
+
+
+SPLIT_KV = {"triton": TRITON, "hip": HIP}
+
+
+@pytest.mark.parametrize("programs_per_head", [1, 3, 5, 40])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=_id)
+@pytest.mark.parametrize("backend", SPLIT_KV)
+def test_balanced_schedule_matches_reference(device, backend, cfg, programs_per_head):
+    kv, q, gqa, qlen, hs, bs, scales = cfg
+    case = make_decode_case(
+        RAGGED, num_heads=2 * gqa, num_kv_heads=2, head_size=hs, block_size=bs, kv_dtype=kv, q_dtype=q,
+        max_qlen=qlen, scales=scales, strided_q=True, device=device,
+    )  # fmt: skip
+    skip_if_unsupported(backend, case)
+    rows, num_heads, _ = case["Q"].shape
+    full, scratch = _guarded_scratch(rows, num_heads, hs, case["max_seq_len"], device)
+    call = build_call(**dict(case, exp_sums=scratch[0], max_logits=scratch[1], tmp_out=scratch[2]))
+    call.out.fill_(float("nan"))
+
+    SPLIT_KV[backend].launch(call, PARTITION_SIZE, programs_per_head)
+
+    for t in full:
+        assert t[:, :, -1].isnan().all(), "a partial was written past the scratch callers allocate"
+    if programs_per_head == 1:  # every sequence whole in one program: written out, no partials
+        assert all(t.isnan().all() for t in full)
+    ref = reference_paged_attention(**case)
+    assert not call.out.isnan().any(), "unwritten (NaN-poisoned) output elements"
+    tol = 3e-2 * (2 if kv.itemsize == 1 else 1)
+    torch.testing.assert_close(call.out.float(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("lens", [[0, 0, 0], [3000], [1] * 40], ids=["all-empty", "one-sequence", "many-short"])
+@pytest.mark.parametrize("backend", SPLIT_KV)
+def test_balanced_schedule_edge_batches(device, backend, lens):
+    case = make_decode_case(lens, num_heads=4, num_kv_heads=1, head_size=64, device=device)
+    skip_if_unsupported(backend, case)
+    call = build_call(**dict(case, exp_sums=None, max_logits=None, tmp_out=None))
+    call.out.fill_(float("nan"))
+    SPLIT_KV[backend].launch(call, PARTITION_SIZE, 7)
+    torch.testing.assert_close(call.out.float(), reference_paged_attention(**case), rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("backend", SPLIT_KV)
+def test_public_call_runs_the_balanced_schedule_when_asked(device, backend, monkeypatch):
+    monkeypatch.setenv("PA_HYBRID_SPLIT_SCHEDULE", "balanced")
+    monkeypatch.setattr(base, "sm_count", lambda *_: 4)  # 4 programs per kv head, for 10 pages each
+    case = make_decode_case([40, 600, 0, 2000], num_heads=8, num_kv_heads=2, max_qlen=2, device=device)
+    skip_if_unsupported(backend, case)
+    instance, ran = SPLIT_KV[backend], []
+    launch = type(instance).launch
+    monkeypatch.setattr(instance, "launch", lambda call, *schedule: ran.append(schedule) or launch(instance, call, *schedule))
+    out = paged_attention_common(exp_sums=None, max_logits=None, tmp_out=None, backend=backend, **case)
+    assert ran == [(PARTITION_SIZE, 4)]
+    torch.testing.assert_close(out.float(), reference_paged_attention(**case), rtol=3e-2, atol=3e-2)
+
+
+def test_balanced_programs_per_head():
+    assert balanced_programs_per_head(64, 8, 4096, 132, 2) == 33
+    assert balanced_programs_per_head(4, 64, 4096, 16, 1) == 1
+    assert balanced_programs_per_head(16, 8, 600, 132, 2) == 33  # 48 pages for 33 programs
+    assert balanced_programs_per_head(8, 8, 600, 132, 2) == 0  # a program per page: static
+    assert balanced_programs_per_head(64, 8, PARTITION_SIZE, 132, 2) == 0  # one partition: static
+    assert balanced_programs_per_head(BALANCED_MAX_SEQS + 1, 8, 4096, 132, 2) == 0
+
+
+def test_pieces_fit_the_scratch_and_own_distinct_slots():
+    """The schedule's arithmetic, as both kernels compute it, over random batches: every
+    page has one owner, a sequence's pieces take slots 0..pieces-1 once each, and never
+    more slots than the 256-token scratch has."""
+    rng = random.Random()
+    for _ in range(2000):
+        max_seq_len = rng.randint(1, 5000)
+        lens = [rng.choice([0, rng.randint(0, max_seq_len)]) for _ in range(rng.randint(1, 30))]
+        programs = rng.randint(1, 300)
+        pages = [-(-n // PARTITION_SIZE) for n in lens]
+        per_program = max(-(-sum(pages) // programs), 1)
+        first = 0
+        for n in pages:
+            owners = [page // per_program for page in range(first, first + n)]
+            assert all(o < programs for o in owners)
+            pieces = (first + n - 1) // per_program - first // per_program + 1 if n else 0
+            slots = sorted({o - first // per_program for o in owners})
+            assert slots == list(range(pieces))
+            assert pieces <= max_num_partitions(max_seq_len)
+            first += n
