@@ -493,7 +493,7 @@ __device__ __forceinline__ BalancedStart balanced_start(const SplitKvParams& p, 
 }
 
 // BALANCED picks the schedule: one entry each, so that the static one keeps its registers
-// (the balanced loop costs up to 30 more per thread).
+// (the balanced loop costs up to 48 more per thread).
 template <bool IS_BF16, int KV_KIND, int HEAD, int BS, bool WIDE, bool BALANCED>
 __global__ void __launch_bounds__((SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, WIDE>::THREADS))  // (): HIP's macro splits at commas
     paged_decode_split_kv(const PA_GRID_CONSTANT SplitKvParams p) {

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from pa_hybrid import paged_attention_common, reference_paged_attention
-from pa_hybrid.backends.base import BALANCED_MAX_SEQS, balanced_programs_per_head
 from pa_hybrid.backends import base
 from pa_hybrid.backends.hip import BACKEND as HIP
 from pa_hybrid.backends.triton import BACKEND as TRITON
@@ -110,12 +109,12 @@ def test_public_call_runs_the_balanced_schedule_when_asked(device, backend, monk
 
 
 def test_balanced_programs_per_head():
-    assert balanced_programs_per_head(64, 8, 4096, 132, 2) == 33
-    assert balanced_programs_per_head(4, 64, 4096, 16, 1) == 1
-    assert balanced_programs_per_head(16, 8, 600, 132, 2) == 33  # 48 pages for 33 programs
-    assert balanced_programs_per_head(8, 8, 600, 132, 2) == 0  # a program per page: static
-    assert balanced_programs_per_head(64, 8, PARTITION_SIZE, 132, 2) == 0  # one partition: static
-    assert balanced_programs_per_head(BALANCED_MAX_SEQS + 1, 8, 4096, 132, 2) == 0
+    assert base.balanced_programs_per_head(64, 8, 4096, 132, 2) == 33
+    assert base.balanced_programs_per_head(4, 64, 4096, 16, 1) == 1
+    assert base.balanced_programs_per_head(16, 8, 600, 132, 2) == 33  # 48 pages for 33 programs
+    assert base.balanced_programs_per_head(8, 8, 600, 132, 2) == 0  # a program per page: static
+    assert base.balanced_programs_per_head(64, 8, PARTITION_SIZE, 132, 2) == 0  # one partition: static
+    assert base.balanced_programs_per_head(base.BALANCED_MAX_SEQS + 1, 8, 4096, 132, 2) == 0
 
 
 def test_pieces_fit_the_scratch_and_own_distinct_slots():
