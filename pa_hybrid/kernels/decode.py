@@ -1,12 +1,15 @@
 """Split-KV paged decode, stage 1, in Triton (the portable backend's kernel).
 
-One program per (partition of 256 tokens, kv head, sequence) serves every query
-row of the kv head's GQA group (and every new token when ``max_qlen > 1``): the
-rows ``m = i * GQA + g`` (new token ``i``, group member ``g``) form the M dim of
-``tl.dot`` tiles, padded to 16, so K and V are read once per group. The loop over
-the partition walks ``BLOCK_N`` tokens at a time (several cache blocks), with an
-online softmax in base 2. It writes the partial format of ``kernels/reduce.py``,
-or ``out`` directly when one partition covers every context (``max_seq_len <= 256``).
+One program per (partition of 256 tokens or a multiple, kv head, sequence), or under
+the balanced schedule (``common.balanced_schedule``) a fixed number of programs per kv
+head, each walking its run of the batch's pages span by span, one span per sequence.
+A span serves every query row of the kv head's GQA group (and every new token when
+``max_qlen > 1``): the rows ``m = i * GQA + g`` (new token ``i``, group member ``g``)
+form the M dim of ``tl.dot`` tiles, padded to 16, so K and V are read once per group.
+The loop over the span walks ``BLOCK_N`` tokens at a time (several cache blocks), with
+an online softmax in base 2. It writes the partial format of ``kernels/reduce.py``, or
+``out`` directly when one partition covers every context (balanced: when one program
+holds a whole sequence).
 
 8-bit caches are widened to the query dtype (exact for e4m3 and int8) and their
 scales applied in fp32: a per-token K scale multiplies its logit column, a
