@@ -112,7 +112,7 @@ def main():
                 continue
             row[name] = dict(us=timing.median_us, pct_of_floor=100 * floor_us / timing.median_us, rel_err=result.rel_err)
             cells.append(f"{100 * floor_us / timing.median_us:14.1f}")
-        print(f"{spec.label():42s} " + " ".join(cells), flush=True)
+        print(f"{spec.label:42s} " + " ".join(cells), flush=True)
         rows.append(row)
         del case, kwargs, ref, checked
         gc.collect()

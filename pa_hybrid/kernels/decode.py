@@ -295,10 +295,7 @@ def _paged_decode_kernel(
         seq = tl.program_id(2)
         context_len = tl.load(context_lens_ptr + seq)
         start = part * PARTITION
-        needed = start < context_len
-        if WRITE_OUT:  # partition 0 of an empty context writes its zeros
-            needed = needed | (part == 0)
-        if needed:
+        if start < context_len:
             _decode_span(
                 out_ptr, exp_sums_ptr, max_logits_ptr, tmp_out_ptr, q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr,
                 block_tables_ptr, qo_indptr_ptr, sm_scale_log2,
@@ -308,6 +305,22 @@ def _paged_decode_kernel(
                 seq, kv_head, context_len, start, tl.minimum(start + PARTITION, context_len), part, WRITE_OUT,
                 GQA, MAX_QLEN, M, HEAD_SIZE, BLOCK_SIZE, X, SCALES, BLOCK_N, DOT_DTYPE,
             )  # fmt: skip
+        elif WRITE_OUT:
+            # an empty context gives zeros; only partition 0 exists when WRITE_OUT (a branch of
+            # its own: through _decode_span, Triton 3.6 spilled a register on gfx942)
+            m_idx = tl.arange(0, M)
+            head = kv_head * GQA + m_idx % GQA
+            if MAX_QLEN > 1:
+                first_row = tl.load(qo_indptr_ptr + seq)
+                num_new = tl.load(qo_indptr_ptr + seq + 1) - first_row
+                row_ok = m_idx // GQA < num_new
+                row = (first_row + m_idx // GQA).to(tl.int64)
+            else:
+                row_ok = m_idx < GQA
+                row = tl.zeros([M], dtype=tl.int64) + seq
+            dim = tl.arange(0, HEAD_SIZE)
+            o_offs = row[:, None] * stride_out_row + head[:, None] * stride_out_head + dim[None, :]
+            tl.store(out_ptr + o_offs, tl.zeros([M, HEAD_SIZE], dtype=out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 def decode_tile_config(head_size: int, block_size: int, warp_size: int = 32) -> tuple[int, int, int]:
