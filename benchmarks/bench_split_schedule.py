@@ -1,12 +1,13 @@
 """The split-KV backends (hip, triton) under the static schedule and under the balanced one
 (``PA_HYBRID_SPLIT_SCHEDULE=balanced``; ``pa_hybrid/kernels/common.py``, ``balanced_schedule``)
-at 1, 2 and 4 programs per SM, timed against each other on each case (CUDA-graph replays,
-L2 flushed, interleaved, median), every variant's output first checked against the
+at each backend's own programs per SM or at 1, 2 or 4, timed against each other on each
+case (CUDA-graph replays, L2 flushed, interleaved, median), every variant's output first checked against the
 reference: % of the floor, with the read bandwidth measured in the same run. The data
 that decides the default schedule (benchmarks/RESULTS.md, section 19).
 
     python benchmarks/bench_split_schedule.py [--workload W] [--models ...] [--kv-dtypes bf16 fp8]
-        [--num-seqs 16 64 256] [--ctx 2048 8192 mixed] [--backends hip triton] [--json out.json]
+        [--num-seqs 16 64 256] [--ctx 2048 8192 mixed] [--backends hip triton]
+        [--schedules static balanced balanced-1 balanced-2 balanced-4] [--json out.json]
 """
 
 import argparse
@@ -15,11 +16,12 @@ import gc
 import json
 import os
 from dataclasses import replace
+from unittest import mock
 
 import torch
 
 from pa_hybrid import paged_attention_common, reference_paged_attention
-from pa_hybrid.backends import base
+from pa_hybrid import dispatch
 from pa_hybrid.bench.decode import (
     OK,
     Result,
@@ -35,31 +37,26 @@ from pa_hybrid.bench.decode import (
 )
 from pa_hybrid.bench.timing import InterleavedTimer, measure_read_bandwidth
 
-SCHEDULES = {"static": 0, "balanced-1": 1, "balanced-2": 2, "balanced-4": 4}
-"""Name -> balanced programs per SM (0: the static schedule)."""
+SCHEDULES = {"static": 0, "balanced": None, "balanced-1": 1, "balanced-2": 2, "balanced-4": 4}
+"""Name -> balanced programs per SM (0: the static schedule; None: the backend's own)."""
 
 
 @contextlib.contextmanager
-def split_schedule(programs_per_sm: int):
+def split_schedule(backend: str, programs_per_sm: int | None):
     """Calls made inside run the static schedule (0) or the balanced one at
-    ``programs_per_sm`` (where :func:`pa_hybrid.backends.base.balanced_programs_per_head`
-    applies it)."""
-    saved = os.environ.get("PA_HYBRID_SPLIT_SCHEDULE"), base.BALANCED_PROGRAMS_PER_SM
-    os.environ["PA_HYBRID_SPLIT_SCHEDULE"] = "balanced" if programs_per_sm else "static"
-    base.BALANCED_PROGRAMS_PER_SM = programs_per_sm or saved[1]
-    try:
-        yield
-    finally:
-        if saved[0] is None:
-            del os.environ["PA_HYBRID_SPLIT_SCHEDULE"]
-        else:
-            os.environ["PA_HYBRID_SPLIT_SCHEDULE"] = saved[0]
-        base.BALANCED_PROGRAMS_PER_SM = saved[1]
+    ``programs_per_sm`` (for both cache classes; None: the backend's own per class; hip
+    takes at most as many as fit, see :func:`pa_hybrid.backends.hip.balanced_ctas_per_sm`)."""
+    backend_type = type(dispatch.registered()[backend])
+    schedule = "static" if programs_per_sm == 0 else "balanced"
+    per_sm = (programs_per_sm, programs_per_sm) if programs_per_sm else backend_type.balanced_programs_per_sm
+    with mock.patch.dict(os.environ, PA_HYBRID_SPLIT_SCHEDULE=schedule):
+        with mock.patch.object(backend_type, "balanced_programs_per_sm", per_sm):
+            yield
 
 
-def scheduled_call(kwargs: dict, backend: str, programs_per_sm: int):
+def scheduled_call(kwargs: dict, backend: str, programs_per_sm: int | None):
     def call():  # run eagerly by the check and before capture: the schedule is read then
-        with split_schedule(programs_per_sm):
+        with split_schedule(backend, programs_per_sm):
             paged_attention_common(**kwargs, backend=backend)
 
     return call
@@ -73,12 +70,13 @@ def main():
     parser.add_argument("--num-seqs", nargs="+", type=int, default=[16, 64, 256])
     parser.add_argument("--ctx", nargs="+", default=["2048", "8192", "mixed"])
     parser.add_argument("--backends", nargs="+", default=["hip", "triton"])
+    parser.add_argument("--schedules", nargs="+", default=["static", "balanced"], choices=SCHEDULES)
     parser.add_argument("--samples", type=int, default=30)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     bandwidth = measure_read_bandwidth()
     print(f"read bandwidth {bandwidth / 1e12:.3f} TB/s; % of the floor per backend and schedule", flush=True)
-    print(f"{'case':42s} " + " ".join(f"{b[:3]}:{s:>10s}" for b in args.backends for s in SCHEDULES), flush=True)
+    print(f"{'case':42s} " + " ".join(f"{b[:3]}:{s:>10s}" for b in args.backends for s in args.schedules), flush=True)
     timer = InterleavedTimer(samples=args.samples)
     rows = []
     cases = enumerate_cases(load_workload(args.workload), models=args.models, kv_dtypes=args.kv_dtypes, num_seqs=args.num_seqs, ctx=args.ctx)
@@ -94,7 +92,8 @@ def main():
         )  # fmt: skip
         checked = {}
         for backend in args.backends:
-            for name, programs_per_sm in SCHEDULES.items():
+            for name in args.schedules:
+                programs_per_sm = SCHEDULES[name]
                 result = replace(template, backend=f"{backend}/{name}")
                 result, call = _check_call(
                     result, scheduled_call(kwargs, backend, programs_per_sm), kwargs["out_"], ref,
@@ -119,7 +118,7 @@ def main():
         torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(read_bandwidth=bandwidth, schedules=SCHEDULES, rows=rows), f, indent=1)
+            json.dump(dict(read_bandwidth=bandwidth, schedules={s: SCHEDULES[s] for s in args.schedules}, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -108,12 +108,20 @@ struct SplitKvConfig {  // restated by hip.py's kernel_config; the same test che
 // The CTA's dynamic shared memory: 16 query rows, then the rings (see split_kv_smem_bytes).
 extern __shared__ __align__(128) unsigned char smem[];
 
+// Where a span's result goes: `out` (write_out) or the partial of slot `part`; last_span:
+// the CTA's last span (the reduce may launch after its cache reads).
+struct SpanTail {
+  int part;
+  bool write_out, last_span;
+};
+
 // Attends every query row of (seq, kv_head) to tokens [start, end) (start block aligned;
-// an empty span gives zeros) and writes `out` (write_out) or the partial of slot `part`.
+// an empty span gives zeros) and writes what tail() says. tail() is called after the cache
+// reads, so that the balanced schedule's values need no registers through them.
 // Called by every thread of the CTA; the caller syncs before the next span reuses shared memory.
-template <bool IS_BF16, int KV_KIND, int HEAD, int BS, bool WIDE>
+template <bool IS_BF16, int KV_KIND, int HEAD, int BS, bool WIDE, class Tail>
 __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int kv_head, int context_len, int start,
-                                            int end, int part, bool write_out, bool last_span) {
+                                            int end, const Tail& tail) {
   using C = SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, WIDE>;
   using Q = q16<IS_BF16>;
   using qt = typename Q::t;
@@ -359,9 +367,12 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
 
   // Past the cache reads: the split-KV reduce may launch now (it waits for this grid before
   // reading partials). Allowing it at the start made mid-size calls up to 2.7 us slower.
-  if (last_span) allow_dependent_launch();
+  if (tail().last_span) allow_dependent_launch();
 
   // ---- phase 2: merge the warps' (max, sum, O) through shared memory ----
+  const SpanTail to = tail();
+  const int part = to.part;
+  const bool write_out = to.write_out;
   sum0 += shfl_xor(sum0, 1);
   sum0 += shfl_xor(sum0, 2);
   sum1 += shfl_xor(sum1, 1);
@@ -452,19 +463,43 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
 
 // The balanced schedule of pa_hybrid/kernels/common.py (balanced_schedule): the pages of
 // 256 tokens of all sequences end to end, an equal run of them per CTA of a kv head, cut at
-// sequence ends into spans. Finds this CTA's first page's sequence and that sequence's first
-// page with a CTA-wide scan of the page counts (in the ring, before any span uses it).
-struct BalancedStart {
-  int seq, seq_first_page, first_page, last_page, pages_per_program;
+// sequence ends into spans. The loop over a CTA's spans keeps its state in shared memory, in
+// the pad of query row 0 (which no span touches): held in registers through decode_span, it
+// spilled in variants at the edge of the register file.
+struct BalancedState {
+  int seq, seq_first_page, seq_end_page;  // the sequence the loop is at, and its pages
+  int total_pages;                        // of all sequences
 };
 
+// What a CTA derives from the state: its pages [first_page, last_page) and the span's.
+struct BalancedSpan {
+  int pages_per_program, first_page, last_page, page, end_page;
+  __device__ explicit BalancedSpan(const BalancedState& state) {
+    pages_per_program = max((state.total_pages + gridDim.x - 1) / gridDim.x, 1);  // gridDim.x CTAs per kv head
+    first_page = blockIdx.x * pages_per_program;
+    last_page = min(first_page + pages_per_program, state.total_pages);
+    page = max(state.seq_first_page, first_page);
+    end_page = min(state.seq_end_page, last_page);
+  }
+  __device__ SpanTail tail(const BalancedState& state) const {
+    const int first_program = state.seq_first_page / pages_per_program;
+    return {int(blockIdx.x) - first_program, first_program == (state.seq_end_page - 1) / pages_per_program,
+            end_page == last_page};
+  }
+};
+
+__device__ __forceinline__ int pages_of(const SplitKvParams& p, int seq) {
+  return (min(max(p.context_lens[seq], 0), p.max_seq_len) + p.partition_size - 1) / p.partition_size;
+}
+
+// Finds the sequence of this CTA's first page with a CTA-wide scan of the page counts (in
+// the ring, before any span uses it) and writes the loop's first state.
 template <int THREADS>
-__device__ __forceinline__ BalancedStart balanced_start(const SplitKvParams& p, int program, int* scan) {
-  const int page = p.partition_size, per_thread = (p.num_seqs + THREADS - 1) / THREADS;
+__device__ __forceinline__ void balanced_start(const SplitKvParams& p, int* scan, BalancedState* state) {
+  const int per_thread = (p.num_seqs + THREADS - 1) / THREADS;
   const int s_begin = min(threadIdx.x * per_thread, p.num_seqs), s_end = min(s_begin + per_thread, p.num_seqs);
-  auto pages_of = [&](int s) { return (min(max(p.context_lens[s], 0), p.max_seq_len) + page - 1) / page; };
   int mine = 0;
-  for (int s = s_begin; s < s_end; ++s) mine += pages_of(s);
+  for (int s = s_begin; s < s_end; ++s) mine += pages_of(p, s);
   scan[threadIdx.x] = mine;
   __syncthreads();
   for (int offset = 1; offset < THREADS; offset *= 2) {  // inclusive scan, Hillis-Steele
@@ -474,57 +509,62 @@ __device__ __forceinline__ BalancedStart balanced_start(const SplitKvParams& p, 
     __syncthreads();
   }
   const int total = scan[THREADS - 1], thread_first_page = scan[threadIdx.x] - mine;
-  BalancedStart b;
-  b.pages_per_program = max((total + gridDim.x - 1) / gridDim.x, 1);  // gridDim.x CTAs per kv head
-  b.first_page = program * b.pages_per_program;
-  b.last_page = min(b.first_page + b.pages_per_program, total);
-  __syncthreads();  // every thread has read the scan: slots 0 and 1 take the answer
-  if (thread_first_page <= b.first_page && b.first_page < thread_first_page + mine) {
-    int first = thread_first_page, s = s_begin;  // the sequence holding first_page (never an empty one)
-    while (first + pages_of(s) <= b.first_page) first += pages_of(s++);
-    scan[0] = s;
-    scan[1] = first;
+  const int first_page = blockIdx.x * max((total + gridDim.x - 1) / gridDim.x, 1);
+  if (threadIdx.x == 0) {  // and, for a CTA past the last page, a state that ends its loop at once
+    state->total_pages = total;
+    state->seq_first_page = state->seq_end_page = total;
   }
   __syncthreads();
-  b.seq = scan[0];
-  b.seq_first_page = scan[1];
-  __syncthreads();  // before a span's copies overwrite the slots
-  return b;
+  if (first_page < total && thread_first_page <= first_page && first_page < thread_first_page + mine) {
+    int first = thread_first_page, s = s_begin;  // the sequence holding first_page (never an empty one)
+    while (first + pages_of(p, s) <= first_page) first += pages_of(p, s++);
+    state->seq = s;
+    state->seq_first_page = first;
+    state->seq_end_page = first + pages_of(p, s);
+  }
+  __syncthreads();  // the state is written, and the scan read before a span's copies overwrite it
 }
 
-// BALANCED picks the schedule: one entry each, so that the static one keeps its registers
-// (the balanced loop costs up to 48 more per thread).
-template <bool IS_BF16, int KV_KIND, int HEAD, int BS, bool WIDE, bool BALANCED>
-__global__ void __launch_bounds__((SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, WIDE>::THREADS))  // (): HIP's macro splits at commas
+// BALANCED picks the schedule: 0 the static one; n > 0 the balanced one with n CTAs per SM,
+// which the launch bounds tell the register allocator (without them, ptxas kept the balanced
+// loop under 128 registers by spilling where 255 were free, and above where n = 4 needs it).
+// One entry each, so that the static one keeps its registers.
+template <bool IS_BF16, int KV_KIND, int HEAD, int BS, bool WIDE, int BALANCED>
+__global__ void __launch_bounds__((SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, WIDE>::THREADS), BALANCED)  // (): HIP's macro splits at commas
     paged_decode_split_kv(const PA_GRID_CONSTANT SplitKvParams p) {
   using C = SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, WIDE>;
   const int kv_head = blockIdx.y;
-  if constexpr (!BALANCED) {
+  if constexpr (BALANCED == 0) {
     // partition blockIdx.x of sequence blockIdx.z; past the context nothing, except the zeros
     // of an empty context when writing out
-    const int part = blockIdx.x, seq = blockIdx.z;
-    const int context_len = p.context_lens[seq], start = part * p.partition_size;
+    const int seq = blockIdx.z;
+    const int context_len = p.context_lens[seq], start = blockIdx.x * p.partition_size;
     if (start >= context_len && !p.write_out) return;
     decode_span<IS_BF16, KV_KIND, HEAD, BS, WIDE>(p, seq, kv_head, context_len, start,
-                                                  min(start + p.partition_size, context_len), part, p.write_out, true);
+                                                  min(start + p.partition_size, context_len),
+                                                  [write_out = p.write_out != 0] { return SpanTail{int(blockIdx.x), write_out, true}; });
   } else {
-    const BalancedStart b = balanced_start<C::THREADS>(p, blockIdx.x, reinterpret_cast<int*>(smem + C::Q_BYTES));
-    int seq = b.seq, seq_first_page = b.seq_first_page;
-    for (int page = b.first_page; page < b.last_page;) {  // one span per sequence
-      const int context_len = min(p.context_lens[seq], p.max_seq_len);
-      const int seq_end_page = seq_first_page + (max(context_len, 0) + p.partition_size - 1) / p.partition_size;
-      const int span_end_page = min(seq_end_page, b.last_page);
-      if (span_end_page > page) {  // empty sequences have no pages
-        const int first_program = seq_first_page / b.pages_per_program;
+    BalancedState* state = reinterpret_cast<BalancedState*>(smem + HEAD * 2);
+    balanced_start<C::THREADS>(p, reinterpret_cast<int*>(smem + C::Q_BYTES), state);
+    for (;;) {  // one span per sequence
+      const BalancedSpan span(*state);
+      if (span.page >= span.last_page) break;
+      const int seq = state->seq, seq_start = state->seq_first_page * p.partition_size;
+      if (span.end_page > span.page) {  // empty sequences have no pages
+        const int context_len = min(p.context_lens[seq], p.max_seq_len);
         decode_span<IS_BF16, KV_KIND, HEAD, BS, WIDE>(
-            p, seq, kv_head, context_len, (page - seq_first_page) * p.partition_size,
-            min((span_end_page - seq_first_page) * p.partition_size, context_len), blockIdx.x - first_program,
-            first_program == (seq_end_page - 1) / b.pages_per_program, span_end_page == b.last_page);
-        __syncthreads();  // the next span reuses shared memory
-        page = span_end_page;
+            p, seq, kv_head, context_len, span.page * p.partition_size - seq_start,
+            min(span.end_page * p.partition_size - seq_start, context_len),
+            [state] { return BalancedSpan(*state).tail(*state); });
       }
-      seq_first_page = seq_end_page;
-      ++seq;
+      __syncthreads();  // every thread is done with the state
+      if (threadIdx.x == 0) {  // on to the next sequence (past the last, the loop ends: total pages)
+        const int next = seq + 1, first = state->seq_end_page;
+        state->seq = next;
+        state->seq_first_page = first;
+        state->seq_end_page = first + (next < p.num_seqs ? pages_of(p, next) : 0);
+      }
+      __syncthreads();  // the new state is visible, and the next span may reuse shared memory
     }
   }
 }

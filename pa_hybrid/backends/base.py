@@ -123,20 +123,12 @@ reduce program reads all of ``context_lens`` (the reduce's grid has ``num_seqs x
 num_heads`` programs, so that traffic grows with the square of ``num_seqs``)."""
 
 
-BALANCED_PROGRAMS_PER_SM = 2
-"""Stage-1 programs per SM of the balanced schedule: not yet timed on a GPU
-(benchmarks/RESULTS.md, section 19)."""
-
-
-def split_schedule_programs(call: DecodeCall, num_sms: int) -> int:
-    """The split-KV schedule of a split-KV backend's call: programs per kv head of the
-    balanced schedule, or 0 for the static one. The static schedule stays the default until
-    the balanced one is timed on a GPU; ``PA_HYBRID_SPLIT_SCHEDULE=balanced`` picks the
-    balanced one wherever it applies (:func:`balanced_programs_per_head`)."""
-    if os.environ.get("PA_HYBRID_SPLIT_SCHEDULE", "static") != "balanced":
-        return 0
-    key = call.key
-    return balanced_programs_per_head(call.num_seqs, key.num_kv_heads, key.max_seq_len, num_sms, BALANCED_PROGRAMS_PER_SM)
+def split_schedule_is_balanced() -> bool:
+    """Whether split-KV backends take the balanced schedule where it applies
+    (:func:`balanced_programs_per_head`): ``PA_HYBRID_SPLIT_SCHEDULE=balanced``. The static
+    schedule stays the default until the balanced one is timed on the H100 too
+    (benchmarks/RESULTS.md, section 19)."""
+    return os.environ.get("PA_HYBRID_SPLIT_SCHEDULE", "static") == "balanced"
 
 
 def balanced_programs_per_head(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int, programs_per_sm: int) -> int:
@@ -154,20 +146,30 @@ def balanced_programs_per_head(num_seqs: int, num_kv_heads: int, max_seq_len: in
 
 class SplitKvBackend(Backend):
     """A backend with a split-KV stage 1 and the Triton reduce: :meth:`run` picks the
-    schedule (:func:`split_schedule_programs`; static partitions sized by
+    schedule (:func:`split_schedule_is_balanced`; static partitions sized by
     :func:`split_kv_partition_size` at ``programs_per_sm``), :meth:`launch` runs it."""
 
     programs_per_sm: int = 1
+    balanced_programs_per_sm: tuple[int, int] = (2, 2)
+    """Stage-1 programs per SM of the balanced schedule, for 16-bit and for 8-bit caches."""
 
     def offers_balanced(self, call: DecodeCall) -> bool:
         """Whether the balanced schedule is built for this call's device."""
         return True
 
+    def balanced_per_sm(self, call: DecodeCall) -> int:
+        """Stage-1 programs per SM of this call under the balanced schedule."""
+        return self.balanced_programs_per_sm[call.key.kv_is_8bit]
+
     def run(self, call: DecodeCall) -> None:
         key = call.key
         num_sms = sm_count(key.device_type, key.device_index)
-        programs_per_head = split_schedule_programs(call, num_sms)
-        if programs_per_head and self.offers_balanced(call):
+        programs_per_head = 0
+        if split_schedule_is_balanced() and self.offers_balanced(call):
+            programs_per_head = balanced_programs_per_head(
+                call.num_seqs, key.num_kv_heads, key.max_seq_len, num_sms, self.balanced_per_sm(call)
+            )
+        if programs_per_head:
             self.launch(call, PARTITION_SIZE, programs_per_head)
         else:
             self.launch(call, self.partition_size(call, num_sms))

@@ -29,7 +29,12 @@ SOURCE = "paged_decode_split_kv.cu"
 # CTA's start and merge. Measured on the H100 (RESULTS.md section 18): 1.6% less time
 # over 89 calls against 2, up to 13% on long contexts with few sequences, never >1.5% more.
 PROGRAMS_PER_SM = 1
+# The balanced schedule's CTAs per SM, 16-bit and 8-bit caches (at most as many as fit):
+# the best of 1, 2 and 4 on the H200 (RESULTS.md section 19); 8-bit tiles want more warps.
+BALANCED_CTAS_PER_SM = (2, 4)
 SM90_SMEM_PER_CTA = 227 * 1024  # the most shared memory one CTA may opt into on sm_90
+SM90_SMEM_PER_SM = 228 * 1024  # of which sm_90 reserves 1 KB per resident CTA
+SM90_SMEM_RESERVED_PER_CTA = 1024
 
 _KV_KIND = {torch.float8_e4m3fn: 1, torch.int8: 2}  # 16-bit caches: 0
 _TMP_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -93,6 +98,13 @@ class TileTarget:
 
 
 SM90 = TileTarget("sm_90", SM90_SMEM_PER_CTA, async_copies=True, head_sizes=(64, 128, 256))
+
+
+def balanced_ctas_per_sm(head_size: int, block_size: int, kv_bytes: int, wanted: int) -> int:
+    """CTAs per SM of the balanced schedule's kernel on sm_90 (its launch bounds): ``wanted``,
+    or as many as shared memory lets reside at once (the schedule's grid is one wave)."""
+    smem = kernel_config(head_size, block_size, kv_bytes)["smem_bytes"] + SM90_SMEM_RESERVED_PER_CTA
+    return max(1, min(wanted, SM90_SMEM_PER_SM // smem))
 # Never run on an AMD GPU (README "Platforms"). Head 256 spills to scratch there: the MMA
 # built from lane shuffles (compat_hip.cuh) needs more registers than a wave64 lane has.
 GFX942 = TileTarget("gfx942", 64 * 1024, async_copies=False, head_sizes=(64, 128))
@@ -152,10 +164,11 @@ def template_args(q_dtype: torch.dtype, kv_dtype: torch.dtype, head_size: int, b
     return f"{is_bf16}, {_KV_KIND.get(kv_dtype, 0)}, {head_size}, {block_size}, {'true' if wide else 'false'}"
 
 
-def kernel_entry(q_dtype, kv_dtype, head_size: int, block_size: int, wide: bool, balanced: bool) -> str:
-    """The kernel of a variant under the static or the balanced split-KV schedule."""
+def kernel_entry(q_dtype, kv_dtype, head_size: int, block_size: int, wide: bool, balanced: int) -> str:
+    """The kernel of a variant under the static split-KV schedule (``balanced`` 0) or the
+    balanced one at ``balanced`` CTAs per SM."""
     args = template_args(q_dtype, kv_dtype, head_size, block_size, wide)
-    return f"pa::paged_decode_split_kv<{args}, {'true' if balanced else 'false'}>"
+    return f"pa::paged_decode_split_kv<{args}, {balanced}>"
 
 
 def builds_balanced(arch: str, wide: bool) -> bool:
@@ -165,11 +178,16 @@ def builds_balanced(arch: str, wide: bool) -> bool:
     return not wide and not arch.startswith("gfx")
 
 
-def kernel_spec(q_dtype, kv_dtype, head_size: int, block_size: int, wide: bool, arch: str) -> "runtime.KernelSpec":
+def kernel_spec(
+    q_dtype, kv_dtype, head_size: int, block_size: int, wide: bool, arch: str, balanced: int | None = None
+) -> "runtime.KernelSpec":
     """One compile per variant, exporting the static schedule's kernel and, where built,
-    the balanced one's."""
+    the balanced one's at ``balanced`` CTAs per SM (by default the backend's)."""
     variant = (q_dtype, kv_dtype, head_size, block_size, wide)
-    schedules = (False, True) if builds_balanced(arch, wide) else (False,)
+    schedules = [0]
+    if builds_balanced(arch, wide):
+        wanted = BALANCED_CTAS_PER_SM[kv_dtype.itemsize == 1] if balanced is None else balanced
+        schedules.append(balanced_ctas_per_sm(head_size, block_size, kv_dtype.itemsize, wanted))
     return runtime.KernelSpec(source=SOURCE, entries=tuple(kernel_entry(*variant, b) for b in schedules), arch=arch)
 
 
@@ -191,12 +209,13 @@ def warmup_specs(arch: str = "sm_90a"):
 
 
 @functools.lru_cache(maxsize=None)
-def _loaded(q_dtype, kv_dtype, head_size: int, block_size: int, wide: bool, balanced: bool, device_index: int):
-    """(function, threads, dynamic shared bytes) of one variant and schedule on one device:
-    compiled (or read from the disk cache) and loaded once per process."""
+def _loaded(q_dtype, kv_dtype, head_size: int, block_size: int, wide: bool, balanced: int, device_index: int):
+    """(function, threads, dynamic shared bytes) of one variant and schedule (``balanced``:
+    0, or the balanced schedule's CTAs per SM) on one device: compiled (or read from the
+    disk cache) and loaded once per process."""
     arch = runtime.arch_of(device_index)
     variant = (q_dtype, kv_dtype, head_size, block_size, wide)
-    spec = kernel_spec(*variant, arch)
+    spec = kernel_spec(*variant, arch, balanced or None)
     cfg = kernel_config(head_size, block_size, kv_dtype.itemsize, wide, tile_target(arch))
     function = runtime.get_function(spec, device_index, kernel_entry(*variant, balanced))
     return function, cfg["threads"], cfg["smem_bytes"]
@@ -212,6 +231,7 @@ class HipBackend(SplitKvBackend):
     max_qlen = 16
     needs_alignment = True
     programs_per_sm = PROGRAMS_PER_SM
+    balanced_programs_per_sm = BALANCED_CTAS_PER_SM
 
     def available(self, device_type, device_index):
         reason = runtime.unavailable_reason() or cuda_device_ok(device_index)
@@ -235,6 +255,10 @@ class HipBackend(SplitKvBackend):
     def offers_balanced(self, call: DecodeCall) -> bool:
         return builds_balanced(runtime.arch_of(call.key.device_index), wide=False)
 
+    def balanced_per_sm(self, call: DecodeCall) -> int:
+        key = call.key
+        return balanced_ctas_per_sm(key.head_size, key.block_size, key.kv_dtype.itemsize, super().balanced_per_sm(call))
+
     def launch(self, call: DecodeCall, partition_size: int, programs_per_head: int = 0) -> None:
         key = call.key
         num_sms = sm_count("cuda", key.device_index)
@@ -246,8 +270,9 @@ class HipBackend(SplitKvBackend):
             grid[0] * grid[1] * grid[2], num_sms, key.head_size, key.block_size, key.kv_dtype.itemsize,
             _smem_per_cta(key.device_index), tile_target(runtime.arch_of(key.device_index)),
         )  # fmt: skip
+        balanced = self.balanced_per_sm(call) if programs_per_head else 0
         function, threads, smem_bytes = _loaded(
-            key.q_dtype, key.kv_dtype, key.head_size, key.block_size, wide, programs_per_head > 0, key.device_index
+            key.q_dtype, key.kv_dtype, key.head_size, key.block_size, wide, balanced, key.device_index
         )
         split = programs_per_head > 0 or partition_size < key.max_seq_len
         exp_sums, max_logits, tmp_out = call.scratch() if split else (None, None, None)

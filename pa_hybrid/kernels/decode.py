@@ -323,10 +323,15 @@ def _paged_decode_kernel(
             tl.store(out_ptr + o_offs, tl.zeros([M, HEAD_SIZE], dtype=out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-def decode_tile_config(head_size: int, block_size: int, warp_size: int = 32) -> tuple[int, int, int]:
+def decode_tile_config(head_size: int, block_size: int, warp_size: int = 32, balanced: bool = False) -> tuple[int, int, int]:
     """(BLOCK_N, num_warps, num_stages). Measured on an H100 (benchmarks/RESULTS.md):
     128-token tiles with 4 warps and 2 stages were the best or within 2% of it on
     every bulk bf16 shape; 8 warps lost 20-30% (the M=16 rows leave them idle).
+
+    The balanced schedule's stage 1 (wave32 only) takes tiles half as long: its loop over
+    spans keeps more values live through the tile loop, and with 128-token tiles some
+    variant spilled at 255 registers under Triton 3.6 or under 3.9, whichever of two
+    formulations of that loop (``python -m pa_hybrid.aot``; RESULTS.md section 20).
 
     Those tiles do not carry over to a wave64 GPU (AMD CDNA). Compiled for gfx942
     (``python -m pa_hybrid.aot``) they took up to 398 VGPRs with Triton 3.9 and 484 with
@@ -336,7 +341,7 @@ def decode_tile_config(head_size: int, block_size: int, warp_size: int = 32) -> 
     VGPRs (three waves per SIMD). Not timed on an AMD GPU."""
     block_n = 64 if head_size >= 256 else 128
     if warp_size == 32:
-        return max(block_n, block_size), 4, 2
+        return max(block_n // 2 if balanced else block_n, block_size), 4, 2
     return max(block_n // 4, block_size), 4, 1
 
 
@@ -373,8 +378,8 @@ def launch_paged_decode(
     num_seqs = context_lens.shape[0]
     num_kv_heads = K.shape[1]
     rows = max(16, triton.next_power_of_2(max_qlen * gqa))
-    block_n, num_warps, num_stages = decode_tile_config(head_size, block_size, warp_size_of(Q.device))
     balanced = programs_per_head > 0
+    block_n, num_warps, num_stages = decode_tile_config(head_size, block_size, warp_size_of(Q.device), balanced)
     if balanced:
         grid = (programs_per_head, num_kv_heads)
         write_out = False
@@ -438,4 +443,7 @@ def launch_paged_decode(
         DOT_DTYPE=dot_dtype(Q.dtype),
         num_warps=num_warps,
         num_stages=num_stages,
+        # the balanced grid has 2 programs of 4 warps per SM, so all 255 registers are free;
+        # unbounded, ptxas (Triton 3.6) spilled to stay within 168
+        **({"maxnreg": 255} if balanced else {}),
     )

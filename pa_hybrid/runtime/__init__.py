@@ -4,7 +4,7 @@ Compile a ``csrc/`` kernel variant with NVRTC at first use (cached in memory and
 disk), load it or a PTX/cubin code object into the device's primary context, and
 launch it on torch's current stream::
 
-    spec = KernelSpec("paged_decode_split_kv.cu", ("pa::paged_decode_split_kv<true, 0, 128, 16>",), arch_of(0))
+    spec = KernelSpec("paged_decode_split_kv.cu", ("pa::paged_decode_split_kv<true, 0, 128, 16, false, 0>",), arch_of(0))
     function = get_function(spec, device_index=0)
     launch(function, grid, block, shared_bytes, [params])      # by-value struct / one-by-one args
     launch_packed(load_function(ptx_path, symbol, 0), grid, block, shared_bytes, packed_struct)

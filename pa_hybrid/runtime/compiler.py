@@ -2,7 +2,7 @@
 
 A :class:`KernelSpec` names one variant by compile-time parameters only (never batch
 sizes or lengths): a source file, its entry points as NVRTC name expressions (template
-arguments spelled out, e.g. ``"pa::paged_decode_split_kv<true, 0, 128, 16>"``), a
+arguments spelled out, e.g. ``"pa::paged_decode_split_kv<true, 0, 128, 16, false, 0>"``), a
 generated prelude (headers, ``constexpr`` constants, type aliases) put in front of the
 file, the architecture and extra options. The spec is the in-memory key, and its
 ``name`` starts the disk file name.

@@ -18,9 +18,9 @@ extern "C" int run_split_kv(const pa::SplitKvParams* params, int balanced, unsig
   if (pa::sim_lds == nullptr) return 2;
   sim::launch({gx, gy, gz}, Config::THREADS, [&] {
     if (balanced)
-      pa::paged_decode_split_kv<PA_SIM_VARIANT, true>(*params);
+      pa::paged_decode_split_kv<PA_SIM_VARIANT, 2>(*params);  // launch bounds aside, as any n > 0
     else
-      pa::paged_decode_split_kv<PA_SIM_VARIANT, false>(*params);
+      pa::paged_decode_split_kv<PA_SIM_VARIANT, 0>(*params);
   });
   return 0;
 }
