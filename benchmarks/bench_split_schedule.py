@@ -1,13 +1,14 @@
-"""The split-KV backends (hip, triton) under the static schedule and under the balanced one
-(``PA_HYBRID_SPLIT_SCHEDULE=balanced``; ``pa_hybrid/kernels/common.py``, ``balanced_schedule``)
-at each backend's own programs per SM or at 1, 2 or 4, timed against each other on each
-case (CUDA-graph replays, L2 flushed, interleaved, median), every variant's output first checked against the
-reference: % of the floor, with the read bandwidth measured in the same run. The data
-that decides the default schedule (benchmarks/RESULTS.md, section 19).
+"""The hip backend under its split-KV schedules (``PA_HYBRID_SPLIT_SCHEDULE``): static,
+auto (balanced where ``BALANCED_MIN_FILL`` says it pays) and balanced wherever it applies
+(``pa_hybrid/kernels/common.py``, ``balanced_schedule``), the balanced one at the backend's
+own CTAs per SM or at 1, 2 or 4; timed against each other on each case (CUDA-graph
+replays, L2 flushed, interleaved, median), every variant's output first checked against
+the reference: % of the floor, with the read bandwidth measured in the same run. The data
+behind the default schedule (benchmarks/RESULTS.md, sections 19 and 20).
 
     python benchmarks/bench_split_schedule.py [--workload W] [--models ...] [--kv-dtypes bf16 fp8]
-        [--num-seqs 16 64 256] [--ctx 2048 8192 mixed] [--backends hip triton]
-        [--schedules static balanced balanced-1 balanced-2 balanced-4] [--json out.json]
+        [--num-seqs 16 64 256] [--ctx 2048 8192 mixed] [--backends hip]
+        [--schedules static auto balanced balanced-1 balanced-2 balanced-4] [--json out.json]
 """
 
 import argparse
@@ -37,26 +38,30 @@ from pa_hybrid.bench.decode import (
 )
 from pa_hybrid.bench.timing import InterleavedTimer, measure_read_bandwidth
 
-SCHEDULES = {"static": 0, "balanced": None, "balanced-1": 1, "balanced-2": 2, "balanced-4": 4}
-"""Name -> balanced programs per SM (0: the static schedule; None: the backend's own)."""
+SCHEDULES = {
+    "static": ("static", None),
+    "auto": ("auto", None),
+    "balanced": ("balanced", None),
+    **{f"balanced-{n}": ("balanced", n) for n in (1, 2, 4)},
+}
+"""Name -> (``PA_HYBRID_SPLIT_SCHEDULE``, balanced programs per SM; None: the backend's own)."""
 
 
 @contextlib.contextmanager
-def split_schedule(backend: str, programs_per_sm: int | None):
-    """Calls made inside run the static schedule (0) or the balanced one at
-    ``programs_per_sm`` (for both cache classes; None: the backend's own per class; hip
-    takes at most as many as fit, see :func:`pa_hybrid.backends.hip.balanced_ctas_per_sm`)."""
+def split_schedule(backend: str, name: str):
+    """Calls made inside run the split-KV schedule ``name`` of :data:`SCHEDULES` (hip takes
+    at most as many programs per SM as fit, see :func:`pa_hybrid.backends.hip.balanced_ctas_per_sm`)."""
     backend_type = type(dispatch.registered()[backend])
-    schedule = "static" if programs_per_sm == 0 else "balanced"
-    per_sm = (programs_per_sm, programs_per_sm) if programs_per_sm else backend_type.balanced_programs_per_sm
+    schedule, per_sm = SCHEDULES[name]
+    per_class = (per_sm, per_sm) if per_sm else backend_type.balanced_programs_per_sm
     with mock.patch.dict(os.environ, PA_HYBRID_SPLIT_SCHEDULE=schedule):
-        with mock.patch.object(backend_type, "balanced_programs_per_sm", per_sm):
+        with mock.patch.object(backend_type, "balanced_programs_per_sm", per_class):
             yield
 
 
-def scheduled_call(kwargs: dict, backend: str, programs_per_sm: int | None):
+def scheduled_call(kwargs: dict, backend: str, name: str):
     def call():  # run eagerly by the check and before capture: the schedule is read then
-        with split_schedule(backend, programs_per_sm):
+        with split_schedule(backend, name):
             paged_attention_common(**kwargs, backend=backend)
 
     return call
@@ -69,8 +74,8 @@ def main():
     parser.add_argument("--kv-dtypes", nargs="+", default=["bf16", "fp8"])
     parser.add_argument("--num-seqs", nargs="+", type=int, default=[16, 64, 256])
     parser.add_argument("--ctx", nargs="+", default=["2048", "8192", "mixed"])
-    parser.add_argument("--backends", nargs="+", default=["hip", "triton"])
-    parser.add_argument("--schedules", nargs="+", default=["static", "balanced"], choices=SCHEDULES)
+    parser.add_argument("--backends", nargs="+", default=["hip"])
+    parser.add_argument("--schedules", nargs="+", default=["static", "auto", "balanced"], choices=SCHEDULES)
     parser.add_argument("--samples", type=int, default=30)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -93,10 +98,9 @@ def main():
         checked = {}
         for backend in args.backends:
             for name in args.schedules:
-                programs_per_sm = SCHEDULES[name]
                 result = replace(template, backend=f"{backend}/{name}")
                 result, call = _check_call(
-                    result, scheduled_call(kwargs, backend, programs_per_sm), kwargs["out_"], ref,
+                    result, scheduled_call(kwargs, backend, name), kwargs["out_"], ref,
                     query_rows(case, sampled), tolerance_for(spec.kv_dtype),
                 )  # fmt: skip
                 checked[result.backend] = (result, call)

@@ -123,22 +123,38 @@ reduce program reads all of ``context_lens`` (the reduce's grid has ``num_seqs x
 num_heads`` programs, so that traffic grows with the square of ``num_seqs``)."""
 
 
-def split_schedule_is_balanced() -> bool:
-    """Whether split-KV backends take the balanced schedule where it applies
-    (:func:`balanced_programs_per_head`): ``PA_HYBRID_SPLIT_SCHEDULE=balanced``. The static
-    schedule stays the default until the balanced one is timed on the H100 too
-    (benchmarks/RESULTS.md, section 19)."""
-    return os.environ.get("PA_HYBRID_SPLIT_SCHEDULE", "static") == "balanced"
+SPLIT_SCHEDULES = ("auto", "static", "balanced")
+
+BALANCED_MIN_FILL = 0.75
+"""``auto`` takes the balanced schedule when sequences x kv heads reach this fraction of
+its grid's programs. With fewer, the static schedule already cuts every sequence into
+about as many partitions as there are SMs, and the balanced one's pages, scan and longer
+reduce cost up to 12% (H200, RESULTS.md section 20); with more, static partitions of
+unequal sequences leave SMs idle, and the balanced one saved up to 19%."""
 
 
-def balanced_programs_per_head(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int, programs_per_sm: int) -> int:
+def split_schedule() -> str:
+    """``PA_HYBRID_SPLIT_SCHEDULE``: ``auto`` (the default: the balanced schedule where
+    :func:`balanced_programs_per_head` finds it pays), ``static`` (never balanced) or
+    ``balanced`` (wherever it applies)."""
+    schedule = os.environ.get("PA_HYBRID_SPLIT_SCHEDULE", "auto")
+    if schedule not in SPLIT_SCHEDULES:
+        raise ValueError(f"PA_HYBRID_SPLIT_SCHEDULE: expected one of {', '.join(SPLIT_SCHEDULES)}, got {schedule!r}")
+    return schedule
+
+
+def balanced_programs_per_head(
+    num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int, programs_per_sm: int, auto: bool = False
+) -> int:
     """Stage-1 programs per kv head of the balanced schedule (``kernels/common.py``,
     ``balanced_schedule``): ``programs_per_sm`` per SM over all kv heads, never more than
     there can be 256-token pages; 0 where the static schedule fits better: one partition
     covers every context (no stage 2 at all), every page would get a program of its own
     anyway (as the static schedule's 256-token partitions do, without a scan of the
-    lengths), or too many sequences."""
+    lengths), too many sequences, or (``auto``) too few (:data:`BALANCED_MIN_FILL`)."""
     if max_seq_len <= PARTITION_SIZE or num_seqs > BALANCED_MAX_SEQS:
+        return 0
+    if auto and num_seqs * num_kv_heads < BALANCED_MIN_FILL * num_sms * programs_per_sm:
         return 0
     programs = max(1, num_sms * programs_per_sm // num_kv_heads)
     return programs if num_seqs * triton.cdiv(max_seq_len, PARTITION_SIZE) > programs else 0
@@ -146,7 +162,7 @@ def balanced_programs_per_head(num_seqs: int, num_kv_heads: int, max_seq_len: in
 
 class SplitKvBackend(Backend):
     """A backend with a split-KV stage 1 and the Triton reduce: :meth:`run` picks the
-    schedule (:func:`split_schedule_is_balanced`; static partitions sized by
+    schedule (:func:`split_schedule`; static partitions sized by
     :func:`split_kv_partition_size` at ``programs_per_sm``), :meth:`launch` runs it."""
 
     programs_per_sm: int = 1
@@ -154,8 +170,8 @@ class SplitKvBackend(Backend):
     """Stage-1 programs per SM of the balanced schedule, for 16-bit and for 8-bit caches."""
 
     def offers_balanced(self, call: DecodeCall) -> bool:
-        """Whether the balanced schedule is built for this call's device."""
-        return True
+        """Whether the backend has the balanced schedule for this call's device."""
+        return False
 
     def balanced_per_sm(self, call: DecodeCall) -> int:
         """Stage-1 programs per SM of this call under the balanced schedule."""
@@ -164,10 +180,10 @@ class SplitKvBackend(Backend):
     def run(self, call: DecodeCall) -> None:
         key = call.key
         num_sms = sm_count(key.device_type, key.device_index)
-        programs_per_head = 0
-        if split_schedule_is_balanced() and self.offers_balanced(call):
+        programs_per_head, schedule = 0, split_schedule()
+        if schedule != "static" and self.offers_balanced(call):
             programs_per_head = balanced_programs_per_head(
-                call.num_seqs, key.num_kv_heads, key.max_seq_len, num_sms, self.balanced_per_sm(call)
+                call.num_seqs, key.num_kv_heads, key.max_seq_len, num_sms, self.balanced_per_sm(call), schedule == "auto"
             )
         if programs_per_head:
             self.launch(call, PARTITION_SIZE, programs_per_head)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 
 from ..call import SCALES_PER_TENSOR, SCALES_PER_TOKEN, DecodeCall
-from ..kernels.common import warp_size_of
 from ..kernels.decode import SCALE_NONE, SCALE_PER_TENSOR, SCALE_PER_TOKEN, launch_paged_decode
 from ..kernels.reduce import launch_split_kv_reduce
 from ..layouts import KV_DTYPES, x_for
@@ -38,11 +37,6 @@ class TritonBackend(SplitKvBackend):
                 return "CPU tensors run only under Triton's interpreter (set TRITON_INTERPRET=1 before importing triton)"
             return None
         return cuda_device_ok(device_index)
-
-    def offers_balanced(self, call: DecodeCall) -> bool:
-        # not on wave64 GPUs (AMD CDNA): there the balanced stage 1 spills scalar registers
-        # in the int8 per-token variants (pa_hybrid/aot.py), and it was never timed
-        return warp_size_of(call.Q.device) == 32
 
     def launch(self, call: DecodeCall, partition_size: int, programs_per_head: int = 0) -> None:
         key = call.key
