@@ -12,12 +12,12 @@ VGPRs to scratch memory), on sm_90a the spill stores and loads of ptxas -v.
 How the variants are found: the real launch paths run on ``meta`` tensors (shapes,
 no memory) of the benchmark's shapes with every kernel replaced by a recorder, so
 each ``kernel[grid](*args, **kwargs)`` is captured instead of run: the triton
-backend's ``run`` (stage 1 and its reduce, under the static split-KV schedule and, where
-the backend offers it, the balanced one), the reduce the hip backend launches after
-its stage 1, the cache writes (copy, per-tensor and per-token quantization, both V
+backend's ``run`` (stage 1 and its reduce), the reduce the hip backend launches after
+its stage 1 (under the static split-KV schedule and, where hip builds it, the balanced
+one), the cache writes (copy, per-tensor and per-token quantization, both V
 layouts), the layout conversions, the scale expansion and the bench's read-bandwidth
 kernel. What a launcher asks of the device is answered for the target: its SM
-counts (they size the split-KV partitions), its warp size (the decode tiles, the balanced schedule),
+counts (they size the split-KV partitions), its warp size (the decode tiles),
 whether programmatic dependent launch is on (sm_90a only), compiled rather than
 interpreted Triton. Triton's own binder then specializes each launch for the target
 as the JIT does at a first call (argument types, integers equal to 1 folded in,
@@ -198,22 +198,22 @@ def _device_answers(target: Target, sms: int, dependent: bool):
     """What the launchers ask about the device (meta tensors have none), answered for a
     GPU of ``target`` with ``sms`` SMs."""
     from .backends import base
-    from .backends import triton as triton_backend
     from .kernels import decode, reduce
 
     with mock.patch.object(base, "sm_count", lambda *_: sms), \
          mock.patch.object(reduce, "dependent_launch_ok", lambda _: dependent), \
-         mock.patch.object(decode, "warp_size_of", lambda _: target.warp_size), \
-         mock.patch.object(triton_backend, "warp_size_of", lambda _: target.warp_size):  # fmt: skip
+         mock.patch.object(decode, "warp_size_of", lambda _: target.warp_size):  # fmt: skip
         yield
 
 
 def _run_launch_paths(target: Target, workload: dict) -> None:
+    from .backends import base
     from .backends import hip as hip_backend
     from .backends import triton as triton_backend
     from .bench.decode import enumerate_cases
     from .bench.timing import READ_BANDWIDTH_CONFIGS, _stream_read
     from .kernels.reduce import launch_split_kv_reduce
+    from .layouts import PARTITION_SIZE
 
     for case in enumerate_cases(workload):
         for call in _decode_calls(case):
@@ -221,15 +221,23 @@ def _run_launch_paths(target: Target, workload: dict) -> None:
             for sms in target.sm_counts:
                 for dependent in target.dependent_launch:
                     with _device_answers(target, sms, dependent):
-                        for schedule in ("static", "balanced"):  # PA_HYBRID_SPLIT_SCHEDULE's two
-                            with mock.patch.dict(os.environ, {"PA_HYBRID_SPLIT_SCHEDULE": schedule}):
-                                triton_backend.BACKEND.run(call)
-                        # the hip backend's stage 2 (backends/hip.py): the same reduce on its partitions
+                        triton_backend.BACKEND.run(call)
+                        # the hip backend's stage 2 (backends/hip.py): the same reduce on its
+                        # partitions, or on its pages under the balanced schedule (where it
+                        # applies at all: PA_HYBRID_SPLIT_SCHEDULE=balanced, a superset of auto)
                         partition = hip_backend.BACKEND.partition_size(call, sms)
                         if partition < key.max_seq_len:
                             launch_split_kv_reduce(
                                 call.out, *call.scratch(), call.context_lens, call.qo_indptr, key.max_qlen, partition
                             )
+                        programs = base.balanced_programs_per_head(
+                            call.num_seqs, key.num_kv_heads, key.max_seq_len, sms, hip_backend.BACKEND.balanced_per_sm(call)
+                        )
+                        if programs and hip_backend.builds_balanced(target.name, wide=False):
+                            launch_split_kv_reduce(
+                                call.out, *call.scratch(), call.context_lens, call.qo_indptr, key.max_qlen, PARTITION_SIZE,
+                                max_seq_len=key.max_seq_len, programs_per_head=programs,
+                            )  # fmt: skip
     _run_cache_paths(workload)
     largest_chunk = max(block * blocks for block, _, blocks in READ_BANDWIDTH_CONFIGS)
     buffer = _meta(((2 << 30) // 4) // largest_chunk * largest_chunk, torch.int32)  # 2 GiB, as the bench reads

@@ -1,6 +1,8 @@
 """The balanced split-KV schedule (``kernels/common.py``, ``balanced_schedule``) of the
-split-KV backends (triton; hip on a GPU): stage-1 programs share a kv head's pages
-whatever the mix of lengths, and the reduce rebuilds the same schedule from ``context_lens``.
+hip backend (on a GPU; tests/test_hip_rocm_compile.py runs its kernel on the CPU): stage-1
+CTAs share a kv head's pages whatever the mix of lengths, and the Triton reduce rebuilds
+the same schedule from ``context_lens``. Which calls take it (``PA_HYBRID_SPLIT_SCHEDULE``,
+``auto`` by default), and that the Triton backend never does.
 
 Checked against the reference for stage-1 grids that hold every sequence whole in
 one program, give one program several sequences, split one sequence over several
@@ -15,7 +17,7 @@ import pytest
 import torch
 
 from pa_hybrid import paged_attention_common, reference_paged_attention
-from pa_hybrid.backends import base
+from pa_hybrid.backends import base, hip
 from pa_hybrid.backends.hip import BACKEND as HIP
 from pa_hybrid.backends.triton import BACKEND as TRITON
 from pa_hybrid.call import build_call
@@ -53,7 +55,7 @@ def _guarded_scratch(rows, num_heads, head_size, max_seq_len, device):
     return full, (full[0][..., :parts], full[1][..., :parts], full[2][..., :parts, :])
 
 
-SPLIT_KV = {"triton": TRITON, "hip": HIP}
+SPLIT_KV = {"hip": HIP}
 
 
 @pytest.mark.parametrize("programs_per_head", [1, 3, 5, 40])
@@ -115,6 +117,50 @@ def test_balanced_programs_per_head():
     assert base.balanced_programs_per_head(8, 8, 600, 132, 2) == 0  # a program per page: static
     assert base.balanced_programs_per_head(64, 8, PARTITION_SIZE, 132, 2) == 0  # one partition: static
     assert base.balanced_programs_per_head(base.BALANCED_MAX_SEQS + 1, 8, 4096, 132, 2) == 0
+    # auto: only once sequences x kv heads fill 3/4 of the grid (198 of 264 programs here)
+    assert base.balanced_programs_per_head(16, 8, 4096, 132, 2, auto=True) == 0  # 128 < 198
+    assert base.balanced_programs_per_head(25, 8, 4096, 132, 2, auto=True) == 33  # 200
+    assert base.balanced_programs_per_head(256, 1, 4096, 132, 4, auto=True) == 0  # 256 < 396
+
+
+def test_balanced_ctas_per_sm_fit_shared_memory():
+    assert hip.balanced_ctas_per_sm(128, 16, 2, 2) == 2  # 102 KB each
+    assert hip.balanced_ctas_per_sm(128, 16, 1, 4) == 4  # 55 KB each
+    assert hip.balanced_ctas_per_sm(128, 32, 2, 2) == 1  # 135 KB: one fits
+    assert hip.balanced_ctas_per_sm(256, 32, 1, 4) == 1
+    for variant in hip.all_variants():  # the balanced entry each spec exports, within the SM
+        spec = hip.kernel_spec(*variant, "sm_90a")
+        if len(spec.entries) == 2:
+            ctas = int(spec.entries[1].rsplit(",", 1)[1].rstrip(">"))
+            cfg = hip.kernel_config(*variant[2:4], variant[1].itemsize)
+            assert 1 <= ctas * (cfg["smem_bytes"] + hip.SM90_SMEM_RESERVED_PER_CTA) <= hip.SM90_SMEM_PER_SM
+
+
+@pytest.mark.parametrize("setting", [None, "auto", "static", "balanced", "fast"])
+def test_split_schedule_setting(monkeypatch, setting):
+    if setting is None:
+        monkeypatch.delenv("PA_HYBRID_SPLIT_SCHEDULE", raising=False)
+    else:
+        monkeypatch.setenv("PA_HYBRID_SPLIT_SCHEDULE", setting)
+    if setting == "fast":
+        with pytest.raises(ValueError, match="PA_HYBRID_SPLIT_SCHEDULE: expected one of auto, static, balanced"):
+            base.split_schedule()
+    else:
+        assert base.split_schedule() == (setting or "auto")
+
+
+def test_triton_backend_stays_static(device, monkeypatch):
+    monkeypatch.setenv("PA_HYBRID_SPLIT_SCHEDULE", "balanced")
+    case = make_decode_case([40, 600, 0, 2000], num_heads=8, num_kv_heads=2, device=device)
+    skip_if_unsupported("triton", case)
+    ran = []
+    launch = type(TRITON).launch
+    monkeypatch.setattr(TRITON, "launch", lambda call, *schedule: ran.append(schedule) or launch(TRITON, call, *schedule))
+    out = paged_attention_common(exp_sums=None, max_logits=None, tmp_out=None, backend="triton", **case)
+    assert len(ran) == 1 and ran[0][1:] in ((), (0,))
+    torch.testing.assert_close(out.float(), reference_paged_attention(**case), rtol=3e-2, atol=3e-2)
+    with pytest.raises(ValueError, match="triton: the balanced schedule is not offered"):
+        TRITON.launch(build_call(**dict(case, exp_sums=None, max_logits=None, tmp_out=None)), PARTITION_SIZE, 4)
 
 
 def test_pieces_fit_the_scratch_and_own_distinct_slots():

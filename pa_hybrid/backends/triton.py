@@ -39,6 +39,11 @@ class TritonBackend(SplitKvBackend):
         return cuda_device_ok(device_index)
 
     def launch(self, call: DecodeCall, partition_size: int, programs_per_head: int = 0) -> None:
+        # only the static schedule: with the balanced one's loop around its tiles, 128-token
+        # tiles spilled under Triton 3.6 or 3.9, and the 64-token tiles that do not spill
+        # took 15-18% more time than the static schedule (H200, RESULTS.md section 20)
+        if programs_per_head:
+            raise ValueError(f"{self.name}: the balanced schedule is not offered (programs_per_head={programs_per_head})")
         key = call.key
         common = dict(
             scale=call.scale,
@@ -49,9 +54,8 @@ class TritonBackend(SplitKvBackend):
             block_size=key.block_size,
             x=x_for(key.kv_dtype),
             gqa=key.gqa,
-            programs_per_head=programs_per_head,
         )
-        split = programs_per_head > 0 or partition_size < key.max_seq_len
+        split = partition_size < key.max_seq_len
         exp_sums, max_logits, tmp_out = call.scratch() if split else (None, None, None)
         launch_paged_decode(
             call.out, exp_sums, max_logits, tmp_out, call.Q, call.K, call.V, call.k_scale, call.v_scale,
@@ -61,7 +65,7 @@ class TritonBackend(SplitKvBackend):
         if split:
             launch_split_kv_reduce(
                 call.out, exp_sums, max_logits, tmp_out, call.context_lens, call.qo_indptr, key.max_qlen,
-                partition_size, max_seq_len=key.max_seq_len, programs_per_head=programs_per_head,
+                partition_size,
             )  # fmt: skip
 
 

@@ -1,15 +1,12 @@
 """Split-KV paged decode, stage 1, in Triton (the portable backend's kernel).
 
-One program per (partition of 256 tokens or a multiple, kv head, sequence), or under
-the balanced schedule (``common.balanced_schedule``) a fixed number of programs per kv
-head, each walking its run of the batch's pages span by span, one span per sequence.
-A span serves every query row of the kv head's GQA group (and every new token when
+One program per (partition of 256 tokens or a multiple, kv head, sequence). A
+program serves every query row of the kv head's GQA group (and every new token when
 ``max_qlen > 1``): the rows ``m = i * GQA + g`` (new token ``i``, group member ``g``)
 form the M dim of ``tl.dot`` tiles, padded to 16, so K and V are read once per group.
 The loop over the span walks ``BLOCK_N`` tokens at a time (several cache blocks), with
 an online softmax in base 2. It writes the partial format of ``kernels/reduce.py``, or
-``out`` directly when one partition covers every context (balanced: when one program
-holds a whole sequence).
+``out`` directly when one partition covers every context.
 
 8-bit caches are widened to the query dtype (exact for e4m3 and int8) and their
 scales applied in fp32: a per-token K scale multiplies its logit column, a
@@ -23,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import balanced_schedule, dot_dtype, k_tile_offset, v_tile_offset, visible_tokens, warp_size_of
+from .common import dot_dtype, k_tile_offset, v_tile_offset, visible_tokens, warp_size_of
 
 LOG2E = 1.4426950408889634
 
@@ -237,9 +234,6 @@ def _paged_decode_kernel(
     stride_scale_block,
     stride_scale_head,
     stride_bt_seq,
-    num_seqs,
-    max_seq_len,
-    programs_per_head,  # BALANCED: programs (grid dim 0) sharing one kv head's pages
     GQA: tl.constexpr,
     MAX_QLEN: tl.constexpr,
     M: tl.constexpr,  # rows per program: MAX_QLEN * GQA padded to a power of 2 >= 16
@@ -247,91 +241,49 @@ def _paged_decode_kernel(
     BLOCK_SIZE: tl.constexpr,
     X: tl.constexpr,
     SCALES: tl.constexpr,  # SCALE_NONE / SCALE_PER_TENSOR / SCALE_PER_TOKEN
-    PARTITION: tl.constexpr,  # static schedule: tokens per program
-    WRITE_OUT: tl.constexpr,  # static schedule, one partition covers every context: write out, no stage 2
-    BALANCED: tl.constexpr,  # the length-aware schedule of common.balanced_schedule
-    BLOCK_S: tl.constexpr,  # BALANCED: num_seqs padded to a power of 2
+    PARTITION: tl.constexpr,  # tokens per program
+    WRITE_OUT: tl.constexpr,  # one partition covers every context: write out, no stage 2
     BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr,  # operand dtype of tl.dot (the query dtype on GPUs)
 ):
-    if BALANCED:
-        # grid (programs_per_head, num_kv_heads): this program's share of the kv head's
-        # pages, sequence by sequence; a sequence whose pages one program holds is written out
-        program = tl.program_id(0)
-        kv_head = tl.program_id(1)
-        page_ends, total_pages, pages_per_program = balanced_schedule(
-            context_lens_ptr, num_seqs, max_seq_len, programs_per_head, PARTITION, BLOCK_S
-        )
-        page = program * pages_per_program
-        last_page = tl.minimum(page + pages_per_program, total_pages)
-        # each span's sequence comes from the scan (fewer scalars live through the loop than
-        # walking the sequences: gfx942 spilled scalar registers, sm_90a registers that way)
-        while page < last_page:
-            done = page_ends <= page  # the sequences before the one holding this page
-            seq = tl.sum(done.to(tl.int32), axis=0)
-            seq_first_page = tl.max(tl.where(done, page_ends, 0), axis=0)
-            seq_end_page = tl.min(tl.where(done, 2**30, page_ends), axis=0)
-            span_end_page = tl.minimum(seq_end_page, last_page)
-            context_len = tl.minimum(tl.load(context_lens_ptr + seq), max_seq_len)
-            first_program = seq_first_page // pages_per_program
-            _decode_span(
-                out_ptr, exp_sums_ptr, max_logits_ptr, tmp_out_ptr, q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr,
-                block_tables_ptr, qo_indptr_ptr, sm_scale_log2,
-                stride_q_row, stride_q_head, stride_out_row, stride_out_head, stride_es_row, stride_es_head,
-                stride_tmp_row, stride_tmp_head, stride_tmp_part, stride_k_block, stride_k_head,
-                stride_v_block, stride_v_head, stride_scale_block, stride_scale_head, stride_bt_seq,
-                seq, kv_head, context_len,
-                (page - seq_first_page) * PARTITION,
-                tl.minimum((span_end_page - seq_first_page) * PARTITION, context_len),
-                program - first_program,
-                first_program == (seq_end_page - 1) // pages_per_program,
-                GQA, MAX_QLEN, M, HEAD_SIZE, BLOCK_SIZE, X, SCALES, BLOCK_N, DOT_DTYPE,
-            )  # fmt: skip
-            page = span_end_page
-    else:
-        # grid (partitions, num_kv_heads, num_seqs): one PARTITION-token stretch each
-        part = tl.program_id(0)
-        kv_head = tl.program_id(1)
-        seq = tl.program_id(2)
-        context_len = tl.load(context_lens_ptr + seq)
-        start = part * PARTITION
-        if start < context_len:
-            _decode_span(
-                out_ptr, exp_sums_ptr, max_logits_ptr, tmp_out_ptr, q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr,
-                block_tables_ptr, qo_indptr_ptr, sm_scale_log2,
-                stride_q_row, stride_q_head, stride_out_row, stride_out_head, stride_es_row, stride_es_head,
-                stride_tmp_row, stride_tmp_head, stride_tmp_part, stride_k_block, stride_k_head,
-                stride_v_block, stride_v_head, stride_scale_block, stride_scale_head, stride_bt_seq,
-                seq, kv_head, context_len, start, tl.minimum(start + PARTITION, context_len), part, WRITE_OUT,
-                GQA, MAX_QLEN, M, HEAD_SIZE, BLOCK_SIZE, X, SCALES, BLOCK_N, DOT_DTYPE,
-            )  # fmt: skip
-        elif WRITE_OUT:
-            # an empty context gives zeros; only partition 0 exists when WRITE_OUT (a branch of
-            # its own: through _decode_span, Triton 3.6 spilled a register on gfx942)
-            m_idx = tl.arange(0, M)
-            head = kv_head * GQA + m_idx % GQA
-            if MAX_QLEN > 1:
-                first_row = tl.load(qo_indptr_ptr + seq)
-                num_new = tl.load(qo_indptr_ptr + seq + 1) - first_row
-                row_ok = m_idx // GQA < num_new
-                row = (first_row + m_idx // GQA).to(tl.int64)
-            else:
-                row_ok = m_idx < GQA
-                row = tl.zeros([M], dtype=tl.int64) + seq
-            dim = tl.arange(0, HEAD_SIZE)
-            o_offs = row[:, None] * stride_out_row + head[:, None] * stride_out_head + dim[None, :]
-            tl.store(out_ptr + o_offs, tl.zeros([M, HEAD_SIZE], dtype=out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    # grid (partitions, num_kv_heads, num_seqs): one PARTITION-token stretch each
+    part = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = tl.program_id(2)
+    context_len = tl.load(context_lens_ptr + seq)
+    start = part * PARTITION
+    if start < context_len:
+        _decode_span(
+            out_ptr, exp_sums_ptr, max_logits_ptr, tmp_out_ptr, q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr,
+            block_tables_ptr, qo_indptr_ptr, sm_scale_log2,
+            stride_q_row, stride_q_head, stride_out_row, stride_out_head, stride_es_row, stride_es_head,
+            stride_tmp_row, stride_tmp_head, stride_tmp_part, stride_k_block, stride_k_head,
+            stride_v_block, stride_v_head, stride_scale_block, stride_scale_head, stride_bt_seq,
+            seq, kv_head, context_len, start, tl.minimum(start + PARTITION, context_len), part, WRITE_OUT,
+            GQA, MAX_QLEN, M, HEAD_SIZE, BLOCK_SIZE, X, SCALES, BLOCK_N, DOT_DTYPE,
+        )  # fmt: skip
+    elif WRITE_OUT:
+        # an empty context gives zeros; only partition 0 exists when WRITE_OUT (a branch of
+        # its own: through _decode_span, Triton 3.6 spilled a register on gfx942)
+        m_idx = tl.arange(0, M)
+        head = kv_head * GQA + m_idx % GQA
+        if MAX_QLEN > 1:
+            first_row = tl.load(qo_indptr_ptr + seq)
+            num_new = tl.load(qo_indptr_ptr + seq + 1) - first_row
+            row_ok = m_idx // GQA < num_new
+            row = (first_row + m_idx // GQA).to(tl.int64)
+        else:
+            row_ok = m_idx < GQA
+            row = tl.zeros([M], dtype=tl.int64) + seq
+        dim = tl.arange(0, HEAD_SIZE)
+        o_offs = row[:, None] * stride_out_row + head[:, None] * stride_out_head + dim[None, :]
+        tl.store(out_ptr + o_offs, tl.zeros([M, HEAD_SIZE], dtype=out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-def decode_tile_config(head_size: int, block_size: int, warp_size: int = 32, balanced: bool = False) -> tuple[int, int, int]:
+def decode_tile_config(head_size: int, block_size: int, warp_size: int = 32) -> tuple[int, int, int]:
     """(BLOCK_N, num_warps, num_stages). Measured on an H100 (benchmarks/RESULTS.md):
     128-token tiles with 4 warps and 2 stages were the best or within 2% of it on
     every bulk bf16 shape; 8 warps lost 20-30% (the M=16 rows leave them idle).
-
-    The balanced schedule's stage 1 (wave32 only) takes tiles half as long: its loop over
-    spans keeps more values live through the tile loop, and with 128-token tiles some
-    variant spilled at 255 registers under Triton 3.6 or under 3.9, whichever of two
-    formulations of that loop (``python -m pa_hybrid.aot``; RESULTS.md section 20).
 
     Those tiles do not carry over to a wave64 GPU (AMD CDNA). Compiled for gfx942
     (``python -m pa_hybrid.aot``) they took up to 398 VGPRs with Triton 3.9 and 484 with
@@ -341,7 +293,7 @@ def decode_tile_config(head_size: int, block_size: int, warp_size: int = 32, bal
     VGPRs (three waves per SIMD). Not timed on an AMD GPU."""
     block_n = 64 if head_size >= 256 else 128
     if warp_size == 32:
-        return max(block_n // 2 if balanced else block_n, block_size), 4, 2
+        return max(block_n, block_size), 4, 2
     return max(block_n // 4, block_size), 4, 1
 
 
@@ -368,28 +320,17 @@ def launch_paged_decode(
     block_size: int,
     x: int,
     gqa: int,
-    programs_per_head: int = 0,
 ):
-    """Launch stage 1. The static schedule (``programs_per_head == 0``): one program per
-    ``partition_size`` tokens (a multiple of 256) of every sequence; when one partition
-    covers ``max_seq_len`` it writes ``out`` and no stage 2 is needed. The balanced
-    schedule: ``programs_per_head`` programs per kv head share its pages of
-    ``partition_size`` tokens (see ``common.balanced_schedule``); stage 2 always follows."""
+    """Launch stage 1: one program per ``partition_size`` tokens (a multiple of 256) of
+    every sequence; when one partition covers ``max_seq_len`` it writes ``out`` and no
+    stage 2 is needed."""
     num_seqs = context_lens.shape[0]
     num_kv_heads = K.shape[1]
     rows = max(16, triton.next_power_of_2(max_qlen * gqa))
-    balanced = programs_per_head > 0
-    block_n, num_warps, num_stages = decode_tile_config(head_size, block_size, warp_size_of(Q.device), balanced)
-    if balanced:
-        grid = (programs_per_head, num_kv_heads)
-        write_out = False
-        # the static variants keep their compiled specializations: these are unused there
-        schedule_args = (num_seqs, max_seq_len, programs_per_head)
-    else:
-        num_partitions = triton.cdiv(max_seq_len, partition_size)
-        grid = (num_partitions, num_kv_heads, num_seqs)
-        write_out = num_partitions == 1
-        schedule_args = (0, 0, 0)
+    block_n, num_warps, num_stages = decode_tile_config(head_size, block_size, warp_size_of(Q.device))
+    num_partitions = triton.cdiv(max_seq_len, partition_size)
+    grid = (num_partitions, num_kv_heads, num_seqs)
+    write_out = num_partitions == 1
     # unused pointers still need a valid tensor
     k_scale = k_scale if k_scale is not None else context_lens
     v_scale = v_scale if v_scale is not None else context_lens
@@ -427,7 +368,6 @@ def launch_paged_decode(
         V.stride(1),
         *scale_strides,
         block_tables.stride(0),
-        *schedule_args,
         GQA=gqa,
         MAX_QLEN=max_qlen,
         M=rows,
@@ -437,13 +377,8 @@ def launch_paged_decode(
         SCALES=scales_kind,
         PARTITION=partition_size,
         WRITE_OUT=write_out,
-        BALANCED=balanced,
-        BLOCK_S=triton.next_power_of_2(num_seqs) if balanced else 1,
         BLOCK_N=block_n,
         DOT_DTYPE=dot_dtype(Q.dtype),
         num_warps=num_warps,
         num_stages=num_stages,
-        # the balanced grid has 2 programs of 4 warps per SM, so all 255 registers are free;
-        # unbounded, ptxas (Triton 3.6) spilled to stay within 168
-        **({"maxnreg": 255} if balanced else {}),
     )
