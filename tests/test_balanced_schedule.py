@@ -136,6 +136,26 @@ def test_balanced_ctas_per_sm_fit_shared_memory():
             assert 1 <= ctas * (cfg["smem_bytes"] + hip.SM90_SMEM_RESERVED_PER_CTA) <= hip.SM90_SMEM_PER_SM
 
 
+@pytest.mark.parametrize(
+    "lens, setting, expected",
+    [
+        ([2048] * 32, "auto", 33),  # 256 sequences x kv heads >= 198: balanced
+        ([2048] * 16, "auto", 0),  # 128 < 198: static
+        ([2048] * 16, "balanced", 33),
+        ([512] * 32, "auto", 0),  # the static schedule writes out (no reduce): static
+        ([512] * 32, "balanced", 33),
+        ([2048] * 32, "static", 0),
+    ],
+)
+def test_which_calls_take_the_balanced_schedule(monkeypatch, lens, setting, expected):
+    """hip's choice on an H100/H200-sized GPU (132 SMs), 8 kv heads, 16-bit cache."""
+    monkeypatch.setenv("PA_HYBRID_SPLIT_SCHEDULE", setting)
+    monkeypatch.setattr(HIP, "offers_balanced", lambda call: True)  # (on NVIDIA GPUs)
+    case = make_decode_case(lens, num_heads=32, num_kv_heads=8, head_size=128, device="cpu")
+    call = build_call(**dict(case, exp_sums=None, max_logits=None, tmp_out=None))
+    assert HIP.balanced_programs(call, 132) == expected
+
+
 @pytest.mark.parametrize("setting", [None, "auto", "static", "balanced", "fast"])
 def test_split_schedule_setting(monkeypatch, setting):
     if setting is None:

@@ -162,7 +162,7 @@ def balanced_programs_per_head(
 
 class SplitKvBackend(Backend):
     """A backend with a split-KV stage 1 and the Triton reduce: :meth:`run` picks the
-    schedule (:func:`split_schedule`; static partitions sized by
+    schedule (:meth:`balanced_programs`; static partitions sized by
     :func:`split_kv_partition_size` at ``programs_per_sm``), :meth:`launch` runs it."""
 
     programs_per_sm: int = 1
@@ -177,14 +177,26 @@ class SplitKvBackend(Backend):
         """Stage-1 programs per SM of this call under the balanced schedule."""
         return self.balanced_programs_per_sm[call.key.kv_is_8bit]
 
+    def balanced_programs(self, call: DecodeCall, num_sms: int) -> int:
+        """Stage-1 programs per kv head of the balanced schedule for this call, or 0 for the
+        static one (:func:`split_schedule`)."""
+        schedule = split_schedule()
+        if schedule == "static" or not self.offers_balanced(call):
+            return 0
+        key = call.key
+        auto = schedule == "auto"
+        # auto, never where the static schedule writes out (one partition covers every
+        # context, no reduce at all): at 512 tokens the balanced one took up to 1.47x the time
+        if auto and self.partition_size(call, num_sms) >= key.max_seq_len:
+            return 0
+        return balanced_programs_per_head(
+            call.num_seqs, key.num_kv_heads, key.max_seq_len, num_sms, self.balanced_per_sm(call), auto
+        )
+
     def run(self, call: DecodeCall) -> None:
         key = call.key
         num_sms = sm_count(key.device_type, key.device_index)
-        programs_per_head, schedule = 0, split_schedule()
-        if schedule != "static" and self.offers_balanced(call):
-            programs_per_head = balanced_programs_per_head(
-                call.num_seqs, key.num_kv_heads, key.max_seq_len, num_sms, self.balanced_per_sm(call), schedule == "auto"
-            )
+        programs_per_head = self.balanced_programs(call, num_sms)
         if programs_per_head:
             self.launch(call, PARTITION_SIZE, programs_per_head)
         else:
