@@ -98,16 +98,17 @@ class TileTarget:
 
 
 SM90 = TileTarget("sm_90", SM90_SMEM_PER_CTA, async_copies=True, head_sizes=(64, 128, 256))
+# Never run on an AMD GPU (README "Platforms"). Head 256 spills to scratch there: the MMA
+# built from lane shuffles (compat_hip.cuh) needs more registers than a wave64 lane has.
+GFX942 = TileTarget("gfx942", 64 * 1024, async_copies=False, head_sizes=(64, 128))
 
 
+@functools.lru_cache(maxsize=None)  # asked on every balanced call
 def balanced_ctas_per_sm(head_size: int, block_size: int, kv_bytes: int, wanted: int) -> int:
     """CTAs per SM of the balanced schedule's kernel on sm_90 (its launch bounds): ``wanted``,
     or as many as shared memory lets reside at once (the schedule's grid is one wave)."""
     smem = kernel_config(head_size, block_size, kv_bytes)["smem_bytes"] + SM90_SMEM_RESERVED_PER_CTA
     return max(1, min(wanted, SM90_SMEM_PER_SM // smem))
-# Never run on an AMD GPU (README "Platforms"). Head 256 spills to scratch there: the MMA
-# built from lane shuffles (compat_hip.cuh) needs more registers than a wave64 lane has.
-GFX942 = TileTarget("gfx942", 64 * 1024, async_copies=False, head_sizes=(64, 128))
 
 
 def tile_target(arch: str) -> TileTarget:
