@@ -153,7 +153,7 @@ def test_which_calls_take_the_balanced_schedule(monkeypatch, lens, setting, expe
     monkeypatch.setattr(HIP, "offers_balanced", lambda call: True)  # (on NVIDIA GPUs)
     case = make_decode_case(lens, num_heads=32, num_kv_heads=8, head_size=128, device="cpu")
     call = build_call(**dict(case, exp_sums=None, max_logits=None, tmp_out=None))
-    assert HIP.balanced_programs(call, 132) == expected
+    assert HIP.balanced_programs(call, 132, HIP.partition_size(call, 132)) == expected
 
 
 @pytest.mark.parametrize("setting", [None, "auto", "static", "balanced", "fast"])

@@ -177,9 +177,9 @@ class SplitKvBackend(Backend):
         """Stage-1 programs per SM of this call under the balanced schedule."""
         return self.balanced_programs_per_sm[call.key.kv_is_8bit]
 
-    def balanced_programs(self, call: DecodeCall, num_sms: int) -> int:
+    def balanced_programs(self, call: DecodeCall, num_sms: int, static_partition: int) -> int:
         """Stage-1 programs per kv head of the balanced schedule for this call, or 0 for the
-        static one (:func:`split_schedule`)."""
+        static one (:func:`split_schedule`; ``static_partition``: :meth:`partition_size`)."""
         schedule = split_schedule()
         if schedule == "static" or not self.offers_balanced(call):
             return 0
@@ -187,7 +187,7 @@ class SplitKvBackend(Backend):
         auto = schedule == "auto"
         # auto, never where the static schedule writes out (one partition covers every
         # context, no reduce at all): at 512 tokens the balanced one took up to 1.47x the time
-        if auto and self.partition_size(call, num_sms) >= key.max_seq_len:
+        if auto and static_partition >= key.max_seq_len:
             return 0
         return balanced_programs_per_head(
             call.num_seqs, key.num_kv_heads, key.max_seq_len, num_sms, self.balanced_per_sm(call), auto
@@ -196,11 +196,12 @@ class SplitKvBackend(Backend):
     def run(self, call: DecodeCall) -> None:
         key = call.key
         num_sms = sm_count(key.device_type, key.device_index)
-        programs_per_head = self.balanced_programs(call, num_sms)
+        partition = self.partition_size(call, num_sms)
+        programs_per_head = self.balanced_programs(call, num_sms, partition)
         if programs_per_head:
             self.launch(call, PARTITION_SIZE, programs_per_head)
         else:
-            self.launch(call, self.partition_size(call, num_sms))
+            self.launch(call, partition)
 
     def partition_size(self, call: DecodeCall, num_sms: int) -> int:
         """Tokens per stage-1 program under the static schedule."""

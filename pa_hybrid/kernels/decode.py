@@ -1,12 +1,12 @@
 """Split-KV paged decode, stage 1, in Triton (the portable backend's kernel).
 
-One program per (partition of 256 tokens or a multiple, kv head, sequence). A
-program serves every query row of the kv head's GQA group (and every new token when
-``max_qlen > 1``): the rows ``m = i * GQA + g`` (new token ``i``, group member ``g``)
-form the M dim of ``tl.dot`` tiles, padded to 16, so K and V are read once per group.
-The loop over the span walks ``BLOCK_N`` tokens at a time (several cache blocks), with
-an online softmax in base 2. It writes the partial format of ``kernels/reduce.py``, or
-``out`` directly when one partition covers every context.
+One program per (partition of 256 tokens or a multiple, kv head, sequence) serves
+every query row of the kv head's GQA group (and every new token when ``max_qlen > 1``):
+the rows ``m = i * GQA + g`` (new token ``i``, group member ``g``) form the M dim of
+``tl.dot`` tiles, padded to 16, so K and V are read once per group. The loop over the
+partition walks ``BLOCK_N`` tokens at a time (several cache blocks), with an online
+softmax in base 2. It writes the partial format of ``kernels/reduce.py``, or ``out``
+directly when one partition covers every context.
 
 8-bit caches are widened to the query dtype (exact for e4m3 and int8) and their
 scales applied in fp32: a per-token K scale multiplies its logit column, a
@@ -96,114 +96,6 @@ def _decode_tile(
 
 
 @triton.jit
-def _decode_span(
-    out_ptr,
-    exp_sums_ptr,
-    max_logits_ptr,
-    tmp_out_ptr,
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    k_scale_ptr,
-    v_scale_ptr,
-    block_tables_ptr,
-    qo_indptr_ptr,
-    sm_scale_log2,
-    stride_q_row,
-    stride_q_head,
-    stride_out_row,
-    stride_out_head,
-    stride_es_row,
-    stride_es_head,
-    stride_tmp_row,
-    stride_tmp_head,
-    stride_tmp_part,
-    stride_k_block,
-    stride_k_head,
-    stride_v_block,
-    stride_v_head,
-    stride_scale_block,
-    stride_scale_head,
-    stride_bt_seq,
-    seq,
-    kv_head,
-    context_len,
-    start,  # first token of the span, block aligned
-    end,  # first token after it (<= context_len)
-    part,  # the span's partial slot when it does not write out
-    write_out,  # the span covers the whole context: write out, not a partial
-    GQA: tl.constexpr,
-    MAX_QLEN: tl.constexpr,
-    M: tl.constexpr,
-    HEAD_SIZE: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-    X: tl.constexpr,
-    SCALES: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-):
-    """Attend every query row of (``seq``, ``kv_head``) to tokens [start, end) and write
-    the result to ``out`` or the partial of slot ``part``. An empty span writes zeros
-    (a partial with l = 0 and m = -inf)."""
-    m_idx = tl.arange(0, M)
-    new_tok = m_idx // GQA
-    head = kv_head * GQA + m_idx % GQA
-    if MAX_QLEN > 1:
-        first_row = tl.load(qo_indptr_ptr + seq)
-        num_new = tl.load(qo_indptr_ptr + seq + 1) - first_row
-        row_ok = new_tok < num_new
-        visible = tl.where(row_ok, visible_tokens(context_len, num_new, new_tok), 0)
-        row = first_row + new_tok
-    else:
-        row_ok = m_idx < GQA
-        visible = tl.where(row_ok, context_len, 0)
-        row = tl.zeros([M], dtype=tl.int32) + seq
-    row = row.to(tl.int64)
-    dim = tl.arange(0, HEAD_SIZE)
-    q = tl.load(
-        q_ptr + row[:, None] * stride_q_row + head[:, None] * stride_q_head + dim[None, :],
-        mask=row_ok[:, None],
-        other=0.0,
-    ).to(DOT_DTYPE)
-
-    qk_scale = sm_scale_log2
-    if SCALES == 1:
-        qk_scale = qk_scale * tl.load(k_scale_ptr)
-    k_head_ptr = k_ptr + kv_head.to(tl.int64) * stride_k_head
-    v_head_ptr = v_ptr + kv_head.to(tl.int64) * stride_v_head
-    k_scale_head_ptr = k_scale_ptr + kv_head * stride_scale_head
-    v_scale_head_ptr = v_scale_ptr + kv_head * stride_scale_head
-    block_ids_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
-
-    acc = tl.zeros([M, HEAD_SIZE], dtype=tl.float32)
-    row_max = tl.full([M], float("-inf"), dtype=tl.float32)
-    row_sum = tl.zeros([M], dtype=tl.float32)
-    for tile_start in range(start, end, BLOCK_N):
-        acc, row_max, row_sum = _decode_tile(
-            q, acc, row_max, row_sum, tile_start,
-            block_ids_ptr, k_head_ptr, v_head_ptr, k_scale_head_ptr, v_scale_head_ptr,
-            stride_k_block, stride_v_block, stride_scale_block,
-            end, visible, qk_scale,
-            HEAD_SIZE, BLOCK_SIZE, BLOCK_N, X, SCALES, DOT_DTYPE,
-        )  # fmt: skip
-
-    if SCALES == 1:
-        acc = acc * tl.load(v_scale_ptr)
-    # row_sum >= 1 for a row that saw a token; rows that saw none stay 0
-    result = acc / tl.maximum(row_sum, 1e-30)[:, None]
-    if write_out:
-        o_offs = row[:, None] * stride_out_row + head[:, None] * stride_out_head + dim[None, :]
-        tl.store(out_ptr + o_offs, result.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-    else:
-        es_offs = row * stride_es_row + head * stride_es_head + part
-        tl.store(exp_sums_ptr + es_offs, row_sum, mask=row_ok)
-        # natural-log units, as the partial format says
-        tl.store(max_logits_ptr + es_offs, row_max / 1.4426950408889634, mask=row_ok)
-        t_offs = row[:, None] * stride_tmp_row + head[:, None] * stride_tmp_head + part * stride_tmp_part
-        tl.store(tmp_out_ptr + t_offs + dim[None, :], result.to(tmp_out_ptr.dtype.element_ty), mask=row_ok[:, None])
-
-
-@triton.jit
 def _paged_decode_kernel(
     out_ptr,  # [rows, num_heads, HEAD_SIZE]
     exp_sums_ptr,  # [rows, num_heads, max_partitions] fp32
@@ -241,30 +133,79 @@ def _paged_decode_kernel(
     BLOCK_SIZE: tl.constexpr,
     X: tl.constexpr,
     SCALES: tl.constexpr,  # SCALE_NONE / SCALE_PER_TENSOR / SCALE_PER_TOKEN
-    PARTITION: tl.constexpr,  # tokens per program
-    WRITE_OUT: tl.constexpr,  # one partition covers every context: write out, no stage 2
+    PARTITION: tl.constexpr,
+    WRITE_OUT: tl.constexpr,  # one partition covers every context: write out, skip stage 2
     BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr,  # operand dtype of tl.dot (the query dtype on GPUs)
 ):
-    # grid (partitions, num_kv_heads, num_seqs): one PARTITION-token stretch each
     part = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq = tl.program_id(2)
+
     context_len = tl.load(context_lens_ptr + seq)
     start = part * PARTITION
+    end = tl.minimum(start + PARTITION, context_len)
     if start < context_len:
-        _decode_span(
-            out_ptr, exp_sums_ptr, max_logits_ptr, tmp_out_ptr, q_ptr, k_ptr, v_ptr, k_scale_ptr, v_scale_ptr,
-            block_tables_ptr, qo_indptr_ptr, sm_scale_log2,
-            stride_q_row, stride_q_head, stride_out_row, stride_out_head, stride_es_row, stride_es_head,
-            stride_tmp_row, stride_tmp_head, stride_tmp_part, stride_k_block, stride_k_head,
-            stride_v_block, stride_v_head, stride_scale_block, stride_scale_head, stride_bt_seq,
-            seq, kv_head, context_len, start, tl.minimum(start + PARTITION, context_len), part, WRITE_OUT,
-            GQA, MAX_QLEN, M, HEAD_SIZE, BLOCK_SIZE, X, SCALES, BLOCK_N, DOT_DTYPE,
-        )  # fmt: skip
+        m_idx = tl.arange(0, M)
+        new_tok = m_idx // GQA
+        head = kv_head * GQA + m_idx % GQA
+        if MAX_QLEN > 1:
+            first_row = tl.load(qo_indptr_ptr + seq)
+            num_new = tl.load(qo_indptr_ptr + seq + 1) - first_row
+            row_ok = new_tok < num_new
+            visible = tl.where(row_ok, visible_tokens(context_len, num_new, new_tok), 0)
+            row = first_row + new_tok
+        else:
+            row_ok = m_idx < GQA
+            visible = tl.where(row_ok, context_len, 0)
+            row = tl.zeros([M], dtype=tl.int32) + seq
+        row = row.to(tl.int64)
+        dim = tl.arange(0, HEAD_SIZE)
+        q = tl.load(
+            q_ptr + row[:, None] * stride_q_row + head[:, None] * stride_q_head + dim[None, :],
+            mask=row_ok[:, None],
+            other=0.0,
+        ).to(DOT_DTYPE)
+
+        qk_scale = sm_scale_log2
+        if SCALES == 1:
+            qk_scale = qk_scale * tl.load(k_scale_ptr)
+        k_head_ptr = k_ptr + kv_head.to(tl.int64) * stride_k_head
+        v_head_ptr = v_ptr + kv_head.to(tl.int64) * stride_v_head
+        k_scale_head_ptr = k_scale_ptr + kv_head * stride_scale_head
+        v_scale_head_ptr = v_scale_ptr + kv_head * stride_scale_head
+        block_ids_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
+
+        acc = tl.zeros([M, HEAD_SIZE], dtype=tl.float32)
+        row_max = tl.full([M], float("-inf"), dtype=tl.float32)
+        row_sum = tl.zeros([M], dtype=tl.float32)
+        for tile_start in range(start, end, BLOCK_N):
+            acc, row_max, row_sum = _decode_tile(
+                q, acc, row_max, row_sum, tile_start,
+                block_ids_ptr, k_head_ptr, v_head_ptr, k_scale_head_ptr, v_scale_head_ptr,
+                stride_k_block, stride_v_block, stride_scale_block,
+                end, visible, qk_scale,
+                HEAD_SIZE, BLOCK_SIZE, BLOCK_N, X, SCALES, DOT_DTYPE,
+            )  # fmt: skip
+
+        if SCALES == 1:
+            acc = acc * tl.load(v_scale_ptr)
+        # row_sum >= 1 for a row that saw a token; rows that saw none stay 0
+        result = acc / tl.maximum(row_sum, 1e-30)[:, None]
+        if WRITE_OUT:
+            o_offs = row[:, None] * stride_out_row + head[:, None] * stride_out_head + dim[None, :]
+            tl.store(out_ptr + o_offs, result.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+        else:
+            es_offs = row * stride_es_row + head * stride_es_head + part
+            tl.store(exp_sums_ptr + es_offs, row_sum, mask=row_ok)
+            # natural-log units, as the partial format says
+            tl.store(max_logits_ptr + es_offs, row_max / 1.4426950408889634, mask=row_ok)
+            t_offs = row[:, None] * stride_tmp_row + head[:, None] * stride_tmp_head + part * stride_tmp_part
+            tl.store(
+                tmp_out_ptr + t_offs + dim[None, :], result.to(tmp_out_ptr.dtype.element_ty), mask=row_ok[:, None]
+            )
     elif WRITE_OUT:
-        # an empty context gives zeros; only partition 0 exists when WRITE_OUT (a branch of
-        # its own: through _decode_span, Triton 3.6 spilled a register on gfx942)
+        # an empty context gives zeros; only partition 0 exists when WRITE_OUT
         m_idx = tl.arange(0, M)
         head = kv_head * GQA + m_idx % GQA
         if MAX_QLEN > 1:
@@ -321,31 +262,29 @@ def launch_paged_decode(
     x: int,
     gqa: int,
 ):
-    """Launch stage 1: one program per ``partition_size`` tokens (a multiple of 256) of
-    every sequence; when one partition covers ``max_seq_len`` it writes ``out`` and no
-    stage 2 is needed."""
+    """Launch stage 1 with partitions of ``partition_size`` tokens (a multiple of 256);
+    when one partition covers ``max_seq_len`` it writes ``out`` and no stage 2 is needed."""
+    num_partitions = triton.cdiv(max_seq_len, partition_size)
     num_seqs = context_lens.shape[0]
     num_kv_heads = K.shape[1]
     rows = max(16, triton.next_power_of_2(max_qlen * gqa))
     block_n, num_warps, num_stages = decode_tile_config(head_size, block_size, warp_size_of(Q.device))
-    num_partitions = triton.cdiv(max_seq_len, partition_size)
-    grid = (num_partitions, num_kv_heads, num_seqs)
     write_out = num_partitions == 1
     # unused pointers still need a valid tensor
     k_scale = k_scale if k_scale is not None else context_lens
     v_scale = v_scale if v_scale is not None else context_lens
     scale_strides = (k_scale.stride(0), k_scale.stride(1)) if scales_kind == SCALE_PER_TOKEN else (0, 0)
     if write_out:
-        es, ml, tmp = context_lens, context_lens, context_lens
+        es, tmp = context_lens, context_lens
         es_strides, tmp_strides = (0, 0), (0, 0, 0)
     else:
-        es, ml, tmp = exp_sums, max_logits, tmp_out
+        es, tmp = exp_sums, tmp_out
         es_strides = (exp_sums.stride(0), exp_sums.stride(1))
         tmp_strides = (tmp_out.stride(0), tmp_out.stride(1), tmp_out.stride(2))
-    _paged_decode_kernel[grid](
+    _paged_decode_kernel[(num_partitions, num_kv_heads, num_seqs)](
         out,
         es,
-        ml,
+        max_logits if not write_out else context_lens,
         tmp,
         Q,
         K,
