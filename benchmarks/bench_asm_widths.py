@@ -8,6 +8,7 @@ pa_hybrid/backends/asm.py (benchmarks/RESULTS.md, section 9).
 
 import argparse
 import json
+from functools import partial
 
 import torch
 
@@ -44,7 +45,7 @@ def main():
         row = dict(model=spec.model, kv=spec.kv, num_seqs=spec.num_seqs, ctx=spec.ctx, ctas=ctas, floor_us=floor_us)
         line = f"{spec.model:15s} {spec.kv:5s} {spec.num_seqs:4d} {str(spec.ctx):6s} ctas={ctas:5d}"
         for warps, entry in sorted(widths(spec.kv_dtype, case["Q"].dtype).items()):
-            timing = time_graph_replay(lambda: paged_attention_common(**kwargs, backend="asm", kernelName=entry), samples=20)
+            timing = time_graph_replay(partial(paged_attention_common, **kwargs, backend="asm", kernelName=entry), samples=20)
             row[f"w{warps}_us"] = timing.median_us
             line += f"  {warps} warps {timing.median_us:8.1f} us {100 * floor_us / timing.median_us:5.1f}%"
         print(line, flush=True)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session's checks, in order: environment, the test suite on the GPU, then
 # the benchmarks named as arguments. Full logs go to $OUT (or ./gpu_out).
-#   bash benchmarks/gpu_run.sh tests cache schedule decode:llama3-8b decode:qwen3-235b ...
+#   bash benchmarks/gpu_run.sh tests tune cache schedule decode:--backends\ hip\ asm\ triton\ auto qwen3:dense \
+#        profile:llama3-8b,128,8192,fp8,asm ...
 # WORKLOAD (default ../shared/bench/workload.json) points at the shared grid.
 set -uo pipefail
 out="${OUT:-gpu_out}"
@@ -28,6 +29,26 @@ for step in "$@"; do
         | tee "$out/split_schedule.log" | tail -50 || status=1 ;;
     cache)
       python3 benchmarks/bench_cache_write.py --json "$out/cache_write.json" 2>&1 | tee "$out/cache_write.log" | tail -20 || status=1 ;;
+    tune)
+      # the dispatch table of this GPU (the shipped one is pa_hybrid/tables/<name>.json)
+      python3 -m pa_hybrid.tune --workload "$workload" --shapes 64:8 --out "$out/table.json" 2>&1 \
+        | tee "$out/tune.log" | tail -20 || status=1 ;;
+    qwen3:*)
+      # the end-to-end example: tokens against transformers (and transformers against itself), tokens/s
+      python3 examples/qwen3_decode.py --config "${step#qwen3:}" 2>&1 | tee "$out/qwen3-${step#qwen3:}.log" \
+        | grep -v -i warn | tail -30 || status=1 ;;
+    profile:*)
+      # Nsight Compute on one grid call (MODEL,NUM_SEQS,CTX,KV,BACKEND): the summary sections, then
+      # warp-stall samples per SASS instruction (where a kernel waits, e.g. which MIO instruction)
+      IFS=, read -r model seqs ctx kv backend <<< "${step#profile:}"
+      rep="$out/profile-$model-$seqs-$ctx-$kv-$backend"
+      ncu --clock-control none --kernel-name regex:'pa_decode|paged_decode' --launch-skip 2 --launch-count 1 \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
+        --section Occupancy --section SourceCounters --import-source no -f -o "$rep" \
+        python3 benchmarks/profile_one_call.py "$model" "$seqs" "$ctx" "$kv" "$backend" > "$rep.log" 2>&1 || status=1
+      ncu --import "$rep.ncu-rep" --page details > "$rep.txt" 2>&1 && grep -E "Duration|DRAM Throughput|Issue Slots Busy|Achieved Occupancy|Stall" "$rep.txt" | head -20
+      ncu --import "$rep.ncu-rep" --page source --print-source sass --csv > "$rep-sass.csv" 2>&1 \
+        && python3 benchmarks/stall_hotspots.py "$rep-sass.csv" | tee "$rep-hotspots.txt" || status=1 ;;
     decode:*)
       python3 -m pa_hybrid.bench --workload "$workload" --out "$out" ${step#decode:} 2>&1 \
         | tee -a "$out/decode.log" | grep -vE "^\s*$" | tail -60 || status=1 ;;

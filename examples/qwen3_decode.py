@@ -18,6 +18,11 @@ from a batch of prompts with its own paged KV cache, the way an engine runs it:
 The hook is a ``transformers`` attention function (``AttentionInterface``), so the
 model's own projections, norms, RoPE and MLP run unchanged.
 
+Accuracy is judged beside a yardstick: ``transformers``' own eager attention against its
+SDPA. A random-weight model's logits are flat, so two correct bf16 attentions pick
+different tokens at near ties and greedy decoding then parts; the teacher-forced check
+shows whether each miss is such a tie.
+
     python examples/qwen3_decode.py                      # GPU: accuracy, then tokens/s per backend
     python examples/qwen3_decode.py --config tiny --device cpu --skip-throughput   # the portable path
 
@@ -29,7 +34,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -255,15 +259,21 @@ def generate(model, prompts: list, new_tokens: list, kv_dtype, backend="auto", f
 
 
 @torch.inference_mode()
-def hf_generate(model, prompts: list, new_tokens: list):
-    """``transformers``' own greedy ``generate`` (SDPA, its own cache), one prompt at a time
-    (no padding): tokens and per-step logits."""
+def hf_generate(model, prompts: list, new_tokens: list, attention: str = "sdpa"):
+    """``transformers``' own greedy ``generate`` (its own cache, its ``attention``
+    implementation: "sdpa" or "eager"), one prompt at a time (no padding): tokens and
+    per-step logits."""
+    previous = model.config._attn_implementation
+    model.config._attn_implementation = attention
     tokens, logits = [], []
-    for prompt, n in zip(prompts, new_tokens):
-        out = model.generate(torch.tensor([prompt], device=model.device), max_new_tokens=n, min_new_tokens=n,
-                             do_sample=False, output_logits=True, return_dict_in_generate=True)  # fmt: skip
-        tokens.append(out.sequences[0, len(prompt):].tolist())
-        logits.append(torch.stack([step[0].float() for step in out.logits]))
+    try:
+        for prompt, n in zip(prompts, new_tokens):
+            out = model.generate(torch.tensor([prompt], device=model.device), max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, output_logits=True, return_dict_in_generate=True)  # fmt: skip
+            tokens.append(out.sequences[0, len(prompt):].tolist())
+            logits.append(torch.stack([step[0].float() for step in out.logits]))
+    finally:
+        model.config._attn_implementation = previous
     return tokens, logits
 
 
@@ -346,6 +356,18 @@ def logit_error(ours: list, reference: list) -> float:
     return max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(ours, reference))
 
 
+def first_differences(tokens: list, reference: list) -> list:
+    """Per sequence, the first step whose token differs from ``reference`` (None: equal)."""
+    return [next((t for t, (x, y) in enumerate(zip(a, b)) if x != y), None) for a, b in zip(tokens, reference)]
+
+
+def shared_prefix_logit_error(ours: list, reference: list, first_diffs: list) -> float:
+    """:func:`logit_error` over the steps two free-running generations share inputs for:
+    up to and including each sequence's first differing token."""
+    return logit_error([a[: len(a) if d is None else d + 1] for a, d in zip(ours, first_diffs)],
+                       [b[: len(b) if d is None else d + 1] for b, d in zip(reference, first_diffs)])  # fmt: skip
+
+
 def near_tie_report(ours: list, reference: list, tokens: list) -> tuple:
     """Teacher-forced comparison (both runs fed ``tokens``): the steps where our argmax is
     not ``tokens``' next token, and the reference's own top-2 gap at each, over its max logit."""
@@ -359,16 +381,25 @@ def near_tie_report(ours: list, reference: list, tokens: list) -> tuple:
 
 
 def check_accuracy(model, prompts, new_tokens, backend="auto", emit=print) -> bool:
-    """bf16 cache: tokens against transformers' generate, free-running and teacher-forced
-    (every miss must be a near tie: a top-2 gap within twice the largest logit difference);
+    """bf16 cache: tokens against transformers' generate, free-running (beside
+    transformers' eager attention against its SDPA: how far two correct bf16 attentions
+    part on this model) and teacher-forced (every miss must be a near tie: a top-2 gap
+    within twice the largest logit difference);
     fp8/int8: top-1 agreement and logit error against the bf16 run, teacher-forced on its tokens."""
     hf_tokens, hf_logits = hf_generate(model, prompts, new_tokens)
+
+    def agreement(tokens, logits) -> str:
+        first_diff = first_differences(tokens, hf_tokens)
+        same = first_diff.count(None)
+        return (f"{same}/{len(prompts)} sequences equal ({sum(new_tokens)} tokens, free-running)"
+                + ("" if same == len(prompts) else f", first differences at steps {first_diff}")
+                + f", max logit difference {shared_prefix_logit_error(logits, hf_logits, first_diff):.2e} "
+                "up to the first difference")  # fmt: skip
+
+    # the yardstick: transformers' own eager attention against its SDPA, same weights and prompts
+    emit(f"transformers' generate, eager attention vs SDPA: {agreement(*hf_generate(model, prompts, new_tokens, 'eager'))}")
     tokens, logits = generate(model, prompts, new_tokens, torch.bfloat16, backend)
-    same = sum(a == b for a, b in zip(tokens, hf_tokens))
-    first_diff = [next((t for t, (x, y) in enumerate(zip(a, b)) if x != y), None) for a, b in zip(tokens, hf_tokens)]
-    emit(f"bf16 cache, backend={backend}: {same}/{len(prompts)} sequences equal to transformers' generate "
-         f"({sum(new_tokens)} tokens, free-running)"
-         + ("" if same == len(prompts) else f"; first differences at steps {first_diff}"))  # fmt: skip
+    emit(f"bf16 cache, backend={backend}, vs transformers' generate (SDPA): {agreement(tokens, logits)}")
     forced_tokens, forced_logits = generate(model, prompts, new_tokens, torch.bfloat16, backend, forced=hf_tokens)
     error = logit_error(forced_logits, hf_logits)
     misses = near_tie_report(forced_logits, hf_logits, hf_tokens)

@@ -70,3 +70,21 @@ def test_near_tie_report_names_misses_and_their_gaps(example):
     ours = [torch.tensor([[4.9, 5.0, 0.0], [1.0, 9.0, 2.0]])]
     assert example.near_tie_report(ours, ref, [[0, 1]]) == [(0, 0, pytest.approx(0.1 / 5.0))]
     assert example.near_tie_report(ref, ref, [[0, 1]]) == []
+
+
+def test_first_differences_and_the_shared_prefix_logit_error(example):
+    assert example.first_differences([[1, 2, 3], [4, 5], [6]], [[1, 9, 3], [4, 5], [7]]) == [1, None, 0]
+    ref = [torch.tensor([[4.0, 0.0], [2.0, 0.0], [8.0, 0.0]])]
+    ours = [torch.tensor([[4.0, 0.0], [2.0, 1.0], [0.0, 8.0]])]  # parts at step 1: step 2 has other inputs
+    assert example.shared_prefix_logit_error(ours, ref, [1]) == pytest.approx(1.0 / 4.0)  # of the largest kept logit
+    assert example.shared_prefix_logit_error(ours, ref, [None]) == pytest.approx(8.0 / 8.0)
+
+
+def test_transformers_eager_attention_is_a_yardstick_and_leaves_the_model_as_it_was(example, model):
+    prompts = example.make_prompts(model.config.vocab_size, PROMPT_LENS, seed=5)
+    sdpa_tokens, sdpa_logits = example.hf_generate(model, prompts, NEW_TOKENS)
+    eager_tokens, eager_logits = example.hf_generate(model, prompts, NEW_TOKENS, attention="eager")
+    assert model.config._attn_implementation == "sdpa"
+    assert [len(t) for t in eager_tokens] == NEW_TOKENS
+    first = example.first_differences(eager_tokens, sdpa_tokens)
+    assert example.shared_prefix_logit_error(eager_logits, sdpa_logits, first) < 3e-2

@@ -1,0 +1,81 @@
+"""Where a kernel's warps wait, from Nsight Compute's per-instruction stall samples.
+
+    ncu --section SourceCounters ... -o report python benchmarks/profile_one_call.py ...
+    ncu --import report.ncu-rep --page source --print-source sass --csv > sass.csv
+    python benchmarks/stall_hotspots.py sass.csv [--top 25]
+
+Prints the instructions holding the most warp-stall samples and the samples per opcode
+(``LDSM``, ``F2FP``, ``HMMA``, ...), each as a share of all samples: the
+"which MIO instruction" question that the kernel-wide stall reasons leave open.
+(``benchmarks/gpu_run.sh profile:...`` runs all three steps.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import re
+import sys
+from collections import Counter
+
+SAMPLES_COLUMN = "Warp Stall Sampling (All Samples)"
+OPCODE = re.compile(r"^\s*(?:@!?U?P[0-9T]\s+)?([A-Z][A-Z0-9_]*)")
+
+
+def read_rows(path: str) -> tuple[list[str], list[dict]]:
+    """The source page's table: its columns and rows. Lines before the header
+    (ncu's own messages) are skipped."""
+    with open(path, newline="") as f:
+        lines = f.read().splitlines()
+    for i, line in enumerate(lines):
+        header = next(csv.reader([line]))
+        if "Source" in header and any(SAMPLES_COLUMN.split(" (")[0] in c for c in header):
+            rows = list(csv.DictReader(lines[i:]))
+            return header, rows
+    raise ValueError(f"{path}: no header with a 'Source' column and a '{SAMPLES_COLUMN}' column")
+
+
+def samples_column(header: list[str]) -> str:
+    exact = [c for c in header if c == SAMPLES_COLUMN]
+    return exact[0] if exact else next(c for c in header if SAMPLES_COLUMN.split(" (")[0] in c)
+
+
+def number(text: str) -> float:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return 0.0
+
+
+def hotspots(path: str) -> tuple[float, list[tuple[float, str]], Counter]:
+    """(all samples, [(samples, instruction)] most first, samples per opcode)."""
+    header, rows = read_rows(path)
+    column = samples_column(header)
+    per_instruction = sorted(((number(r[column]), r["Source"].strip()) for r in rows), reverse=True)
+    per_opcode = Counter()
+    for samples, text in per_instruction:
+        m = OPCODE.match(text)
+        per_opcode[m.group(1) if m else "?"] += samples
+    return sum(s for s, _ in per_instruction), per_instruction, per_opcode
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("csv")
+    p.add_argument("--top", type=int, default=25)
+    args = p.parse_args(argv)
+    total, per_instruction, per_opcode = hotspots(args.csv)
+    if total == 0:
+        print(f"{args.csv}: no stall samples (was --section SourceCounters collected?)")
+        return 1
+    print(f"warp-stall samples: {total:.0f}\n\nper opcode:")
+    for opcode, samples in per_opcode.most_common(15):
+        print(f"  {100 * samples / total:5.1f}%  {opcode}")
+    print(f"\ntop {args.top} instructions:")
+    for samples, text in per_instruction[: args.top]:
+        print(f"  {100 * samples / total:5.1f}%  {text}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
