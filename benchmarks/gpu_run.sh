@@ -24,8 +24,10 @@ for step in "$@"; do
       # by torch and cuda-python (cuGetProcAddress) is not a memory error, so it is not reported
       compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 9 python3 -m pytest -q -p no:cacheprovider -k "${step#sanitize:}" \
         2>&1 | tee "$out/memcheck.log" | tail -15 || status=1 ;;
-    schedule)
-      python3 benchmarks/bench_split_schedule.py --workload "$workload" --json "$out/split_schedule.json" 2>&1 \
+    schedule|schedule:*)
+      # extra arguments after the colon, e.g. schedule:--backends\ hip\ triton\ --schedules\ static\ static-512\ static-2048
+      extra="${step#schedule}"
+      python3 benchmarks/bench_split_schedule.py --workload "$workload" --json "$out/split_schedule.json" ${extra#:} 2>&1 \
         | tee "$out/split_schedule.log" | tail -50 || status=1 ;;
     cache)
       python3 benchmarks/bench_cache_write.py --json "$out/cache_write.json" 2>&1 | tee "$out/cache_write.log" | tail -20 || status=1 ;;
