@@ -32,9 +32,10 @@ for step in "$@"; do
     cache)
       python3 benchmarks/bench_cache_write.py --json "$out/cache_write.json" 2>&1 | tee "$out/cache_write.log" | tail -20 || status=1 ;;
     tune)
-      # the dispatch table of this GPU (the shipped one is pa_hybrid/tables/<name>.json)
+      # the dispatch table of this GPU (the shipped one is pa_hybrid/tables/<name>.json); the
+      # steps after this one dispatch by the new table
       python3 -m pa_hybrid.tune --workload "$workload" --shapes 64:8 --out "$out/table.json" 2>&1 \
-        | tee "$out/tune.log" | tail -20 || status=1 ;;
+        | tee "$out/tune.log" | tail -20 && export PA_HYBRID_DISPATCH_TABLE="$out/table.json" || status=1 ;;
     qwen3:*)
       # the end-to-end example: tokens against transformers (and transformers against itself), tokens/s
       python3 examples/qwen3_decode.py --config "${step#qwen3:}" 2>&1 | tee "$out/qwen3-${step#qwen3:}.log" \
