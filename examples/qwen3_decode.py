@@ -180,15 +180,21 @@ def register_attention() -> None:
 
 
 @contextmanager
-def paged_attention(model):
-    """The model's attention goes through :func:`paged_attention_hook` inside the block."""
-    register_attention()
+def attention_implementation(model, name: str):
+    """The model's attention is ``transformers``' ``name`` ("sdpa", "eager", or a
+    registered function) inside the block."""
     previous = model.config._attn_implementation
-    model.config._attn_implementation = ATTENTION_NAME
+    model.config._attn_implementation = name
     try:
         yield
     finally:
         model.config._attn_implementation = previous
+
+
+def paged_attention(model):
+    """The model's attention goes through :func:`paged_attention_hook` inside the block."""
+    register_attention()
+    return attention_implementation(model, ATTENTION_NAME)
 
 
 def forward(model, input_ids, position_ids, step: StepState) -> torch.Tensor:
@@ -263,17 +269,13 @@ def hf_generate(model, prompts: list, new_tokens: list, attention: str = "sdpa")
     """``transformers``' own greedy ``generate`` (its own cache, its ``attention``
     implementation: "sdpa" or "eager"), one prompt at a time (no padding): tokens and
     per-step logits."""
-    previous = model.config._attn_implementation
-    model.config._attn_implementation = attention
     tokens, logits = [], []
-    try:
+    with attention_implementation(model, attention):
         for prompt, n in zip(prompts, new_tokens):
             out = model.generate(torch.tensor([prompt], device=model.device), max_new_tokens=n, min_new_tokens=n,
                                  do_sample=False, output_logits=True, return_dict_in_generate=True)  # fmt: skip
             tokens.append(out.sequences[0, len(prompt):].tolist())
             logits.append(torch.stack([step[0].float() for step in out.logits]))
-    finally:
-        model.config._attn_implementation = previous
     return tokens, logits
 
 
