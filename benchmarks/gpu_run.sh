@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's checks, in order: environment, the test suite on the GPU, then
 # the benchmarks named as arguments. Full logs go to $OUT (or ./gpu_out).
-#   bash benchmarks/gpu_run.sh tests tune cache schedule decode:--backends\ hip\ asm\ triton\ auto qwen3:dense \
+#   bash benchmarks/gpu_run.sh tests tune cache schedule tiles decode:--backends\ hip\ asm\ triton\ auto qwen3:dense \
 #        profile:llama3-8b,128,8192,fp8,asm ...
 # WORKLOAD (default ../shared/bench/workload.json) points at the shared grid.
 set -uo pipefail
@@ -29,6 +29,11 @@ for step in "$@"; do
       extra="${step#schedule}"
       python3 benchmarks/bench_split_schedule.py --workload "$workload" --json "$out/split_schedule.json" ${extra#:} 2>&1 \
         | tee "$out/split_schedule.log" | tail -50 || status=1 ;;
+    tiles|tiles:*)
+      # Triton's stage-1 tiles, e.g. tiles:--tiles\ own\ 128x4x2\ 64x4x2 --models\ llama3-8b
+      extra="${step#tiles}"
+      python3 benchmarks/bench_triton_tiles.py --workload "$workload" --json "$out/triton_tiles.json" ${extra#:} 2>&1 \
+        | tee "$out/triton_tiles.log" | tail -50 || status=1 ;;
     cache)
       python3 benchmarks/bench_cache_write.py --json "$out/cache_write.json" 2>&1 | tee "$out/cache_write.log" | tail -20 || status=1 ;;
     tune)

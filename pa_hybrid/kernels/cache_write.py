@@ -178,7 +178,7 @@ def _write_one(
             pattern = k_tile_offset(i[:, None], dims[None, :], BLOCK_SIZE, X)
         elif LAYOUT == 1:
             base = first_block * stride_cache_block + (first_offset // X) * (HEAD_SIZE * X)
-            pattern = v_tile_offset(i[:, None], dims[None, :], HEAD_SIZE, X)
+            pattern = v_tile_offset(i[:, None], dims[None, :], HEAD_SIZE, BLOCK_SIZE, X)
         else:
             base = first_block * stride_cache_block + first_offset
             pattern = dims[None, :] * BLOCK_SIZE + i[:, None]
@@ -189,7 +189,7 @@ def _write_one(
         if LAYOUT == 0:
             where = k_tile_offset(offset[:, None], dims[None, :], BLOCK_SIZE, X)
         elif LAYOUT == 1:
-            where = v_tile_offset(offset[:, None], dims[None, :], HEAD_SIZE, X)
+            where = v_tile_offset(offset[:, None], dims[None, :], HEAD_SIZE, BLOCK_SIZE, X)
         else:
             where = dims[None, :] * BLOCK_SIZE + offset[:, None]
         tl.store(cache + block_base + where, stored, mask=mask)

@@ -80,9 +80,13 @@ def k_tile_offset(token, dim, BLOCK_SIZE: tl.constexpr, X: tl.constexpr):
 
 
 @triton.jit
-def v_tile_offset(token, dim, HEAD_SIZE: tl.constexpr, X: tl.constexpr):
-    """Element offset of V[token, dim] inside a ``[BLOCK_SIZE // X, HEAD_SIZE, X]`` tile."""
-    return (token // X) * (HEAD_SIZE * X) + dim * X + token % X
+def v_tile_offset(token, dim, HEAD_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr, X: tl.constexpr):
+    """Element offset of V[token, dim] inside a ``[BLOCK_SIZE // X, HEAD_SIZE, X]`` tile;
+    ``token`` counts from a block boundary and may run over several blocks (only
+    ``token % BLOCK_SIZE`` matters). Written so that Triton's axis analysis sees runs of
+    X tokens as contiguous when ``token`` is an ``arange``: ``(token % BLOCK_SIZE) // X``
+    loses that, and V's loads fall back to one element each."""
+    return ((token // X) % (BLOCK_SIZE // X)) * (HEAD_SIZE * X) + dim * X + token % X
 
 
 @triton.jit

@@ -5,8 +5,11 @@ every query row of the kv head's GQA group (and every new token when ``max_qlen 
 the rows ``m = i * GQA + g`` (new token ``i``, group member ``g``) form the M dim of
 ``tl.dot`` tiles, padded to 16, so K and V are read once per group. The loop over the
 partition walks ``BLOCK_N`` tokens at a time (several cache blocks), with an online
-softmax in base 2. It writes the partial format of ``kernels/reduce.py``, or ``out``
-directly when one partition covers every context.
+softmax in base 2: whole tiles first, which load without masks so that Triton pipelines
+them (16-byte ``cp.async`` copies of the next tile's K and V in flight during a tile,
+its block ids read a tile ahead), then the ragged end as one masked tile. It writes the
+partial format of ``kernels/reduce.py``, or ``out`` directly when one partition covers
+every context.
 
 8-bit caches are widened to the query dtype (exact for e4m3 and int8) and their
 scales applied in fp32: a per-token K scale multiplies its logit column, a
@@ -28,13 +31,32 @@ SCALE_NONE, SCALE_PER_TENSOR, SCALE_PER_TOKEN = 0, 1, 2
 
 
 @triton.jit
+def _load(ptrs, mask, MASKED: tl.constexpr):
+    """``tl.load`` with ``mask`` (0 where it is off) only when the tile has a ragged end."""
+    if MASKED:
+        return tl.load(ptrs, mask=mask, other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _tile_block_ids(block_ids_ptr, start, end, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The cache block of each token of the tile at ``start`` (block 0 past ``end``'s block)."""
+    token = start + tl.arange(0, BLOCK_N)
+    block_ok = token // BLOCK_SIZE < tl.cdiv(end, BLOCK_SIZE)
+    block_id = tl.load(block_ids_ptr + token // BLOCK_SIZE, mask=block_ok, other=0)
+    # runs of BLOCK_SIZE tokens share one id: the hint lets X-token runs of V count as contiguous
+    return tl.max_constancy(block_id.to(tl.int64), BLOCK_SIZE)
+
+
+@triton.jit
 def _decode_tile(
     q,  # [M, HEAD_SIZE] in DOT_DTYPE
     acc,
     row_max,
     row_sum,
     start,
-    block_ids_ptr,  # this sequence's row of the block table
+    block_id,  # [BLOCK_N] int64: each token's cache block
     k_head_ptr,  # K + kv_head * stride_k_head
     v_head_ptr,
     k_scale_head_ptr,  # per-token scales + kv_head * stride_scale_head
@@ -51,28 +73,28 @@ def _decode_tile(
     X: tl.constexpr,
     SCALES: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
+    MASKED: tl.constexpr,  # the tile may run past ``end``; else every token is before it
 ):
-    """Online-softmax update with tokens [start, start + BLOCK_N); ``start`` is block aligned."""
+    """Online-softmax update with tokens [start, start + BLOCK_N); ``start`` is block aligned.
+
+    Unmasked tiles load with no mask at all: that is what lets Triton's pipeliner turn the
+    K and V loads into 16-byte ``cp.async`` copies (a mask that varies within a 16-byte
+    run of V's tokens splits its loads into single elements). A masked tile reads whole
+    cache blocks (the block holding token ``end - 1`` is allocated) and zeroes V past
+    ``end`` after the load: stale values may be NaN, and 0 * NaN is NaN."""
     n = tl.arange(0, BLOCK_N)
     dim = tl.arange(0, HEAD_SIZE)
     token = start + n
     token_ok = token < end
+    block_ok = token // BLOCK_SIZE < tl.cdiv(end, BLOCK_SIZE)
     in_block = n % BLOCK_SIZE
-    # each token looks up its block; runs of BLOCK_SIZE tokens share one id, which the
-    # hint passes on so that X-token runs of V count as contiguous
-    block_id = tl.load(block_ids_ptr + token // BLOCK_SIZE, mask=token_ok, other=0)
-    block_id = tl.max_constancy(block_id.to(tl.int64), BLOCK_SIZE)
 
     # K as [BLOCK_N, HEAD_SIZE]: X dims of a token are 16 contiguous bytes
-    k = tl.load(
-        k_head_ptr + block_id[:, None] * stride_k_block + k_tile_offset(in_block[:, None], dim[None, :], BLOCK_SIZE, X),
-        mask=token_ok[:, None],
-        other=0.0,
-    )
+    k_offs = block_id[:, None] * stride_k_block + k_tile_offset(in_block[:, None], dim[None, :], BLOCK_SIZE, X)
+    k = _load(k_head_ptr + k_offs, token_ok[:, None], MASKED)
     s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)))  # [M, BLOCK_N] fp32
     if SCALES == 2:
-        k_sc = tl.load(k_scale_head_ptr + block_id * stride_scale_block + in_block, mask=token_ok, other=0.0)
-        s = s * k_sc[None, :]
+        s = s * _load(k_scale_head_ptr + block_id * stride_scale_block + in_block, token_ok, MASKED)[None, :]
     s = s * qk_scale
     s = tl.where(token[None, :] < visible[:, None], s, float("-inf"))
     new_max = tl.maximum(row_max, tl.max(s, axis=1))
@@ -83,15 +105,13 @@ def _decode_tile(
     row_sum = row_sum * alpha + tl.sum(p, axis=1)
 
     # V as [HEAD_SIZE, BLOCK_N]: X tokens of a dim are 16 contiguous bytes
-    v_t = tl.load(
-        v_head_ptr + block_id[None, :] * stride_v_block + v_tile_offset(in_block[None, :], dim[:, None], HEAD_SIZE, X),
-        mask=token_ok[None, :],
-        other=0.0,
-    )
+    v_offs = block_id[None, :] * stride_v_block + v_tile_offset(n[None, :], dim[:, None], HEAD_SIZE, BLOCK_SIZE, X)
+    v_t = _load(v_head_ptr + v_offs, block_ok[None, :], MASKED).to(DOT_DTYPE)
+    if MASKED:
+        v_t = tl.where(token_ok[None, :], v_t, 0.0)
     if SCALES == 2:
-        v_sc = tl.load(v_scale_head_ptr + block_id * stride_scale_block + in_block, mask=token_ok, other=0.0)
-        p = p * v_sc[None, :]
-    acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), tl.trans(v_t.to(DOT_DTYPE)))
+        p = p * _load(v_scale_head_ptr + block_id * stride_scale_block + in_block, token_ok, MASKED)[None, :]
+    acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), tl.trans(v_t))
     return acc, new_max, row_sum
 
 
@@ -179,13 +199,27 @@ def _paged_decode_kernel(
         acc = tl.zeros([M, HEAD_SIZE], dtype=tl.float32)
         row_max = tl.full([M], float("-inf"), dtype=tl.float32)
         row_sum = tl.zeros([M], dtype=tl.float32)
-        for tile_start in range(start, end, BLOCK_N):
+        # whole tiles first, without masks (so that they pipeline), then the ragged end
+        whole_end = start + (end - start) // BLOCK_N * BLOCK_N
+        block_id = _tile_block_ids(block_ids_ptr, start, end, BLOCK_SIZE, BLOCK_N)
+        for tile_start in range(start, whole_end, BLOCK_N):
+            # the next tile's block ids are read a tile ahead
+            next_block_id = _tile_block_ids(block_ids_ptr, tile_start + BLOCK_N, end, BLOCK_SIZE, BLOCK_N)
             acc, row_max, row_sum = _decode_tile(
                 q, acc, row_max, row_sum, tile_start,
-                block_ids_ptr, k_head_ptr, v_head_ptr, k_scale_head_ptr, v_scale_head_ptr,
+                block_id, k_head_ptr, v_head_ptr, k_scale_head_ptr, v_scale_head_ptr,
                 stride_k_block, stride_v_block, stride_scale_block,
                 end, visible, qk_scale,
-                HEAD_SIZE, BLOCK_SIZE, BLOCK_N, X, SCALES, DOT_DTYPE,
+                HEAD_SIZE, BLOCK_SIZE, BLOCK_N, X, SCALES, DOT_DTYPE, False,
+            )  # fmt: skip
+            block_id = next_block_id
+        if whole_end < end:
+            acc, row_max, row_sum = _decode_tile(
+                q, acc, row_max, row_sum, whole_end,
+                block_id, k_head_ptr, v_head_ptr, k_scale_head_ptr, v_scale_head_ptr,
+                stride_k_block, stride_v_block, stride_scale_block,
+                end, visible, qk_scale,
+                HEAD_SIZE, BLOCK_SIZE, BLOCK_N, X, SCALES, DOT_DTYPE, True,
             )  # fmt: skip
 
         if SCALES == 1:
@@ -222,20 +256,22 @@ def _paged_decode_kernel(
 
 
 def decode_tile_config(head_size: int, block_size: int, warp_size: int = 32) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages). Measured on an H100 (benchmarks/RESULTS.md):
-    128-token tiles with 4 warps and 2 stages were the best or within 2% of it on
-    every bulk bf16 shape; 8 warps lost 20-30% (the M=16 rows leave them idle).
+    """(BLOCK_N, num_warps, num_stages).
 
-    Those tiles do not carry over to a wave64 GPU (AMD CDNA). Compiled for gfx942
-    (``python -m pa_hybrid.aot``) they took up to 398 VGPRs with Triton 3.9 and 484 with
-    3.6 (one wave per SIMD) and spilled in most 8-bit variants of the benchmark's shapes;
-    so did 2 warps (128 threads, as on the H100) with 128- or 64-token tiles under one of
-    the two versions. Quarter tiles in one stage spill under neither, in at most 156
-    VGPRs (three waves per SIMD). Not timed on an AMD GPU."""
-    block_n = 64 if head_size >= 256 else 128
+    32-lane GPUs: tiles of 16 KB of K and 16 KB of V in 16-bit (64 tokens at head size 128),
+    4 warps (the M = 16 query rows leave more idle), 3 stages: the pipeliner then keeps the
+    next tile's K and V copies in flight while a tile is computed (it double-buffers; with
+    2 stages it issues them only after the tile's last use of its buffer). Compiled for
+    sm_90a under Triton 3.6 and 3.9 (``python -m pa_hybrid.aot``): at most 168 registers
+    and 70 KB of shared memory at head size 128, so three programs fit on an SM. Chosen from
+    that analysis, not yet timed: ``benchmarks/bench_triton_tiles.py`` compares tiles.
+
+    Wave64 GPUs (AMD CDNA): 128-token tiles took up to 398 VGPRs with Triton 3.9 and 484
+    with 3.6 (one wave per SIMD) and spilled in most 8-bit variants; quarter tiles in one
+    stage spill under neither (gfx942). Not timed on an AMD GPU."""
     if warp_size == 32:
-        return max(block_n, block_size), 4, 2
-    return max(block_n // 4, block_size), 4, 1
+        return max(8192 // head_size, block_size), 4, 3
+    return max(16 if head_size >= 256 else 32, block_size), 4, 1
 
 
 def launch_paged_decode(

@@ -45,7 +45,7 @@ def _tile_offset(
     elif LAYOUT == 1:  # SHUFFLED_K
         offset = k_tile_offset(token, dim, BLOCK_SIZE, X)
     else:  # SHUFFLED_V
-        offset = v_tile_offset(token, dim, HEAD_SIZE, X)
+        offset = v_tile_offset(token, dim, HEAD_SIZE, BLOCK_SIZE, X)
     return offset
 
 
