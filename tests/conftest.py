@@ -8,7 +8,10 @@ API, FlashInfer) say so with :func:`requires_nvidia`; a forced backend that cann
 a call is skipped with the backend's own reason (:func:`skip_if_unsupported`).
 """
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import torch
 
@@ -114,3 +117,18 @@ def unsupported_reason(backend: str, case: dict) -> str | None:
         scratchless.pop(name, None)
     call = build_call(**scratchless)
     return dispatch.unavailable_reason(backend, call.key)
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(path):
+    """Import a script (``benchmarks/...``, ``examples/...``: relative to the repository, or
+    a Path) as a module named after its file, registered in ``sys.modules`` (dataclasses look
+    their module up there)."""
+    path = REPO_ROOT / path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -8,10 +8,8 @@ torch the "asm" slot is aiter's backend (test_aiter_code_objects.py): the GPU te
 here name PTX kernels, so there they are skipped with its reason."""
 
 import ctypes
-import importlib.util
 import re
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -24,16 +22,12 @@ from pa_hybrid.runtime.env import asm_dir, find_tool
 from pa_hybrid.runtime.usage import parse_ptxas_report
 from pa_hybrid.testing import make_decode_case
 
-from conftest import requires_gpu
+from conftest import load_script, requires_gpu
 from test_paged_attention_common import check_against_reference
 
 
 def _generator():
-    spec = importlib.util.spec_from_file_location("asm_generate", asm_dir() / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script(asm_dir() / "generate.py")
 
 
 GENERATE = _generator()

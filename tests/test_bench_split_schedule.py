@@ -1,10 +1,6 @@
 """benchmarks/bench_split_schedule.py: the schedules it times are the ones it names
 (checked with the Triton backend, which runs under the CPU interpreter too)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -13,18 +9,12 @@ from pa_hybrid.backends.base import sm_count
 from pa_hybrid.backends.triton import BACKEND as TRITON
 from pa_hybrid.testing import make_decode_case
 
-from conftest import skip_if_unsupported
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_split_schedule.py"
+from conftest import load_script, skip_if_unsupported
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_split_schedule", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_split_schedule.py")
 
 
 @pytest.mark.parametrize("name, partition", [("static", None), ("static-256", 256), ("static-1024", 1024)])

@@ -3,9 +3,6 @@ every tile stays right, whole tiles and ragged ends alike (under the CPU interpr
 only the tokens per tile matter; warps and stages are the compiler's)."""
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,19 +11,13 @@ from pa_hybrid import paged_attention_common, reference_paged_attention
 from pa_hybrid.kernels import decode
 from pa_hybrid.testing import make_decode_case
 
-from conftest import skip_if_unsupported
+from conftest import load_script, skip_if_unsupported
 from test_paged_attention_common import poison_unused_slots
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_triton_tiles.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_triton_tiles", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_triton_tiles.py")
 
 
 @pytest.mark.parametrize("tile, launched", [("16x4x1", (16, 4, 1)), ("32x4x3", (32, 4, 3)), ("128x8x2", (128, 8, 2))])

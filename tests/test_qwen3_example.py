@@ -2,27 +2,17 @@
 (paged cache, per-sequence prefill, batched decode with sequences leaving the batch)
 must generate exactly the tokens of transformers' own greedy ``generate``."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-from conftest import DEVICE
+from conftest import DEVICE, load_script
 
 pytest.importorskip("transformers")
-
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "qwen3_decode.py"
 
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("qwen3_decode", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/qwen3_decode.py")
 
 
 @pytest.fixture(scope="module")

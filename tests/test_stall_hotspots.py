@@ -1,11 +1,9 @@
 """benchmarks/stall_hotspots.py on a source-page CSV laid out as Nsight Compute writes it."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "stall_hotspots.py"
+from conftest import load_script
+
 
 CSV = """==PROF== Connected to process 1234
 "Address","Source","Warp Stall Sampling (All Samples)","Warp Stall Sampling (Not-issued Samples)","Instructions Executed"
@@ -19,10 +17,7 @@ CSV = """==PROF== Connected to process 1234
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("stall_hotspots", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/stall_hotspots.py")
 
 
 def test_samples_per_instruction_and_per_opcode(script, tmp_path):
