@@ -78,22 +78,28 @@ PA_DEVICE float shfl_xor(float v, int mask) { return __shfl_xor_sync(0xffffffffu
 PA_DEVICE void warp_sync() { __syncwarp(); }
 PA_DEVICE float fast_exp2(float x) { return exp2f(x); }
 
-// Two adjacent 8-bit cache values (low byte first) -> a packed 16-bit pair of the query type.
-// e4m3 -> f16 is exact and one instruction on sm_89+; int8 -> f16/bf16 is exact.
-template <int KV_KIND, bool IS_BF16> PA_DEVICE unsigned widen2(unsigned short v) {
+// Four adjacent 8-bit cache values (a 32-bit word, low byte first) -> the packed 16-bit pairs
+// of the query type of bytes 0-1 (lo) and 2-3 (hi); exact. e4m3 -> f16 is one instruction per
+// pair on sm_89+. int8 bytes are sign-extended where they sit, by shifts: extracting each byte
+// first took up to 30 more registers (and spills) in head-256 variants.
+template <int KV_KIND, bool IS_BF16> PA_DEVICE void widen4(unsigned v, unsigned& lo, unsigned& hi) {
   using Q = q16<IS_BF16>;
   if constexpr (KV_KIND == KV_FP8_E4M3) {
-    __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(v), __NV_E4M3);
-    if constexpr (IS_BF16) {
-      float2 f = __half22float2(*reinterpret_cast<__half2*>(&h));
-      return as_u32(Q::from_floats(f.x, f.y));
-    } else {
-      return *reinterpret_cast<unsigned*>(&h);
-    }
+    auto pair = [](unsigned short bytes) {
+      __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(bytes), __NV_E4M3);
+      if constexpr (IS_BF16) {
+        float2 f = __half22float2(*reinterpret_cast<__half2*>(&h));
+        return as_u32(Q::from_floats(f.x, f.y));
+      } else {
+        return *reinterpret_cast<unsigned*>(&h);
+      }
+    };
+    lo = pair(static_cast<unsigned short>(v));
+    hi = pair(static_cast<unsigned short>(v >> 16));
   } else {
-    const signed char lo = static_cast<signed char>(v & 0xff);
-    const signed char hi = static_cast<signed char>(v >> 8);
-    return as_u32(Q::from_floats(static_cast<float>(lo), static_cast<float>(hi)));
+    auto byte = [v](int shift) { return static_cast<float>(static_cast<int>(v << shift) >> 24); };  // byte (24 - shift) / 8
+    lo = as_u32(Q::from_floats(byte(24), byte(16)));
+    hi = as_u32(Q::from_floats(byte(8), byte(0)));
   }
 }
 

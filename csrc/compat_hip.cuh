@@ -172,5 +172,10 @@ template <int KV_KIND, bool IS_BF16> PA_DEVICE unsigned widen2(unsigned short v)
     return as_u32(Q::from_floats(static_cast<float>(lo), static_cast<float>(hi)));
   }
 }
+// Four adjacent 8-bit cache values (one 32-bit word) -> the packed pairs of bytes 0-1 and 2-3.
+template <int KV_KIND, bool IS_BF16> PA_DEVICE void widen4(unsigned v, unsigned& lo, unsigned& hi) {
+  lo = widen2<KV_KIND, IS_BF16>(static_cast<unsigned short>(v));
+  hi = widen2<KV_KIND, IS_BF16>(static_cast<unsigned short>(v >> 16));
+}
 
 }  // namespace pa

@@ -22,8 +22,16 @@
 //                      of S = Q K^T (k = dims, n = tokens): ldmatrix, rows contiguous.
 //   V [BS/X][HEAD][X]: the 16 bytes of (token group g, dim d) are row d of an 8x8 B-matrix
 //                      of O = P V (k = tokens, n = dims): ldmatrix again.
-// 8-bit caches (X = 16) build the same fragments from two 16-bit shared loads per register
-// and widen them (compat.cuh's widen2). Per-tensor scales fold into the softmax scale (K)
+// 8-bit caches (X = 16): the same rows hold 16 one-byte values, and lane (4 g + t) reads
+// bytes 4t..4t+3 of row g with one 4-byte shared load (as ldmatrix would deliver them),
+// which widen (compat.cuh's widen4) into a B fragment pair whose k order is permuted: k
+// slots (2t, 2t+1) hold elements 4t, 4t+1 and slots (2t+8, 2t+9) hold 4t+2, 4t+3. The other
+// operand follows: Q K^T's k is the head dim, so Q's dims sit in that order in shared memory
+// (q_word_slot); P V's k is the token, so K's tokens are placed in the ring so that S's
+// columns come out in it (k_ring_row), and P's A fragments, taken from S's accumulators as
+// for 16-bit caches, match V's B fragments. (Two 2-byte loads per pair, in natural order,
+// took twice the shared loads; ldmatrix_x4, a quarter of them, spilled in variants at the
+// edge of the register file.) Per-tensor scales fold into the softmax scale (K)
 // and the final normalization (V); per-token scales ride in each ring stage behind the V
 // tile: K's multiplies its logit column after Q K^T, V's folds into P before P V (the
 // softmax sum stays unscaled).
@@ -105,6 +113,14 @@ struct SplitKvConfig {  // restated by hip.py's kernel_config; the same test che
   static_assert(SMEM_BYTES <= SMEM_PER_CTA, "more shared memory than one CTA may have");
 };
 
+// 8-bit caches: the ring row of token u of a K tile's dim chunk (rows of a 16-token group
+// stay in the group), so that column pair (2t, 2t+1) of S's n-tile 2h + s holds tokens
+// 16 h + 4t + 2s and +1 (column_token in decode_span).
+constexpr int k_ring_row(int u) { return (u & ~15) + 8 * ((u >> 1) & 1) + 2 * ((u & 15) >> 2) + (u & 1); }
+// 8-bit caches: the shared-memory word (2 dims) of the query's word w (dims 2w, 2w + 1): in
+// each 16-dim chunk, dims 4t, 4t+1 go to word t and dims 4t+2, 4t+3 to word 4 + t.
+constexpr int q_word_slot(int w) { return (w & ~7) + ((w & 1) ? 4 : 0) + ((w & 7) >> 1); }
+
 // The CTA's dynamic shared memory: 16 query rows, then the rings (see split_kv_smem_bytes).
 extern __shared__ __align__(128) unsigned char smem[];
 
@@ -182,7 +198,9 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
     unsigned char* ks = my_ring + (j % C::STAGES) * C::STAGE;
 #pragma unroll
     for (int off = lane * 16; off < C::KV_TILE; off += 512) {
-      cp_async_16(ks + off, kg + off);
+      int k_dst = off;  // 8-bit: row c * BS + u (dim chunk c, token u) goes to k_ring_row(u)
+      if constexpr (KV_KIND != KV_16BIT) k_dst = (off / 16 / BS * BS + k_ring_row(off / 16 % BS)) * 16;
+      cp_async_16(ks + k_dst, kg + off);
       cp_async_16(ks + C::KV_TILE + off, vg + off);
     }
     if constexpr (C::SCALES > 0) {
@@ -214,7 +232,8 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
         const bool valid = m < rows && i < num_new;
         const qt* q = static_cast<const qt*>(p.q);
         if (valid) q += (first_row + i) * p.stride_q_row + (kv_head * gqa + m % gqa) * p.stride_q_head + 2 * w;
-        cp_async_4_or_zero(q_s + m * C::Q_STRIDE + 2 * w, q, valid);
+        const int slot = KV_KIND == KV_16BIT ? w : q_word_slot(w);
+        cp_async_4_or_zero(q_s + m * C::Q_STRIDE + 2 * slot, q, valid);
       }
     }
     cp_async_commit();
@@ -263,22 +282,25 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
       } else {
 #pragma unroll
         for (int nt = 0; nt < C::NT; ++nt) {
-          const unsigned char* row = ks + (kstep * BS + nt * 8 + lane / 4) * 16 + (lane % 4) * 2;
-          const unsigned b0 = widen2<KV_KIND, IS_BF16>(*reinterpret_cast<const unsigned short*>(row));
-          const unsigned b1 = widen2<KV_KIND, IS_BF16>(*reinterpret_cast<const unsigned short*>(row + 8));
+          unsigned b0, b1;
+          widen4<KV_KIND, IS_BF16>(*reinterpret_cast<const unsigned*>(ks + (kstep * BS + nt * 8 + lane / 4) * 16 + (lane % 4) * 4), b0, b1);
           mma_16816<IS_BF16>(s[nt], a, b0, b1);
         }
       }
     }
+    // the block's token (from token0) of the first of this lane's two columns of n-tile nt
+    auto column_token = [&](int nt) {
+      return KV_KIND == KV_16BIT ? nt * 8 + (lane % 4) * 2 : (nt / 2) * 16 + (lane % 4) * 4 + (nt % 2) * 2;
+    };
 
-    // this lane's tokens' per-token scales (1 otherwise): columns 2 (lane % 4) and +1 of each n-tile
+    // this lane's tokens' per-token scales (1 otherwise): its two columns of each n-tile
     float2 k_tok[C::NT], v_tok[C::NT];
 #pragma unroll
     for (int nt = 0; nt < C::NT; ++nt) {
       k_tok[nt] = v_tok[nt] = make_float2(1.f, 1.f);
       if constexpr (C::SCALES > 0) {
         if (per_token) {
-          const float* scales = reinterpret_cast<const float*>(vs + C::KV_TILE) + nt * 8 + (lane % 4) * 2;
+          const float* scales = reinterpret_cast<const float*>(vs + C::KV_TILE) + column_token(nt);
           k_tok[nt] = *reinterpret_cast<const float2*>(scales);
           v_tok[nt] = *reinterpret_cast<const float2*>(scales + BS);
         }
@@ -289,7 +311,7 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
     float block_max0 = PA_NEG_INF, block_max1 = PA_NEG_INF;
 #pragma unroll
     for (int nt = 0; nt < C::NT; ++nt) {
-      const int t = token0 + nt * 8 + (lane % 4) * 2;
+      const int t = token0 + column_token(nt);
       const float f0 = qk_scale * k_tok[nt].x, f1 = qk_scale * k_tok[nt].y;
       s[nt][0] = t < limit0 ? s[nt][0] * f0 : PA_NEG_INF;
       s[nt][1] = t + 1 < limit0 ? s[nt][1] * f1 : PA_NEG_INF;
@@ -351,9 +373,8 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
       } else {
 #pragma unroll
         for (int dt = 0; dt < HEAD / 8; ++dt) {
-          const unsigned char* row = vs + (kt * HEAD + dt * 8 + lane / 4) * 16 + (lane % 4) * 2;
-          const unsigned b0 = widen2<KV_KIND, IS_BF16>(*reinterpret_cast<const unsigned short*>(row));
-          const unsigned b1 = widen2<KV_KIND, IS_BF16>(*reinterpret_cast<const unsigned short*>(row + 8));
+          unsigned b0, b1;
+          widen4<KV_KIND, IS_BF16>(*reinterpret_cast<const unsigned*>(vs + (kt * HEAD + dt * 8 + lane / 4) * 16 + (lane % 4) * 4), b0, b1);
           mma_16816<IS_BF16>(o[dt], a, b0, b1);
         }
       }

@@ -86,6 +86,7 @@ SIMULATED_VARIANTS = [  # (q dtype, kv dtype, head, block, wide, scales, gqa, ql
     (torch.bfloat16, torch.bfloat16, 128, 16, False, "none", 16, 1),
     (torch.float16, torch.float8_e4m3fn, 64, 32, True, "per_token", 5, 3),
     (torch.bfloat16, torch.int8, 128, 16, False, "per_tensor", 3, 1),
+    (torch.bfloat16, torch.float8_e4m3fn, 128, 16, False, "per_token", 8, 2),
 ]
 
 
