@@ -202,7 +202,8 @@ def _device_answers(target: Target, sms: int, dependent: bool):
 
     with mock.patch.object(base, "sm_count", lambda *_: sms), \
          mock.patch.object(reduce, "dependent_launch_ok", lambda _: dependent), \
-         mock.patch.object(decode, "warp_size_of", lambda _: target.warp_size):  # fmt: skip
+         mock.patch.object(decode, "warp_size_of", lambda _: target.warp_size), \
+         mock.patch.object(decode, "nvidia_device", lambda _: target.backend == "cuda"):  # fmt: skip
         yield
 
 

@@ -46,9 +46,9 @@ def test_launches_see_the_target_device():
     def variants(target, kernel):
         return [v for v in aot.enumerate_variants(aot.TARGETS[target]) if v.kernel.endswith(kernel)]
 
-    def decode_tiles(target):
+    def decode_tiles(target):  # and whether e4m3 widens to bf16 through fp32 (NVIDIA only)
         decode = variants(target, "_paged_decode_kernel")
-        return {(dict(v.constexprs)["BLOCK_N"], dict(v.options)["num_stages"]) for v in decode}
+        return {(dict(v.constexprs)["BLOCK_N"], dict(v.options)["num_stages"], dict(v.constexprs)["FP8_VIA_FP32"]) for v in decode}
 
     def waits_for_stage1(target):
         return {dict(v.options).get("launch_pdl", False) for v in variants(target, "_split_kv_reduce_kernel")}
@@ -56,8 +56,8 @@ def test_launches_see_the_target_device():
     def reduce_schedules(target):
         return {dict(v.constexprs)["BALANCED"] for v in variants(target, "_split_kv_reduce_kernel")}
 
-    assert decode_tiles("gfx942") == {(32, 1)}
-    assert decode_tiles("sm_90a") == {(64, 3)}
+    assert decode_tiles("gfx942") == {(32, 1, False)}
+    assert decode_tiles("sm_90a") == {(64, 3, True)}
     assert reduce_schedules("gfx942") == {False}  # hip builds the balanced one for NVIDIA only
     assert reduce_schedules("sm_90a") == {False, True}
     assert waits_for_stage1("gfx942") == {False}

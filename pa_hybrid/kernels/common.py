@@ -51,6 +51,11 @@ def _capability(device_index: int) -> tuple:
     return torch.cuda.get_device_capability(device_index)
 
 
+def nvidia_device(device: torch.device) -> bool:
+    """A GPU of NVIDIA's (not an AMD GPU under a ROCm build of torch, not the CPU)."""
+    return device.type == "cuda" and torch.version.hip is None
+
+
 def warp_size_of(device: torch.device) -> int:
     """Threads per warp on ``device``: 64 on AMD CDNA GPUs (wavefronts), 32 on NVIDIA and
     AMD RDNA GPUs, and taken as 32 under the interpreter (where nothing depends on it)."""

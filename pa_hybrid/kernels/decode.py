@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import dot_dtype, k_tile_offset, v_tile_offset, visible_tokens, warp_size_of
+from .common import dot_dtype, k_tile_offset, nvidia_device, v_tile_offset, visible_tokens, warp_size_of
 
 LOG2E = 1.4426950408889634
 
@@ -37,6 +37,18 @@ def _load(ptrs, mask, MASKED: tl.constexpr):
         return tl.load(ptrs, mask=mask, other=0.0)
     else:
         return tl.load(ptrs)
+
+
+@triton.jit
+def _widen(x, DOT_DTYPE: tl.constexpr, FP8_VIA_FP32: tl.constexpr):
+    """Cache values as ``DOT_DTYPE`` (exact). On NVIDIA GPUs e4m3 -> bf16 goes through fp32:
+    converted directly, Triton widens each element on its own on sm_90's slow conversion unit
+    (F2F); through fp32 it is one packed e4m3x2 -> f16x2, two f16 -> f32 and one packed
+    f32x2 -> bf16x2 per pair, none of them on that unit. (On gfx942 the detour only added
+    registers: up to 212 VGPRs, and a spill under Triton 3.9.)"""
+    if FP8_VIA_FP32 and x.dtype.is_fp8() and DOT_DTYPE == tl.bfloat16:
+        return x.to(tl.float32).to(DOT_DTYPE)
+    return x.to(DOT_DTYPE)
 
 
 @triton.jit
@@ -73,6 +85,7 @@ def _decode_tile(
     X: tl.constexpr,
     SCALES: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
+    FP8_VIA_FP32: tl.constexpr,
     MASKED: tl.constexpr,  # the tile may run past ``end``; else every token is before it
 ):
     """Online-softmax update with tokens [start, start + BLOCK_N); ``start`` is block aligned.
@@ -92,7 +105,7 @@ def _decode_tile(
     # K as [BLOCK_N, HEAD_SIZE]: X dims of a token are 16 contiguous bytes
     k_offs = block_id[:, None] * stride_k_block + k_tile_offset(in_block[:, None], dim[None, :], BLOCK_SIZE, X)
     k = _load(k_head_ptr + k_offs, token_ok[:, None], MASKED)
-    s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)))  # [M, BLOCK_N] fp32
+    s = tl.dot(q, tl.trans(_widen(k, DOT_DTYPE, FP8_VIA_FP32)))  # [M, BLOCK_N] fp32
     if SCALES == 2:
         s = s * _load(k_scale_head_ptr + block_id * stride_scale_block + in_block, token_ok, MASKED)[None, :]
     s = s * qk_scale
@@ -106,7 +119,7 @@ def _decode_tile(
 
     # V as [HEAD_SIZE, BLOCK_N]: X tokens of a dim are 16 contiguous bytes
     v_offs = block_id[None, :] * stride_v_block + v_tile_offset(n[None, :], dim[:, None], HEAD_SIZE, BLOCK_SIZE, X)
-    v_t = _load(v_head_ptr + v_offs, block_ok[None, :], MASKED).to(DOT_DTYPE)
+    v_t = _widen(_load(v_head_ptr + v_offs, block_ok[None, :], MASKED), DOT_DTYPE, FP8_VIA_FP32)
     if MASKED:
         v_t = tl.where(token_ok[None, :], v_t, 0.0)
     if SCALES == 2:
@@ -157,6 +170,7 @@ def _paged_decode_kernel(
     WRITE_OUT: tl.constexpr,  # one partition covers every context: write out, skip stage 2
     BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr,  # operand dtype of tl.dot (the query dtype on GPUs)
+    FP8_VIA_FP32: tl.constexpr,  # widen e4m3 to bf16 through fp32 (NVIDIA GPUs, see _widen)
 ):
     part = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -210,7 +224,7 @@ def _paged_decode_kernel(
                 block_id, k_head_ptr, v_head_ptr, k_scale_head_ptr, v_scale_head_ptr,
                 stride_k_block, stride_v_block, stride_scale_block,
                 end, visible, qk_scale,
-                HEAD_SIZE, BLOCK_SIZE, BLOCK_N, X, SCALES, DOT_DTYPE, False,
+                HEAD_SIZE, BLOCK_SIZE, BLOCK_N, X, SCALES, DOT_DTYPE, FP8_VIA_FP32, False,
             )  # fmt: skip
             block_id = next_block_id
         if whole_end < end:
@@ -219,7 +233,7 @@ def _paged_decode_kernel(
                 block_id, k_head_ptr, v_head_ptr, k_scale_head_ptr, v_scale_head_ptr,
                 stride_k_block, stride_v_block, stride_scale_block,
                 end, visible, qk_scale,
-                HEAD_SIZE, BLOCK_SIZE, BLOCK_N, X, SCALES, DOT_DTYPE, True,
+                HEAD_SIZE, BLOCK_SIZE, BLOCK_N, X, SCALES, DOT_DTYPE, FP8_VIA_FP32, True,
             )  # fmt: skip
 
         if SCALES == 1:
@@ -354,6 +368,7 @@ def launch_paged_decode(
         WRITE_OUT=write_out,
         BLOCK_N=block_n,
         DOT_DTYPE=dot_dtype(Q.dtype),
+        FP8_VIA_FP32=nvidia_device(Q.device),
         num_warps=num_warps,
         num_stages=num_stages,
     )
