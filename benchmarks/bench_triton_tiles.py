@@ -30,6 +30,12 @@ def parse_tile(name: str) -> tuple[int, int, int] | None:
     return block_n, warps, stages
 
 
+def tile_name(name: str) -> str:
+    """argparse's check of a ``--tiles`` value."""
+    parse_tile(name)
+    return name
+
+
 @contextlib.contextmanager
 def decode_tile(name: str):
     """Calls made inside launch the Triton stage 1 with tile ``name`` (never fewer tokens
@@ -50,10 +56,8 @@ def decode_tile(name: str):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_case_options(parser)
-    parser.add_argument("--tiles", nargs="+", default=[OWN, "64x4x2", "128x4x2", "128x4x3", "32x4x3"])
+    parser.add_argument("--tiles", nargs="+", type=tile_name, default=[OWN, "64x4x2", "128x4x2", "128x4x3", "32x4x3"])
     args = parser.parse_args()
-    for name in args.tiles:
-        parse_tile(name)
     variants = {f"triton/{name}": ("triton", partial(decode_tile, name)) for name in args.tiles}
     compare_variants(args, variants, meta=dict(tiles=args.tiles))
 
