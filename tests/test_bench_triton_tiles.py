@@ -28,11 +28,11 @@ def test_named_tile_is_launched_and_right(bench, device, monkeypatch, tile, laun
     case = make_decode_case([0, 1, 15, 16, 17, 64, 127, 300], num_heads=8, num_kv_heads=2, kv_dtype=kv_dtype, device=device)
     skip_if_unsupported("triton", case)
     poison_unused_slots(case)
-    own = decode.decode_tile_config(128, 16)
+    own = decode.decode_tile_config(128, 16, 2)
     seen = []
     launch = decode.launch_paged_decode
     monkeypatch.setattr(
-        decode, "launch_paged_decode", lambda *a, **k: seen.append(decode.decode_tile_config(128, 16)) or launch(*a, **k)
+        decode, "launch_paged_decode", lambda *a, **k: seen.append(decode.decode_tile_config(128, 16, 2)) or launch(*a, **k)
     )
     # the backend module imported the launcher by name
     monkeypatch.setattr("pa_hybrid.backends.triton.launch_paged_decode", decode.launch_paged_decode)
@@ -41,7 +41,7 @@ def test_named_tile_is_launched_and_right(bench, device, monkeypatch, tile, laun
     assert seen == [launched]
     assert not torch.isnan(out).any()
     torch.testing.assert_close(out.float(), reference_paged_attention(**case), rtol=3e-2, atol=3e-2)
-    assert decode.decode_tile_config(128, 16) == own  # the override ends with the block
+    assert decode.decode_tile_config(128, 16, 2) == own  # the override ends with the block
 
 
 def test_own_tile_and_bad_names(bench):

@@ -41,7 +41,7 @@ def test_launches_see_the_target_device():
     """The launchers' device questions are answered for the target: the wave64 decode tiles
     (32 tokens, one stage) on gfx942, where no reduce waits for stage 1 (ROCm has no
     programmatic dependent launch) and only the static split-KV schedule runs; the
-    32-lane tiles (64 tokens, three stages) on sm_90a, whose reduce comes both ways, after the hip backend's
+    32-lane tiles (128 tokens; one stage for 16-bit caches, three for 8-bit) on sm_90a, whose reduce comes both ways, after the hip backend's
     balanced stage 1 too (Triton's stage 1 is static only)."""
     def variants(target, kernel):
         return [v for v in aot.enumerate_variants(aot.TARGETS[target]) if v.kernel.endswith(kernel)]
@@ -57,7 +57,7 @@ def test_launches_see_the_target_device():
         return {dict(v.constexprs)["BALANCED"] for v in variants(target, "_split_kv_reduce_kernel")}
 
     assert decode_tiles("gfx942") == {(32, 1, False)}
-    assert decode_tiles("sm_90a") == {(64, 3, True)}
+    assert decode_tiles("sm_90a") == {(128, 1, True), (128, 3, True)}
     assert reduce_schedules("gfx942") == {False}  # hip builds the balanced one for NVIDIA only
     assert reduce_schedules("sm_90a") == {False, True}
     assert waits_for_stage1("gfx942") == {False}

@@ -271,22 +271,21 @@ def _paged_decode_kernel(
         tl.store(out_ptr + o_offs, tl.zeros([M, HEAD_SIZE], dtype=out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-def decode_tile_config(head_size: int, block_size: int, warp_size: int = 32) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages).
+def decode_tile_config(head_size: int, block_size: int, kv_bytes: int, warp_size: int = 32) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) for a cache of ``kv_bytes``-byte elements.
 
-    32-lane GPUs: tiles of 16 KB of K and 16 KB of V in 16-bit (64 tokens at head size 128),
-    4 warps (the M = 16 query rows leave more idle), 3 stages: the pipeliner then keeps the
-    next tile's K and V copies in flight while a tile is computed (it double-buffers; with
-    2 stages it issues them only after the tile's last use of its buffer). Compiled for
-    sm_90a under Triton 3.6 and 3.9 (``python -m pa_hybrid.aot``): at most 168 registers
-    and 70 KB of shared memory at head size 128, so three programs fit on an SM. Chosen from
-    that analysis, not yet timed: ``benchmarks/bench_triton_tiles.py`` compares tiles.
+    32-lane GPUs: 128-token tiles at head size 128, 4 warps (the M = 16 query rows leave more
+    idle). 8-bit caches: 3 stages, so the pipeliner keeps the next tile's K and V copies in
+    flight while a tile is widened and computed. 16-bit caches: 1 stage (plain loads into
+    registers), which timed faster than 2 or 3 stages and than 32- or 64-token tiles on the
+    H200 (RESULTS 24: 128x4x1 47-51% of the floor on the bulk cases, 128x4x3 43-47%, 64x4x3
+    43-52%; 8-bit 128x4x3 39-48% against 31-39% for one stage).
 
     Wave64 GPUs (AMD CDNA): 128-token tiles took up to 398 VGPRs with Triton 3.9 and 484
     with 3.6 (one wave per SIMD) and spilled in most 8-bit variants; quarter tiles in one
     stage spill under neither (gfx942). Not timed on an AMD GPU."""
     if warp_size == 32:
-        return max(8192 // head_size, block_size), 4, 3
+        return max(16384 // head_size, block_size), 4, 3 if kv_bytes == 1 else 1
     return max(16 if head_size >= 256 else 32, block_size), 4, 1
 
 
@@ -320,7 +319,7 @@ def launch_paged_decode(
     num_seqs = context_lens.shape[0]
     num_kv_heads = K.shape[1]
     rows = max(16, triton.next_power_of_2(max_qlen * gqa))
-    block_n, num_warps, num_stages = decode_tile_config(head_size, block_size, warp_size_of(Q.device))
+    block_n, num_warps, num_stages = decode_tile_config(head_size, block_size, K.element_size(), warp_size_of(Q.device))
     write_out = num_partitions == 1
     # unused pointers still need a valid tensor
     k_scale = k_scale if k_scale is not None else context_lens
