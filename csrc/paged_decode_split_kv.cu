@@ -192,15 +192,16 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
   const unsigned char* v_head = static_cast<const unsigned char*>(p.v) + kv_head * p.stride_v_head * C::KV_BYTES;
   const i64 scale_head = kv_head * p.stride_scale_head;
 
+  // 8-bit: row c * BS + u of a K tile (dim chunk c, token u) goes to row c * BS + k_ring_row(u):
+  // a shift that depends on u % 16 = lane % 16 only (every copy of a lane is 512 bytes on)
+  const int k_ring_shift = KV_KIND == KV_16BIT ? 0 : 16 * (k_ring_row(lane % 16) - lane % 16);
   auto issue = [&](int j, i64 blk) {  // copy this warp's j-th block, cache block blk, into stage j % STAGES
     const unsigned char* kg = k_head + blk * p.stride_k_block * C::KV_BYTES;
     const unsigned char* vg = v_head + blk * p.stride_v_block * C::KV_BYTES;
     unsigned char* ks = my_ring + (j % C::STAGES) * C::STAGE;
 #pragma unroll
     for (int off = lane * 16; off < C::KV_TILE; off += 512) {
-      int k_dst = off;  // 8-bit: row c * BS + u (dim chunk c, token u) goes to k_ring_row(u)
-      if constexpr (KV_KIND != KV_16BIT) k_dst = (off / 16 / BS * BS + k_ring_row(off / 16 % BS)) * 16;
-      cp_async_16(ks + k_dst, kg + off);
+      cp_async_16(ks + off + k_ring_shift, kg + off);
       cp_async_16(ks + C::KV_TILE + off, vg + off);
     }
     if constexpr (C::SCALES > 0) {
