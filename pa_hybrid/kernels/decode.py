@@ -277,9 +277,9 @@ def decode_tile_config(head_size: int, block_size: int, kv_bytes: int, warp_size
     32-lane GPUs: 128-token tiles at head size 128, 4 warps (the M = 16 query rows leave more
     idle). 8-bit caches: 3 stages, so the pipeliner keeps the next tile's K and V copies in
     flight while a tile is widened and computed. 16-bit caches: 1 stage (plain loads into
-    registers), which timed faster than 2 or 3 stages and than 32- or 64-token tiles on the
-    H200 (RESULTS 24: 128x4x1 47-51% of the floor on the bulk cases, 128x4x3 43-47%, 64x4x3
-    43-52%; 8-bit 128x4x3 39-48% against 31-39% for one stage).
+    registers). Timed on the H200 (RESULTS 24, geomean time over 21 grid cases against the
+    kernel before 16-byte V loads): 16-bit 1.04x at 128x4x1, 1.08-1.16x with 2-3 stages or
+    32-64-token tiles; fp8 / int8 0.74x / 0.81x at 128x4x3, 0.85x / 0.98x with one stage.
 
     Wave64 GPUs (AMD CDNA): 128-token tiles took up to 398 VGPRs with Triton 3.9 and 484
     with 3.6 (one wave per SIMD) and spilled in most 8-bit variants; quarter tiles in one
