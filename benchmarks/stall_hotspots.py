@@ -6,7 +6,10 @@
 
 Prints the instructions holding the most warp-stall samples and the samples per opcode
 (``LDSM``, ``F2FP``, ``HMMA``, ...), each as a share of all samples: the
-"which MIO instruction" question that the kernel-wide stall reasons leave open.
+"which MIO instruction" question that the kernel-wide stall reasons leave open. Where the
+CSV has them (Nsight Compute 2023+), also the stall reasons (``stall_long_sb``, ...), each
+with the opcodes that hold most of it, and the instructions with the most excess
+shared-memory wavefronts (bank conflicts).
 (``benchmarks/gpu_run.sh profile:...`` runs all three steps.)
 """
 
@@ -54,9 +57,39 @@ def hotspots(path: str) -> tuple[float, list[tuple[float, str]], Counter]:
     per_instruction = sorted(((number(r[column]), r["Source"].strip()) for r in rows), reverse=True)
     per_opcode = Counter()
     for samples, text in per_instruction:
-        m = OPCODE.match(text)
-        per_opcode[m.group(1) if m else "?"] += samples
+        per_opcode[opcode_of(text)] += samples
     return sum(s for s, _ in per_instruction), per_instruction, per_opcode
+
+
+def opcode_of(text: str) -> str:
+    m = OPCODE.match(text)
+    return m.group(1) if m else "?"
+
+
+def stall_reasons(path: str) -> dict[str, Counter]:
+    """Stall reason (``long_sb``, ``wait``, ...) -> samples per opcode; empty if the CSV has
+    no per-reason columns. The "(Not Issued)" copies are left out."""
+    header, rows = read_rows(path)
+    columns = [c for c in header if c.startswith("stall_") and "Not Issued" not in c]
+    reasons = {c[len("stall_"):]: Counter() for c in columns}
+    for r in rows:
+        opcode = opcode_of(r["Source"].strip())
+        for c in columns:
+            reasons[c[len("stall_"):]][opcode] += number(r[c])
+    return reasons
+
+
+def shared_excess(path: str) -> list[tuple[float, float, str]]:
+    """[(excess shared-memory wavefronts, all of them, instruction)] most first; empty if the
+    CSV has no such columns."""
+    header, rows = read_rows(path)
+    if "L1 Wavefronts Shared Excessive" not in header:
+        return []
+    found = [
+        (number(r["L1 Wavefronts Shared Excessive"]), number(r["L1 Wavefronts Shared"]), r["Source"].strip())
+        for r in rows
+    ]
+    return sorted((f for f in found if f[0] > 0), reverse=True)
 
 
 def main(argv=None) -> int:
@@ -74,6 +107,20 @@ def main(argv=None) -> int:
     print(f"\ntop {args.top} instructions:")
     for samples, text in per_instruction[: args.top]:
         print(f"  {100 * samples / total:5.1f}%  {text}")
+    reasons = stall_reasons(args.csv)
+    if reasons:
+        print("\nstall reasons (the opcodes holding most of each):")
+        by_size = sorted(reasons.items(), key=lambda item: -sum(item[1].values()))
+        for reason, opcodes in by_size:
+            held = sum(opcodes.values())
+            if held >= total / 100:
+                top = ", ".join(f"{op} {100 * n / held:.0f}%" for op, n in opcodes.most_common(3))
+                print(f"  {100 * held / total:5.1f}%  {reason:16s} {top}")
+    excess = shared_excess(args.csv)
+    if excess:
+        print(f"\nexcess shared-memory wavefronts: {sum(e for e, _, _ in excess):.0f} (top instructions: excess / all)")
+        for extra, wavefronts, text in excess[:5]:
+            print(f"  {extra:.0f} / {wavefronts:.0f}  {text}")
     return 0
 
 

@@ -15,6 +15,14 @@ CSV = """==PROF== Connected to process 1234
 """
 
 
+CSV_WITH_REASONS = """"Kernel Name","pa_decode",
+"Address","Source","Warp Stall Sampling (All Samples)","L1 Wavefronts Shared Excessive","L1 Wavefronts Shared","stall_long_sb","stall_wait","stall_long_sb (Not Issued)"
+"10","LDGSTS.E.BYPASS.128 desc[UR16][R14.64], !P2, [R91]","10","6,000","8,000","0","10","0"
+"20","STS.128 [R204+UR5], R88","70","0","4,000","60","10","55"
+"30","@P0 STS.128 [R204+UR5+0x100], R92","20","500","1,000","20","0","20"
+"""
+
+
 @pytest.fixture(scope="module")
 def script():
     return load_script("benchmarks/stall_hotspots.py")
@@ -39,3 +47,24 @@ def test_main_prints_shares_and_refuses_a_file_without_the_table(script, tmp_pat
     other.write_text('"ID","Metric Name","Metric Value"\n"0","Duration","12"\n')
     with pytest.raises(ValueError, match="no header"):
         script.hotspots(str(other))
+
+
+def test_stall_reasons_per_opcode_and_shared_memory_excess(script, tmp_path, capsys):
+    path = tmp_path / "sass.csv"
+    path.write_text(CSV_WITH_REASONS)
+    reasons = script.stall_reasons(str(path))
+    assert reasons == {"long_sb": {"LDGSTS": 0, "STS": 80}, "wait": {"LDGSTS": 10, "STS": 10}}  # not the Not-Issued copy
+    assert script.shared_excess(str(path)) == [
+        (6000, 8000, "LDGSTS.E.BYPASS.128 desc[UR16][R14.64], !P2, [R91]"),
+        (500, 1000, "@P0 STS.128 [R204+UR5+0x100], R92"),
+    ]
+    assert script.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "80.0%  long_sb          STS 100%" in out and "20.0%  wait             LDGSTS 50%, STS 50%" in out
+    assert "excess shared-memory wavefronts: 6500" in out
+
+
+def test_older_csv_has_no_reasons_or_excess(script, tmp_path):
+    path = tmp_path / "sass.csv"
+    path.write_text(CSV)
+    assert script.stall_reasons(str(path)) == {} and script.shared_excess(str(path)) == []
