@@ -203,3 +203,26 @@ def test_pieces_fit_the_scratch_and_own_distinct_slots():
             assert slots == list(range(pieces))
             assert pieces <= max_num_partitions(max_seq_len)
             first += n
+
+
+@pytest.mark.parametrize(
+    "num_seqs, kv_heads, max_len, whole_max, expected",
+    [
+        (256, 1, 2048, 1024, 1024),  # capped
+        (256, 1, 2048, 2048, 2048),  # 256 programs >= 132: one per context, no stage 2
+        (128, 1, 2048, 2048, 1024),  # 128 < 132: still split, so every SM gets one
+        (64, 4, 1500, 2048, 2048),  # a ragged batch whose longest context fits
+        (256, 1, 16384, 2048, 1024),  # longer contexts keep the cap (ragged batches, RESULTS 7)
+        (32, 8, 512, 1024, 512),  # a short context fits the cap anyway
+        (1, 1, 2048, 2048, 256),  # one sequence: split as finely as the scratch allows
+    ],
+)
+def test_static_partition_size(num_seqs, kv_heads, max_len, whole_max, expected):
+    assert base.split_kv_partition_size(num_seqs, kv_heads, max_len, 132, 1, whole_max) == expected
+
+
+def test_triton_walks_2048_token_contexts_whole_and_hip_keeps_its_cap():
+    case = make_decode_case([2048] * 64, num_heads=16, num_kv_heads=4, head_size=128, device="cpu")
+    call = build_call(**dict(case, exp_sums=None, max_logits=None, tmp_out=None))
+    assert TRITON.partition_size(call, 132) == 2048
+    assert HIP.partition_size(call, 132) == 1024

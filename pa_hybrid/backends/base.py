@@ -100,13 +100,18 @@ sequences' CTAs running alone (measured: the mixed-length bf16 case of qwen3-235
 at 24% of the floor with 8192-token partitions on an H100)."""
 
 
-def split_kv_partition_size(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int, programs_per_sm: int) -> int:
+def split_kv_partition_size(
+    num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int, programs_per_sm: int,
+    whole_context_max: int = MAX_PARTITION_SIZE,
+) -> int:  # fmt: skip
     """Tokens per stage-1 CTA/program of a split-KV kernel: the longest multiple of 256
     (doubling, at most ``MAX_PARTITION_SIZE``) that still gives every SM
     ``programs_per_sm`` of them, so long walks amortize a pipeline's start when the
     batch alone fills the GPU, while short contexts or few sequences still split finely.
-    Never more partitions than the 256-token scratch holds; ``>= max_seq_len`` means one
-    partition: write ``out``, skip stage 2."""
+    Contexts of up to ``whole_context_max`` tokens are not split at all when one program
+    per sequence and kv head already gives every SM ``programs_per_sm``. Never more
+    partitions than the 256-token scratch holds; ``>= max_seq_len`` means one partition:
+    write ``out``, skip stage 2."""
     partition = PARTITION_SIZE
     target = programs_per_sm * num_sms
     while (
@@ -114,6 +119,9 @@ def split_kv_partition_size(num_seqs: int, num_kv_heads: int, max_seq_len: int, 
         and num_seqs * num_kv_heads * triton.cdiv(max_seq_len, 2 * partition) >= target
     ):
         partition *= 2
+    if max_seq_len <= whole_context_max and num_seqs * num_kv_heads >= target:
+        while partition < max_seq_len:
+            partition *= 2
     return partition
 
 
@@ -166,6 +174,8 @@ class SplitKvBackend(Backend):
     :func:`split_kv_partition_size` at ``programs_per_sm``), :meth:`launch` runs it."""
 
     programs_per_sm: int = 1
+    whole_context_max: int = MAX_PARTITION_SIZE
+    """Longest context a static-schedule program walks whole (see :func:`split_kv_partition_size`)."""
     balanced_programs_per_sm: tuple[int, int] = (2, 2)
     """Stage-1 programs per SM of the balanced schedule, for 16-bit and for 8-bit caches."""
 
@@ -205,7 +215,10 @@ class SplitKvBackend(Backend):
 
     def partition_size(self, call: DecodeCall, num_sms: int) -> int:
         """Tokens per stage-1 program under the static schedule."""
-        return split_kv_partition_size(call.num_seqs, call.key.num_kv_heads, call.key.max_seq_len, num_sms, self.programs_per_sm)
+        key = call.key
+        return split_kv_partition_size(
+            call.num_seqs, key.num_kv_heads, key.max_seq_len, num_sms, self.programs_per_sm, self.whole_context_max
+        )
 
     @abc.abstractmethod
     def launch(self, call: DecodeCall, partition_size: int, programs_per_head: int = 0) -> None:

@@ -30,6 +30,10 @@ class TritonBackend(SplitKvBackend):
     max_gqa = 16
     max_qlen = 4
     programs_per_sm = PROGRAMS_PER_SM
+    # one program per 2048-token context (no partials, no stage 2) when that fills the GPU:
+    # 0.92x / 0.90x the time of 1024-token partitions, bf16 / fp8, over the 11 such 2048-token
+    # grid cases each (H100, benchmarks/RESULTS.md section 27); longer caps cost ragged batches
+    whole_context_max = 2048
 
     def available(self, device_type, device_index):
         if device_type == "cpu":
