@@ -20,7 +20,8 @@
 //   fast_exp2(x)           2^x
 //   allow_dependent_launch()  lets a kernel launched after this one with programmatic
 //                          dependent launch start now (it waits for this grid's results itself)
-//   widen4<KV_KIND, ...>   four 8-bit cache values (a 32-bit word) -> two packed 16-bit pairs
+//   widen2<KV_KIND, ...>   two 8-bit cache values (16 bits) -> a packed 16-bit pair (e4m3)
+//   widen4<KV_KIND, ...>   four 8-bit cache values (a 32-bit word) -> two packed 16-bit pairs (int8)
 //   PA_GRID_CONSTANT       how a by-value parameter struct is declared
 //   PA_NEG_INF             -infinity as a float constant
 //   SMEM_PER_CTA           the most shared memory one CTA may have (tiles are sized to it)

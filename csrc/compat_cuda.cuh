@@ -78,33 +78,29 @@ PA_DEVICE float shfl_xor(float v, int mask) { return __shfl_xor_sync(0xffffffffu
 PA_DEVICE void warp_sync() { __syncwarp(); }
 PA_DEVICE float fast_exp2(float x) { return exp2f(x); }
 
-// Four adjacent 8-bit cache values (a 32-bit word, low byte first) -> the packed 16-bit pairs
-// of the query type of bytes 0-1 (lo) and 2-3 (hi); exact. e4m3 -> f16 is one instruction per
-// pair on sm_89+. int8 bytes are sign-extended where they sit, by shifts: extracting each byte
-// first took up to 30 more registers (and spills) in head-256 variants.
-template <int KV_KIND, bool IS_BF16> PA_DEVICE void widen4(unsigned v, unsigned& lo, unsigned& hi) {
-  using Q = q16<IS_BF16>;
-  if constexpr (KV_KIND == KV_FP8_E4M3) {
-    // sm_89+ (the backend's floor). The word's halves split inside the asm so that ptxas
-    // converts each in place; the intrinsic's 16-bit operand cost a shift per word (7% more
-    // instructions in the loop; this took back 2 of the 5.6% fp8 had lost, H200, RESULTS 24)
-    asm("{\n .reg .b16 lo, hi;\n mov.b32 {lo, hi}, %2;\n"
-        " cvt.rn.f16x2.e4m3x2 %0, lo;\n cvt.rn.f16x2.e4m3x2 %1, hi;\n}\n"
-        : "=r"(lo), "=r"(hi)
-        : "r"(v));
-    if constexpr (IS_BF16) {  // f16 -> f32 -> bf16: exact (3 mantissa bits)
-      auto to_bf16 = [](unsigned h2) {
-        float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h2));
-        return as_u32(Q::from_floats(f.x, f.y));
-      };
-      lo = to_bf16(lo);
-      hi = to_bf16(hi);
-    }
+// Two adjacent e4m3 cache values (16 bits, low byte first) -> a packed 16-bit pair of the
+// query type; exact. e4m3 -> f16 is one instruction per pair on sm_89+ (the backend's floor).
+template <int KV_KIND, bool IS_BF16> PA_DEVICE unsigned widen2(unsigned short v) {
+  static_assert(KV_KIND == KV_FP8_E4M3, "the kernel widens int8 caches four values at a time (widen4)");
+  __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(v), __NV_E4M3);
+  if constexpr (IS_BF16) {  // f16 -> f32 -> bf16: exact (3 mantissa bits)
+    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h));
+    return as_u32(q16<IS_BF16>::from_floats(f.x, f.y));
   } else {
-    auto byte = [v](int shift) { return static_cast<float>(static_cast<int>(v << shift) >> 24); };  // byte (24 - shift) / 8
-    lo = as_u32(Q::from_floats(byte(24), byte(16)));
-    hi = as_u32(Q::from_floats(byte(8), byte(0)));
+    return *reinterpret_cast<const unsigned*>(&h);
   }
+}
+
+// Four adjacent int8 cache values (a 32-bit word, low byte first) -> the packed 16-bit pairs
+// of the query type of bytes 0-1 (lo) and 2-3 (hi); exact. The bytes are sign-extended where
+// they sit, by shifts: extracting each byte first took up to 30 more registers (and spills)
+// in head-256 variants.
+template <int KV_KIND, bool IS_BF16> PA_DEVICE void widen4(unsigned v, unsigned& lo, unsigned& hi) {
+  static_assert(KV_KIND == KV_INT8, "the kernel widens e4m3 caches two values at a time (widen2)");
+  using Q = q16<IS_BF16>;
+  auto byte = [v](int shift) { return static_cast<float>(static_cast<int>(v << shift) >> 24); };  // byte (24 - shift) / 8
+  lo = as_u32(Q::from_floats(byte(24), byte(16)));
+  hi = as_u32(Q::from_floats(byte(8), byte(0)));
 }
 
 }  // namespace pa

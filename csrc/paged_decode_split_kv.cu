@@ -22,16 +22,19 @@
 //                      of S = Q K^T (k = dims, n = tokens): ldmatrix, rows contiguous.
 //   V [BS/X][HEAD][X]: the 16 bytes of (token group g, dim d) are row d of an 8x8 B-matrix
 //                      of O = P V (k = tokens, n = dims): ldmatrix again.
-// 8-bit caches (X = 16): the same rows hold 16 one-byte values, and lane (4 g + t) reads
-// bytes 4t..4t+3 of row g with one 4-byte shared load (as ldmatrix would deliver them),
-// which widen (compat.cuh's widen4) into a B fragment pair whose k order is permuted: k
-// slots (2t, 2t+1) hold elements 4t, 4t+1 and slots (2t+8, 2t+9) hold 4t+2, 4t+3. The other
-// operand follows: Q K^T's k is the head dim, so Q's dims sit in that order in shared memory
-// (q_word_slot); P V's k is the token, so K's tokens are placed in the ring so that S's
-// columns come out in it (k_ring_row), and P's A fragments, taken from S's accumulators as
-// for 16-bit caches, match V's B fragments. (Two 2-byte loads per pair, in natural order,
-// took twice the shared loads; ldmatrix_x4, a quarter of them, spilled in variants at the
-// edge of the register file.) Per-tensor scales fold into the softmax scale (K)
+// 8-bit caches (X = 16): the same rows hold 16 one-byte values, widened in registers
+// (compat.cuh's widen2 / widen4) into the B fragments of the query type. e4m3 takes each
+// fragment register from one 2-byte shared load (bytes 2t, 2t+1 and 2t+8, 2t+9 of row g for
+// lane 4 g + t), in natural k order. int8 takes a fragment pair from one 4-byte load (bytes
+// 4t..4t+3, as ldmatrix would deliver them) whose k order is permuted: k slots (2t, 2t+1)
+// hold elements 4t, 4t+1 and slots (2t+8, 2t+9) hold 4t+2, 4t+3. The other operand follows:
+// Q K^T's k is the head dim, so Q's dims sit in that order in shared memory (q_word_slot);
+// P V's k is the token, so K's tokens are placed in the ring so that S's columns come out
+// in it (k_ring_row), and P's A fragments, taken from S's accumulators as for 16-bit
+// caches, match V's B fragments. The word loads halve int8's loads and its conversions
+// (sign extension in place, by shifts); for e4m3 they saved no instruction and took 3-9%
+// more time (H100, RESULTS 28). (ldmatrix_x4, a quarter of the loads, spilled in variants
+// at the edge of the register file.) Per-tensor scales fold into the softmax scale (K)
 // and the final normalization (V); per-token scales ride in each ring stage behind the V
 // tile: K's multiplies its logit column after Q K^T, V's folds into P before P V (the
 // softmax sum stays unscaled).
@@ -108,18 +111,31 @@ struct SplitKvConfig {  // restated by hip.py's kernel_config; the same test che
   static constexpr int THREADS = 32 * WARPS;
   static constexpr int SMEM_BYTES = split_kv_smem_bytes(WARPS, STAGES * STAGE, HEAD);
   static constexpr int NT = BS / 8;  // n-tiles of S per block
+  // int8: a fragment pair per 4-byte shared load, k order permuted (see the header)
+  static constexpr bool PERMUTED_K = KV_KIND == KV_INT8;
   static_assert(HEAD % 16 == 0 && BS % 16 == 0 && BS % X == 0, "unsupported head/block size");
   static_assert(KV_TILE % 512 == 0, "a warp copies tiles in 512-byte steps");
   static_assert(SMEM_BYTES <= SMEM_PER_CTA, "more shared memory than one CTA may have");
 };
 
-// 8-bit caches: the ring row of token u of a K tile's dim chunk (rows of a 16-token group
+// int8 caches: the ring row of token u of a K tile's dim chunk (rows of a 16-token group
 // stay in the group), so that column pair (2t, 2t+1) of S's n-tile 2h + s holds tokens
 // 16 h + 4t + 2s and +1 (column_token in decode_span).
 constexpr int k_ring_row(int u) { return (u & ~15) + 8 * ((u >> 1) & 1) + 2 * ((u & 15) >> 2) + (u & 1); }
-// 8-bit caches: the shared-memory word (2 dims) of the query's word w (dims 2w, 2w + 1): in
+// int8 caches: the shared-memory word (2 dims) of the query's word w (dims 2w, 2w + 1): in
 // each 16-dim chunk, dims 4t, 4t+1 go to word t and dims 4t+2, 4t+3 to word 4 + t.
 constexpr int q_word_slot(int w) { return (w & ~7) + ((w & 1) ? 4 : 0) + ((w & 7) >> 1); }
+
+// 8-bit caches: lane's B fragment pair from its row of 16 bytes (row g = lane / 4 of the 8)
+template <class C, int KV_KIND, bool IS_BF16>
+__device__ __forceinline__ void widened_pair(const unsigned char* row, int lane, unsigned& b0, unsigned& b1) {
+  if constexpr (C::PERMUTED_K) {
+    widen4<KV_KIND, IS_BF16>(*reinterpret_cast<const unsigned*>(row + (lane % 4) * 4), b0, b1);
+  } else {
+    b0 = widen2<KV_KIND, IS_BF16>(*reinterpret_cast<const unsigned short*>(row + (lane % 4) * 2));
+    b1 = widen2<KV_KIND, IS_BF16>(*reinterpret_cast<const unsigned short*>(row + 8 + (lane % 4) * 2));
+  }
+}
 
 // The CTA's dynamic shared memory: 16 query rows, then the rings (see split_kv_smem_bytes).
 extern __shared__ __align__(128) unsigned char smem[];
@@ -192,9 +208,9 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
   const unsigned char* v_head = static_cast<const unsigned char*>(p.v) + kv_head * p.stride_v_head * C::KV_BYTES;
   const i64 scale_head = kv_head * p.stride_scale_head;
 
-  // 8-bit: row c * BS + u of a K tile (dim chunk c, token u) goes to row c * BS + k_ring_row(u):
+  // int8: row c * BS + u of a K tile (dim chunk c, token u) goes to row c * BS + k_ring_row(u):
   // a shift that depends on u % 16 = lane % 16 only (every copy of a lane is 512 bytes on)
-  const int k_ring_shift = KV_KIND == KV_16BIT ? 0 : 16 * (k_ring_row(lane % 16) - lane % 16);
+  const int k_ring_shift = C::PERMUTED_K ? 16 * (k_ring_row(lane % 16) - lane % 16) : 0;
   auto issue = [&](int j, i64 blk) {  // copy this warp's j-th block, cache block blk, into stage j % STAGES
     const unsigned char* kg = k_head + blk * p.stride_k_block * C::KV_BYTES;
     const unsigned char* vg = v_head + blk * p.stride_v_block * C::KV_BYTES;
@@ -233,7 +249,7 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
         const bool valid = m < rows && i < num_new;
         const qt* q = static_cast<const qt*>(p.q);
         if (valid) q += (first_row + i) * p.stride_q_row + (kv_head * gqa + m % gqa) * p.stride_q_head + 2 * w;
-        const int slot = KV_KIND == KV_16BIT ? w : q_word_slot(w);
+        const int slot = C::PERMUTED_K ? q_word_slot(w) : w;
         cp_async_4_or_zero(q_s + m * C::Q_STRIDE + 2 * slot, q, valid);
       }
     }
@@ -283,15 +299,16 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
       } else {
 #pragma unroll
         for (int nt = 0; nt < C::NT; ++nt) {
+          const unsigned char* row = ks + (kstep * BS + nt * 8 + lane / 4) * 16;
           unsigned b0, b1;
-          widen4<KV_KIND, IS_BF16>(*reinterpret_cast<const unsigned*>(ks + (kstep * BS + nt * 8 + lane / 4) * 16 + (lane % 4) * 4), b0, b1);
+          widened_pair<C, KV_KIND, IS_BF16>(row, lane, b0, b1);
           mma_16816<IS_BF16>(s[nt], a, b0, b1);
         }
       }
     }
     // the block's token (from token0) of the first of this lane's two columns of n-tile nt
     auto column_token = [&](int nt) {
-      return KV_KIND == KV_16BIT ? nt * 8 + (lane % 4) * 2 : (nt / 2) * 16 + (lane % 4) * 4 + (nt % 2) * 2;
+      return C::PERMUTED_K ? (nt / 2) * 16 + (lane % 4) * 4 + (nt % 2) * 2 : nt * 8 + (lane % 4) * 2;
     };
 
     // this lane's tokens' per-token scales (1 otherwise): its two columns of each n-tile
@@ -374,8 +391,9 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
       } else {
 #pragma unroll
         for (int dt = 0; dt < HEAD / 8; ++dt) {
+          const unsigned char* row = vs + (kt * HEAD + dt * 8 + lane / 4) * 16;
           unsigned b0, b1;
-          widen4<KV_KIND, IS_BF16>(*reinterpret_cast<const unsigned*>(vs + (kt * HEAD + dt * 8 + lane / 4) * 16 + (lane % 4) * 4), b0, b1);
+          widened_pair<C, KV_KIND, IS_BF16>(row, lane, b0, b1);
           mma_16816<IS_BF16>(o[dt], a, b0, b1);
         }
       }
