@@ -93,6 +93,7 @@ class Target:
     arch: object  # Triton's GPUTarget arch: "gfx942" or 90
     warp_size: int
     sm_counts: tuple  # SMs (CUs) of the GPUs of this arch: they size the split-KV partitions
+    shared_memory: int  # bytes one program may take (the decode tile's pipeline depth asks)
     dependent_launch: tuple  # what dependent_launch_ok can answer there
 
     def gpu_target(self) -> GPUTarget:
@@ -108,9 +109,9 @@ def _dependent_launch_answers() -> tuple:
 
 TARGETS = {
     # MI300X/MI325X (304 CUs), MI300A (228); ROCm never launches dependents (no gdc_wait)
-    "gfx942": Target("gfx942", "hip", "gfx942", 64, (304, 228), (False,)),
+    "gfx942": Target("gfx942", "hip", "gfx942", 64, (304, 228), 65536, (False,)),
     # H100 SXM and H200 (132 SMs), H100 PCIe (114); Triton compiles capability 90 as sm_90a
-    "sm_90a": Target("sm_90a", "cuda", 90, 32, (132, 114), _dependent_launch_answers()),
+    "sm_90a": Target("sm_90a", "cuda", 90, 32, (132, 114), 232448, _dependent_launch_answers()),
 }
 
 
@@ -203,6 +204,7 @@ def _device_answers(target: Target, sms: int, dependent: bool):
     with mock.patch.object(base, "sm_count", lambda *_: sms), \
          mock.patch.object(reduce, "dependent_launch_ok", lambda _: dependent), \
          mock.patch.object(decode, "warp_size_of", lambda _: target.warp_size), \
+         mock.patch.object(decode, "shared_memory_per_program", lambda _: target.shared_memory), \
          mock.patch.object(decode, "nvidia_device", lambda _: target.backend == "cuda"):  # fmt: skip
         yield
 

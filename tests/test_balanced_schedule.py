@@ -73,7 +73,7 @@ def test_balanced_schedule_matches_reference(device, backend, cfg, programs_per_
     call = build_call(**dict(case, exp_sums=scratch[0], max_logits=scratch[1], tmp_out=scratch[2]))
     call.out.fill_(float("nan"))
 
-    SPLIT_KV[backend].launch(call, PARTITION_SIZE, programs_per_head)
+    SPLIT_KV[backend].launch(call, base.sm_count(call.key.device_type, call.key.device_index), PARTITION_SIZE, programs_per_head)
 
     for t in full:
         assert t[:, :, -1].isnan().all(), "a partial was written past the scratch callers allocate"
@@ -92,7 +92,7 @@ def test_balanced_schedule_edge_batches(device, backend, lens):
     skip_if_unsupported(backend, case)
     call = build_call(**dict(case, exp_sums=None, max_logits=None, tmp_out=None))
     call.out.fill_(float("nan"))
-    SPLIT_KV[backend].launch(call, PARTITION_SIZE, 7)
+    SPLIT_KV[backend].launch(call, base.sm_count(call.key.device_type, call.key.device_index), PARTITION_SIZE, 7)
     torch.testing.assert_close(call.out.float(), reference_paged_attention(**case), rtol=3e-2, atol=3e-2)
 
 
@@ -106,7 +106,7 @@ def test_public_call_runs_the_balanced_schedule_when_asked(device, backend, monk
     launch = type(instance).launch
     monkeypatch.setattr(instance, "launch", lambda call, *schedule: ran.append(schedule) or launch(instance, call, *schedule))
     out = paged_attention_common(exp_sums=None, max_logits=None, tmp_out=None, backend=backend, **case)
-    assert ran == [(PARTITION_SIZE, 4)]
+    assert ran == [(4, PARTITION_SIZE, 4)]  # (num_sms, page, programs per head)
     torch.testing.assert_close(out.float(), reference_paged_attention(**case), rtol=3e-2, atol=3e-2)
 
 
@@ -177,10 +177,10 @@ def test_triton_backend_stays_static(device, monkeypatch):
     launch = type(TRITON).launch
     monkeypatch.setattr(TRITON, "launch", lambda call, *schedule: ran.append(schedule) or launch(TRITON, call, *schedule))
     out = paged_attention_common(exp_sums=None, max_logits=None, tmp_out=None, backend="triton", **case)
-    assert len(ran) == 1 and ran[0][1:] in ((), (0,))
+    assert len(ran) == 1 and ran[0][2:] in ((), (0,))  # (num_sms, partition[, programs per head])
     torch.testing.assert_close(out.float(), reference_paged_attention(**case), rtol=3e-2, atol=3e-2)
     with pytest.raises(ValueError, match="triton: the balanced schedule is not offered"):
-        TRITON.launch(build_call(**dict(case, exp_sums=None, max_logits=None, tmp_out=None)), PARTITION_SIZE, 4)
+        TRITON.launch(build_call(**dict(case, exp_sums=None, max_logits=None, tmp_out=None)), 132, PARTITION_SIZE, 4)
 
 
 def test_pieces_fit_the_scratch_and_own_distinct_slots():

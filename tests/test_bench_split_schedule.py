@@ -28,7 +28,7 @@ def test_static_schedules_launch_their_partition_and_stay_right(bench, device, m
     with bench.split_schedule("triton", name):
         out = paged_attention_common(exp_sums=None, max_logits=None, tmp_out=None, backend="triton", **case)
     ((call, schedule),) = ran
-    assert schedule[0] == (partition or own(call, sm_count(call.key.device_type, call.key.device_index)))
+    assert schedule[1] == (partition or own(call, sm_count(call.key.device_type, call.key.device_index)))
     torch.testing.assert_close(out.float(), reference_paged_attention(**case), rtol=3e-2, atol=3e-2)
     assert TRITON.partition_size == own  # the override ends with the block
 

@@ -209,9 +209,9 @@ class SplitKvBackend(Backend):
         partition = self.partition_size(call, num_sms)
         programs_per_head = self.balanced_programs(call, num_sms, partition)
         if programs_per_head:
-            self.launch(call, PARTITION_SIZE, programs_per_head)
+            self.launch(call, num_sms, PARTITION_SIZE, programs_per_head)
         else:
-            self.launch(call, partition)
+            self.launch(call, num_sms, partition)
 
     def partition_size(self, call: DecodeCall, num_sms: int) -> int:
         """Tokens per stage-1 program under the static schedule."""
@@ -221,7 +221,8 @@ class SplitKvBackend(Backend):
         )
 
     @abc.abstractmethod
-    def launch(self, call: DecodeCall, partition_size: int, programs_per_head: int = 0) -> None:
-        """Stage 1 and, when it splits, the reduce: the static schedule with partitions of
-        ``partition_size`` tokens, or with ``programs_per_head > 0`` the balanced one with
-        pages of ``partition_size`` tokens (``kernels/common.py``, ``balanced_schedule``)."""
+    def launch(self, call: DecodeCall, num_sms: int, partition_size: int, programs_per_head: int = 0) -> None:
+        """Stage 1 and, when it splits, the reduce, on a device of ``num_sms`` SMs: the static
+        schedule with partitions of ``partition_size`` tokens, or with ``programs_per_head > 0``
+        the balanced one with pages of ``partition_size`` tokens (``kernels/common.py``,
+        ``balanced_schedule``)."""

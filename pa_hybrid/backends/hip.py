@@ -19,10 +19,11 @@ import torch
 
 from .. import runtime
 from ..call import SCALES_NONE, SCALES_PER_TOKEN, CallKey, DecodeCall
+from ..kernels.common import gpu_shared_memory_per_program
 from ..kernels.decode import LOG2E
 from ..kernels.reduce import launch_split_kv_reduce
 from ..layouts import KV_DTYPES
-from .base import SplitKvBackend, cuda_device_ok, sm_count
+from .base import SplitKvBackend, cuda_device_ok
 
 SOURCE = "paged_decode_split_kv.cu"
 # Partitions double while each SM still gets one CTA (not two): longer walks amortize a
@@ -143,13 +144,6 @@ def wide_fits(
     return wide["threads"] == 2 * narrow["threads"] and wide["smem_bytes"] <= smem_per_cta
 
 
-@functools.lru_cache(maxsize=None)
-def _smem_per_cta(device_index: int) -> int:
-    props = torch.cuda.get_device_properties(device_index)
-    # ROCm's torch has no opt-in figure: there a workgroup's LDS is all it may have
-    return getattr(props, "shared_memory_per_block_optin", None) or props.shared_memory_per_block
-
-
 def use_wide_variant(
     ctas: int, num_sms: int, head_size: int, block_size: int, kv_bytes: int, smem_per_cta: int, target: TileTarget = SM90
 ) -> bool:
@@ -260,16 +254,15 @@ class HipBackend(SplitKvBackend):
         key = call.key
         return balanced_ctas_per_sm(key.head_size, key.block_size, key.kv_dtype.itemsize, super().balanced_per_sm(call))
 
-    def launch(self, call: DecodeCall, partition_size: int, programs_per_head: int = 0) -> None:
+    def launch(self, call: DecodeCall, num_sms: int, partition_size: int, programs_per_head: int = 0) -> None:
         key = call.key
-        num_sms = sm_count("cuda", key.device_index)
         if programs_per_head:
             grid = (programs_per_head, key.num_kv_heads, 1)
         else:
             grid = (-(-key.max_seq_len // partition_size), key.num_kv_heads, call.num_seqs)
         wide = not programs_per_head and use_wide_variant(
             grid[0] * grid[1] * grid[2], num_sms, key.head_size, key.block_size, key.kv_dtype.itemsize,
-            _smem_per_cta(key.device_index), tile_target(runtime.arch_of(key.device_index)),
+            gpu_shared_memory_per_program(key.device_index), tile_target(runtime.arch_of(key.device_index)),
         )  # fmt: skip
         balanced = self.balanced_per_sm(call) if programs_per_head else 0
         function, threads, smem_bytes = _loaded(

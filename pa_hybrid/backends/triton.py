@@ -42,7 +42,7 @@ class TritonBackend(SplitKvBackend):
             return None
         return cuda_device_ok(device_index)
 
-    def launch(self, call: DecodeCall, partition_size: int, programs_per_head: int = 0) -> None:
+    def launch(self, call: DecodeCall, num_sms: int, partition_size: int, programs_per_head: int = 0) -> None:
         # only the static schedule: with the balanced one's loop around its tiles, 128-token
         # tiles spilled under Triton 3.6 or 3.9, and the 64-token tiles that do not spill
         # took 15-18% more time than the static schedule (H200, RESULTS.md section 20)
@@ -58,6 +58,7 @@ class TritonBackend(SplitKvBackend):
             block_size=key.block_size,
             x=x_for(key.kv_dtype),
             gqa=key.gqa,
+            num_sms=num_sms,
         )
         split = partition_size < key.max_seq_len
         exp_sums, max_logits, tmp_out = call.scratch() if split else (None, None, None)

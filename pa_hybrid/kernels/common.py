@@ -69,6 +69,22 @@ def _warp_size(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).warp_size
 
 
+def shared_memory_per_program(device: torch.device) -> int:
+    """Bytes of shared memory (LDS) one program may take on ``device`` (unbounded under the
+    interpreter)."""
+    if device.type != "cuda":
+        return 1 << 30
+    return gpu_shared_memory_per_program(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_shared_memory_per_program(device_index: int) -> int:
+    """Bytes of shared memory (LDS) one CTA (workgroup) may take on GPU ``device_index``."""
+    props = torch.cuda.get_device_properties(device_index)
+    # ROCm's torch has no opt-in figure: there a workgroup's LDS is all it may have
+    return getattr(props, "shared_memory_per_block_optin", None) or props.shared_memory_per_block
+
+
 def dot_dtype(q_dtype: torch.dtype):
     """The operand dtype of ``tl.dot`` for queries of ``q_dtype``: the query dtype
     itself, except under the interpreter, whose ``tl.dot`` multiplies bf16 operands

@@ -23,7 +23,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import dot_dtype, k_tile_offset, nvidia_device, v_tile_offset, visible_tokens, warp_size_of
+from .common import (
+    dot_dtype,
+    k_tile_offset,
+    nvidia_device,
+    shared_memory_per_program,
+    v_tile_offset,
+    visible_tokens,
+    warp_size_of,
+)
 
 LOG2E = 1.4426950408889634
 
@@ -271,7 +279,14 @@ def _paged_decode_kernel(
         tl.store(out_ptr + o_offs, tl.zeros([M, HEAD_SIZE], dtype=out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-def decode_tile_config(head_size: int, block_size: int, kv_bytes: int, warp_size: int = 32) -> tuple[int, int, int]:
+SPARSE_GRID_SHARED_MEMORY = 144 * 1024
+"""Shared memory a 16-bit stage 1 with three stages may take (sm_90a, Triton 3.6 and 3.9: up to
+136 KB, two tiles' K and V in flight); devices with less keep one stage on sparse grids too."""
+
+
+def decode_tile_config(
+    head_size: int, block_size: int, kv_bytes: int, warp_size: int = 32, sparse_grid: bool = False
+) -> tuple[int, int, int]:
     """(BLOCK_N, num_warps, num_stages) for a cache of ``kv_bytes``-byte elements.
 
     32-lane GPUs: 128-token tiles at head size 128, 4 warps (the M = 16 query rows leave more
@@ -280,12 +295,16 @@ def decode_tile_config(head_size: int, block_size: int, kv_bytes: int, warp_size
     registers). Timed on the H200 (RESULTS 24, geomean time over 21 grid cases against the
     kernel before 16-byte V loads): 16-bit 1.04x at 128x4x1, 1.08-1.16x with 2-3 stages or
     32-64-token tiles; fp8 / int8 0.74x / 0.81x at 128x4x3, 0.85x / 0.98x with one stage.
+    ``sparse_grid`` (at most one program per two SMs: the call takes about one program's
+    latency): 16-bit caches take 3 stages as well, so a program's tiles are all in flight
+    at once (H100, RESULTS 28: 0.81-0.88x the time of one stage on the bf16 grid calls of
+    2-64 programs; 1.0 at 128 programs, 1.18-1.25x at 256 and more).
 
     Wave64 GPUs (AMD CDNA): 128-token tiles took up to 398 VGPRs with Triton 3.9 and 484
     with 3.6 (one wave per SIMD) and spilled in most 8-bit variants; quarter tiles in one
     stage spill under neither (gfx942). Not timed on an AMD GPU."""
     if warp_size == 32:
-        return max(16384 // head_size, block_size), 4, 3 if kv_bytes == 1 else 1
+        return max(16384 // head_size, block_size), 4, 3 if kv_bytes == 1 or sparse_grid else 1
     return max(16 if head_size >= 256 else 32, block_size), 4, 1
 
 
@@ -312,14 +331,22 @@ def launch_paged_decode(
     block_size: int,
     x: int,
     gqa: int,
+    num_sms: int,
 ):
     """Launch stage 1 with partitions of ``partition_size`` tokens (a multiple of 256);
-    when one partition covers ``max_seq_len`` it writes ``out`` and no stage 2 is needed."""
+    when one partition covers ``max_seq_len`` it writes ``out`` and no stage 2 is needed.
+    ``num_sms``: the device's SMs (CUs), which pick the tile's pipeline depth."""
     num_partitions = triton.cdiv(max_seq_len, partition_size)
     num_seqs = context_lens.shape[0]
     num_kv_heads = K.shape[1]
     rows = max(16, triton.next_power_of_2(max_qlen * gqa))
-    block_n, num_warps, num_stages = decode_tile_config(head_size, block_size, K.element_size(), warp_size_of(Q.device))
+    sparse_grid = (
+        2 * num_partitions * num_kv_heads * num_seqs <= num_sms
+        and shared_memory_per_program(Q.device) >= SPARSE_GRID_SHARED_MEMORY
+    )
+    block_n, num_warps, num_stages = decode_tile_config(
+        head_size, block_size, K.element_size(), warp_size_of(Q.device), sparse_grid
+    )
     write_out = num_partitions == 1
     # unused pointers still need a valid tensor
     k_scale = k_scale if k_scale is not None else context_lens
