@@ -25,6 +25,7 @@ BS = 16  # tokens per cache block
 Q_STRIDE = HEAD + 8  # query row pitch in shared memory (elements): the pad spreads ldmatrix rows over banks
 O_STRIDE = HEAD + 4  # merge row pitch (floats)
 NEG_INF = "0fFF800000"
+REF_FLOOR = "0f0D800000"  # 2^-100: the least largest weight of a row (8-bit kernels)
 
 # The packed argument block: (name, PTX type, byte offset). Mirrored by
 # pa_hybrid/backends/asm.py (AsmParams); tests/test_asm_backend.py checks they agree.
@@ -74,6 +75,12 @@ class Variant:
     @property
     def eight_bit(self) -> bool:
         return self.kv in ("e4m3", "s8")
+
+    @property
+    def mma_type(self) -> str:
+        """8-bit caches compute in fp16 whatever the query dtype: e4m3 and int8 widen to
+        fp16 in one or two instructions per pair, to bf16 in four or five."""
+        return "f16" if self.eight_bit else self.q
 
     @property
     def kv_bytes(self) -> int:
@@ -202,13 +209,12 @@ class Kernel:
         self.p(f"cvta.to.global.u64 {generic}, {generic}")
         return generic
 
-    def pack(self, dst: str, lo: str, hi: str) -> None:
-        """Two f32 -> one register of two query-dtype values (lo in the low half)."""
-        kind = "bf16x2" if self.v.q == "bf16" else "f16x2"
-        self.p(f"cvt.rn.{kind}.f32 {dst}, {hi}, {lo}")
+    def pack(self, dst: str, lo: str, hi: str, kind: str) -> None:
+        """Two f32 -> one register of two ``kind`` ("bf16" | "f16") values (lo in the low half)."""
+        self.p(f"cvt.rn.{kind}x2.f32 {dst}, {hi}, {lo}")
 
     def mma(self, acc: list[str], a: list[str], b: list[str]) -> None:
-        t = "bf16" if self.v.q == "bf16" else "f16"
+        t = self.v.mma_type
         accs = ", ".join(acc)
         self.p(
             f"mma.sync.aligned.m16n8k16.row.col.f32.{t}.{t}.f32 {{{accs}}}, {{{', '.join(a)}}}, "
@@ -216,46 +222,24 @@ class Kernel:
         )
 
     def widen(self, packed: str, lo_pair: str, hi_pair: str) -> None:
-        """Four 8-bit cache values (one ldmatrix register) -> two registers of two
-        query-dtype values each; exact for e4m3 and int8 into both bf16 and fp16."""
+        """Four 8-bit cache values (one ldmatrix register) -> two registers of two fp16
+        values each (bytes 0, 1 and 2, 3); exact for e4m3 and int8."""
         p, v = self.p, self.v
         if v.kv == "e4m3":
             h = [self.tmp("b16", f"w_h{i}") for i in range(2)]
             p(f"mov.b32 {{{h[0]}, {h[1]}}}, {packed}")
-            if v.q == "f16":
-                p(f"cvt.rn.f16x2.e4m3x2 {lo_pair}, {h[0]}")
-                p(f"cvt.rn.f16x2.e4m3x2 {hi_pair}, {h[1]}")
-                return
-            # bf16 query: e4m3 -> f16 (exact) -> f32 -> bf16 (exact: 3 mantissa bits)
-            halves = [self.tmp("b16", f"w_f16_{i}") for i in range(4)]
-            floats = [self.tmp("f32", f"w_f{i}") for i in range(4)]
-            for pair, (dst, src) in enumerate(((lo_pair, h[0]), (hi_pair, h[1]))):
-                p(f"cvt.rn.f16x2.e4m3x2 {dst}, {src}")
-                p(f"mov.b32 {{{halves[2 * pair]}, {halves[2 * pair + 1]}}}, {dst}")
-                p(f"cvt.f32.f16 {floats[2 * pair]}, {halves[2 * pair]}")
-                p(f"cvt.f32.f16 {floats[2 * pair + 1]}, {halves[2 * pair + 1]}")
-                self.pack(dst, floats[2 * pair], floats[2 * pair + 1])
+            p(f"cvt.rn.f16x2.e4m3x2 {lo_pair}, {h[0]}")
+            p(f"cvt.rn.f16x2.e4m3x2 {hi_pair}, {h[1]}")
             return
-        if v.q == "f16":
-            # int8 -> f16 by the magic number 1024: byte ^ 0x80 = x + 128 as the low mantissa
-            # bits of 0x6400 (1024.0) gives 1152 + x exactly; subtract 1152 (0x6480)
-            biased, magic = self.tmp("b32", "w_biased"), self.tmp("b32", "w_magic")
-            p(f"xor.b32 {biased}, {packed}, 0x80808080")
-            p(f"mov.b32 {magic}, 0x64806480")
-            p(f"prmt.b32 {lo_pair}, {biased}, 0x64646464, 0x4140")
-            p(f"prmt.b32 {hi_pair}, {biased}, 0x64646464, 0x4342")
-            p(f"sub.f16x2 {lo_pair}, {lo_pair}, {magic}")
-            p(f"sub.f16x2 {hi_pair}, {hi_pair}, {magic}")
-            return
-        # int8 -> bf16: byte b = (sign, low7) is 128 + low7 - (128 or 256). Both terms are
-        # bf16 bit patterns: 0x4300 | low7 and 0x4300 | (b & 0x80); their difference is exact
-        sign = self.tmp("b32", "w_sign")
-        for dst, selector in ((lo_pair, "0x4140"), (hi_pair, "0x4342")):
-            p(f"prmt.b32 {dst}, {packed}, 0x43434343, {selector}")
-            p(f"and.b32 {sign}, {dst}, 0x00800080")
-            p(f"or.b32 {sign}, {sign}, 0x43004300")
-            p(f"and.b32 {dst}, {dst}, 0xFF7FFF7F")
-            p(f"sub.rn.bf16x2 {dst}, {dst}, {sign}")
+        # int8 by the magic number 1024: byte ^ 0x80 = x + 128 as the low mantissa bits of
+        # 0x6400 (1024.0) gives 1152 + x exactly; subtract 1152 (0x6480)
+        biased, magic = self.tmp("b32", "w_biased"), self.tmp("b32", "w_magic")
+        p(f"xor.b32 {biased}, {packed}, 0x80808080")
+        p(f"mov.b32 {magic}, 0x64806480")
+        p(f"prmt.b32 {lo_pair}, {biased}, 0x64646464, 0x4140")
+        p(f"prmt.b32 {hi_pair}, {biased}, 0x64646464, 0x4342")
+        p(f"sub.f16x2 {lo_pair}, {lo_pair}, {magic}")
+        p(f"sub.f16x2 {hi_pair}, {hi_pair}, {magic}")
 
     # ----------------------------------------------------------------- phases
     def render(self) -> str:
@@ -371,17 +355,73 @@ class Kernel:
             p(f"shl.b32 {slot}, {word}, 2")
         word_bytes = self.tmp("u64", "q_word_bytes")
         p(f"mul.wide.u32 {word_bytes}, {word}, 4")
-        m, val, dst = self.tmp("u32", "q_m"), self.tmp("b32", "q_val"), self.tmp("u32", "q_dst")
-        for r in range(v.rows * (HEAD // 2) // v.threads):
+        m, dst = self.tmp("u32", "q_m"), self.tmp("u32", "q_dst")
+        words = range(v.rows * (HEAD // 2) // v.threads)
+        convert = v.q != v.mma_type  # bf16 queries of an fp16 kernel: all loaded, then converted
+        vals = [self.tmp("b32", f"q_val{r}" if convert else "q_val") for r in words]
+        for r in words:
             p(f"add.u32 {m}, {m0}, {v.threads // 64 * r}")
             addr = self.row_address(m, self.q_ptr, self.q_row, self.q_head, "q")
             p(f"add.s64 {addr}, {addr}, {word_bytes}")
-            p(f"mov.b32 {val}, 0")
-            p(f"@%p1 ld.global.nc.b32 {val}, [{addr}]")
-            p(f"mad.lo.u32 {dst}, {m}, {Q_STRIDE * 2}, {slot}")
-            p(f"add.u32 {dst}, {dst}, {self.smem}")
-            p(f"st.shared.b32 [{dst}], {val}")
+            p(f"mov.b32 {vals[r]}, 0")
+            p(f"@%p1 ld.global.nc.b32 {vals[r]}, [{addr}]")
+            if not convert:
+                p(f"mad.lo.u32 {dst}, {m}, {Q_STRIDE * 2}, {slot}")
+                p(f"add.u32 {dst}, {dst}, {self.smem}")
+                p(f"st.shared.b32 [{dst}], {vals[r]}")
+        if convert:
+            self.query_to_f16(vals)
+            for r in words:
+                p(f"add.u32 {m}, {m0}, {v.threads // 64 * r}")
+                p(f"mad.lo.u32 {dst}, {m}, {Q_STRIDE * 2}, {slot}")
+                p(f"add.u32 {dst}, {dst}, {self.smem}")
+                p(f"st.shared.b32 [{dst}], {vals[r]}")
         p("bar.sync 0")
+
+    def query_to_f16(self, vals: list[str]):
+        """bf16 query words -> fp16 words, all scaled by one power of two 2^e that puts the
+        group's largest |q| in [2^14, 2^15): every bf16 value within 2^28 of it is exact in
+        fp16 and nothing overflows. The logit scale takes 2^-e."""
+        p, v = self.p, self.v
+        p.comment("bf16 -> fp16: the CTA's largest |q| (bf16 bit patterns order like their values)")
+        mag, t = self.tmp("b32", "q_mag"), self.tmp("b32", "q_mag_t")
+        p(f"and.b32 {mag}, {vals[0]}, 0x7FFF7FFF")
+        for val in vals[1:]:
+            p(f"and.b32 {t}, {val}, 0x7FFF7FFF")
+            p(f"max.u16x2 {mag}, {mag}, {t}")
+        p(f"shr.b32 {t}, {mag}, 16")
+        p(f"and.b32 {mag}, {mag}, 0xFFFF")
+        p(f"max.u32 {mag}, {mag}, {t}")
+        p(f"redux.sync.max.u32 {mag}, {mag}, 0xffffffff")
+        p.comment(f"warps meet in the pads of query rows 0..{v.warps - 1} (bytes {HEAD * 2}.. of a row; ldmatrix never reads them)")
+        pad = self.tmp("u32", "q_pad")
+        p(f"mad.lo.u32 {pad}, {self.warp}, {Q_STRIDE * 2}, {self.smem}")
+        p(f"st.shared.u32 [{pad}+{HEAD * 2}], {mag}")
+        p("bar.sync 0")
+        for w in range(v.warps):
+            p(f"ld.shared.u32 {t}, [{self.smem}+{w * Q_STRIDE * 2 + HEAD * 2}]")
+            p(f"max.u32 {mag}, {mag}, {t}")
+        p.comment("exponent field E of the largest |q|: 2^e = 2^(141 - E) (at most 2^100: smaller q are ~0 anyway)")
+        field, inv = self.tmp("s32", "q_scale_field"), self.tmp("s32", "q_inv_field")
+        scale, inv_scale = self.tmp("f32", "q_scale"), self.tmp("f32", "q_inv_scale")
+        p(f"shr.b32 {mag}, {mag}, 7")
+        p(f"mov.s32 {field}, 268")
+        p(f"sub.s32 {field}, {field}, {mag}")
+        p(f"min.s32 {field}, {field}, 227")
+        p(f"mov.s32 {inv}, 254")
+        p(f"sub.s32 {inv}, {inv}, {field}")
+        p(f"shl.b32 {field}, {field}, 23")
+        p(f"shl.b32 {inv}, {inv}, 23")
+        p(f"mov.b32 {scale}, {field}")
+        p(f"mov.b32 {inv_scale}, {inv}")
+        p(f"mul.f32 {self.qk_scale}, {self.qk_scale}, {inv_scale}")
+        lo, hi = self.tmp("f32", "q_lo"), self.tmp("f32", "q_hi")
+        for val in vals:
+            p(f"shl.b32 {lo}, {val}, 16")
+            p(f"and.b32 {hi}, {val}, 0xFFFF0000")
+            p(f"mul.f32 {lo}, {lo}, {scale}")
+            p(f"mul.f32 {hi}, {hi}, {scale}")
+            self.pack(val, lo, hi, "f16")
 
     def row_limits(self):
         """Per lane, for each of its rows (quad_row + 8h of each tile): tokens it sees."""
@@ -461,15 +501,12 @@ class Kernel:
             p(f"mul.wide.u32 {tok4}, {self.lane_tok}, 4")
             p(f"add.s64 {src}, {src}, {tok4}")
             self.scale_src = src
-            # per-tensor: K's scale folds into the logit scale, V's into the final weights
+            # per-tensor: K's scale folds into the logit scale, V's into the final weights (read then)
             self.qk_scale = self.tmp("f32", "qk_scale")
-            self.v_tensor_scale = self.tmp("f32", "v_tensor_scale")
             p(f"ld.param.f32 {self.qk_scale}, [args+{_offset('scale_log2')}]")
-            p(f"mov.f32 {self.v_tensor_scale}, 0f3F800000")
             one = self.tmp("f32", "k_tensor_scale")
             p(f"@!{self.per_token} ld.global.nc.f32 {one}, [{ks}]")
             p(f"@!{self.per_token} mul.f32 {self.qk_scale}, {self.qk_scale}, {one}")
-            p(f"@!{self.per_token} ld.global.nc.f32 {self.v_tensor_scale}, [{vs}]")
             self.k_tok_scale = [self.tmp("f32", f"k_tok_scale{i}") for i in range(4)]
             self.v_tok_scale = [self.tmp("f32", f"v_tok_scale{i}") for i in range(4)]
             for r in self.k_tok_scale + self.v_tok_scale:
@@ -627,13 +664,16 @@ class Kernel:
                 for r in regs:
                     p(f"mov.f32 {r}, 0f00000000")
                 self.o[mt, dt] = regs
-        self.row_max, self.row_sum = {}, {}
+        self.row_max, self.row_sum, self.row_ref = {}, {}, {}
         for mt in range(v.row_tiles):
             for h in range(2):
                 self.row_max[mt, h] = self.tmp("f32", f"max_m{mt}_h{h}")
                 self.row_sum[mt, h] = self.tmp("f32", f"sum_m{mt}_h{h}")
                 p(f"mov.f32 {self.row_max[mt, h]}, {NEG_INF}")
                 p(f"mov.f32 {self.row_sum[mt, h]}, 0f00000000")
+                if v.eight_bit:  # the row's largest p * v_scale: O is kept in its units
+                    self.row_ref[mt, h] = self.tmp("f32", f"ref_m{mt}_h{h}")
+                    p(f"mov.f32 {self.row_ref[mt, h]}, {REF_FLOOR}")
         # per-lane ldmatrix offsets (bytes, relative to their tiles)
         self.q_lds = self.tmp("u32", "q_ldsm_lane")  # row lane % 16, dims (lane / 16) * 8
         t = self.tmp("u32", "ldsm_t")
@@ -678,6 +718,32 @@ class Kernel:
 
     def column_offset(self, nt: int, e: int) -> int:
         return (2 * nt + e) if self.v.eight_bit else (8 * nt + e)
+
+    def weigh_by_v_scale(self, cols: list[str], ref: str, alpha: str):
+        """8-bit caches: a row's probabilities p -> fp16-safe weights p * v_scale / ref.
+        ``ref`` is the row's largest p * v_scale so far (in units of the current max, so a
+        moved max scales it by ``alpha``, and O, kept in units of ref, does not move).
+        Weights are then at most 1 with the largest exactly representable, whatever the
+        scales; O is rescaled only when ``ref`` grows: ``alpha`` becomes that factor."""
+        p = self.p
+        wmax, tmpf, cur = self.tmp("f32", "w_max"), self.tmp("f32", "shfl_tmp"), self.tmp("f32", "ref_cur")
+        for i, c in enumerate(cols):  # column (nt, e) = i is token 4 quad_col + i
+            p(f"mul.f32 {c}, {c}, {self.v_tok_scale[i]}")
+        p(f"max.f32 {wmax}, {cols[0]}, {cols[1]}")
+        p(f"max.f32 {wmax}, {wmax}, {cols[2]}")
+        p(f"max.f32 {wmax}, {wmax}, {cols[3]}")
+        for lane_mask in (1, 2):
+            p(f"shfl.sync.bfly.b32 {tmpf}, {wmax}, {lane_mask}, 31, 0xffffffff")
+            p(f"max.f32 {wmax}, {wmax}, {tmpf}")
+        p(f"mul.f32 {cur}, {ref}, {alpha}")
+        p(f"max.f32 {ref}, {cur}, {wmax}")
+        p(f"max.f32 {ref}, {ref}, {REF_FLOOR}")  # a row that has seen nothing divides by 2^-100, not 0
+        p(f"setp.eq.f32 %p3, {ref}, {cur}")
+        p(f"rcp.approx.ftz.f32 {wmax}, {ref}")
+        p(f"mul.f32 {alpha}, {cur}, {wmax}")
+        p(f"selp.f32 {alpha}, 0f3F800000, {alpha}, %p3")
+        for c in cols:
+            p(f"mul.f32 {c}, {c}, {wmax}")
 
     def compute_block(self, stage: str, token0: str):
         p, v = self.p, self.v
@@ -759,13 +825,16 @@ class Kernel:
                 p(f"selp.f32 {shift}, 0f00000000, {bmax}, %p3")
                 p(f"sub.f32 {alpha}, {mx}, {shift}")
                 p(f"ex2.approx.ftz.f32 {alpha}, {alpha}")
+                p(f"selp.f32 {alpha}, 0f3F800000, {alpha}, %p3")  # and O stays (rows past the group)
                 p(f"mov.f32 {mx}, {bmax}")
                 p(f"mul.f32 {sm}, {sm}, {alpha}")
                 for c in cols:
                     p(f"sub.f32 {c}, {c}, {shift}")
                     p(f"ex2.approx.ftz.f32 {c}, {c}")
                     p(f"add.f32 {sm}, {sm}, {c}")
-            p.comment("rescale O unless no row's max moved in the whole warp (the common case late in a context)")
+                if v.eight_bit:
+                    self.weigh_by_v_scale(cols, self.row_ref[mt, h], alpha)
+            p.comment("rescale O unless no row's " + ("largest weight" if v.eight_bit else "max") + " moved in the whole warp (the common case late in a context)")
             skip = p.new_label("rescale_done")
             p(f"setp.eq.f32 %p3, {alphas[0]}, 0f3F800000")
             p(f"setp.eq.and.f32 %p3, {alphas[1]}, 0f3F800000, %p3")
@@ -777,16 +846,12 @@ class Kernel:
                     p(f"mul.f32 {r}, {r}, {alphas[c // 2]}")
             p.label(skip)
 
-        p.comment("O += P V: S's accumulators are P's A fragments" + (" (V's per-token scale folded in)" if v.eight_bit else ""))
+        p.comment("O += P V: S's accumulators are P's A fragments")
         pa = {mt: [self.tmp("b32", f"p_m{mt}_{i}") for i in range(4)] for mt in range(v.row_tiles)}
         for mt in range(v.row_tiles):
             for nt in range(2):
                 for h in range(2):
-                    lo, hi = s[mt, nt][2 * h], s[mt, nt][2 * h + 1]
-                    if v.eight_bit:
-                        p(f"mul.f32 {lo}, {lo}, {self.v_tok_scale[2 * nt]}")
-                        p(f"mul.f32 {hi}, {hi}, {self.v_tok_scale[2 * nt + 1]}")
-                    self.pack(pa[mt][2 * nt + h], lo, hi)
+                    self.pack(pa[mt][2 * nt + h], s[mt, nt][2 * h], s[mt, nt][2 * h + 1], v.mma_type)
         vb = [self.tmp("b32", f"vb{i}") for i in range(4)]
         p(f"add.u32 {addr}, {stage}, {self.v_lds}")
         if v.eight_bit:
@@ -837,6 +902,9 @@ class Kernel:
                 for h in range(2):
                     off = ((16 * mt + 8 * h) * O_STRIDE + 8 * dt) * 4
                     o = self.o[mt, dt]
+                    if v.eight_bit:  # from units of the row's largest weight back to those of its max
+                        for c in o[2 * h:2 * h + 2]:
+                            p(f"mul.f32 {c}, {c}, {self.row_ref[mt, h]}")
                     p(f"st.shared.v2.f32 [{addr}+{off}], {{{o[2 * h]}, {o[2 * h + 1]}}}")
         p("bar.sync 0")
 
@@ -868,7 +936,10 @@ class Kernel:
         p(f"max.f32 {t}, {tot}, 0f0DA24260")  # 1e-30
         p(f"rcp.rn.f32 {t}, {t}")
         if v.eight_bit:
-            p(f"mul.f32 {t}, {t}, {self.v_tensor_scale}")
+            v_scale = self.tmp("f32", "v_tensor_scale")
+            p(f"mov.f32 {v_scale}, 0f3F800000")
+            p(f"@!{self.per_token} ld.global.nc.f32 {v_scale}, [{self.global_ptr('v_scale')}]")
+            p(f"mul.f32 {t}, {t}, {v_scale}")
         for w in range(W):
             p(f"mul.f32 {wmax[w]}, {wmax[w]}, {t}")
             p(f"st.shared.f32 [{addr}+{w * R * 4}], {wmax[w]}")
@@ -897,12 +968,16 @@ class Kernel:
                 p(f"ld.shared.v2.f32 {{{ov[0]}, {ov[1]}}}, [{addr}+{w * R * O_STRIDE * 4}]")
                 for i in range(2):
                     p(f"fma.rn.f32 {acc[i]}, {ov[i]}, {wgt}, {acc[i]}")
-            self.pack(packed, acc[0], acc[1])
+            self.pack(packed, acc[0], acc[1], v.q)
             p(f"@%p1 st.global.b32 [{out_addr}], {packed}")
 
 
 def _offset(name: str) -> int:
     return next(o for n, _, o in ARGS if n == name)
+
+
+P_WEIGHTS = """; P x per-token V scale, divided by the
+                        row's largest such weight so far, first (O is kept in its units)"""
 
 
 def header_comment(v: Variant) -> str:
@@ -930,8 +1005,8 @@ and never stored). No scratch, one launch.
        softmax          S * scale*log2(e) (x per-token K scale), masked past each row's
                         visible length (causal with max_qlen > 1), running max/sum per
                         row in base 2, O rescaled by exp2(old max - new max)
-       O += P V         P packed to {DTYPE_NAMES[v.q]} from S's accumulators (its A fragments),
-                        V's B fragments by ldmatrix.x4{"; P x per-token V scale first" if eight else ""}
+       O += P V         P packed to {DTYPE_NAMES[v.mma_type]} from S's accumulators (its A fragments),
+                        V's B fragments by ldmatrix.x4{P_WEIGHTS if eight else ""}
      Each warp's first {v.stages - 1} copies are issued before step 2, so they overlap it.
      Block ids: lane l of a warp holds the id of the warp's block 32 k + l (one coalesced
      load per 32 blocks, shuffled out per copy); the first chunk is loaded beside
@@ -958,7 +1033,12 @@ Layouts feed ldmatrix without transposes:
   Scales: per-token (K_QScale_asm/V_QScale_asm [num_blocks, num_kv_heads, 16] fp32) or
   per-tensor (per_token_scales = 0: K's scale multiplies the logit scale, V's the final
   weights). high_precision 0, 1 and 2 all run this kernel: nothing is computed in
-  8-bit (K and V widen exactly to the query dtype; P is rounded to it)."""
+  8-bit. K and V widen exactly to fp16 (one cvt per e4m3 pair; int8 by the magic
+  number 1024) and both MMAs run in fp16 with fp32 accumulators, whatever the query
+  dtype: bf16 queries are stored as fp16 after one power-of-two scale per CTA that puts
+  the largest |q| in [2^14, 2^15) (the logit scale takes its inverse), and the weights
+  p * v_scale are divided by their row's running largest one, so they are at most 1
+  and none that matters is subnormal in fp16 for any scales."""
     regs = f"""
 
 Registers per lane: O {v.row_tiles} x 16 dim tiles x 4 f32, S {v.row_tiles} x 2 n-tiles x 4 f32, running

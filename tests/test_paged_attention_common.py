@@ -132,6 +132,46 @@ def test_uniform_qlen_without_qo_indptr(device, backend):
     check_against_reference(case, backend)
 
 
+# (query factor, K scale factor, V scale factor, spread): the logits stay those of the plain
+# case (query x K scale is unchanged), the output moves with the V scales. bf16 queries of
+# 2^18 are past fp16's range; V scales of 2^-20 put p * scale below fp16's normal range and
+# 2^20 above its largest value (2^-8 with fp16 queries, whose output must stay normal fp16:
+# p * scale still falls below 2^-14 for p < 1); ``spread`` multiplies each token's V scale by 2^U(-s, s)
+# (spread K scales would make logits too large for the bf16 logits the torch backend keeps).
+MAGNITUDES = [
+    (2.0**18, 2.0**-18, 2.0**-20, 0),
+    (2.0**-18, 2.0**18, 2.0**20, 0),
+    (2.0**-12, 2.0**12, 2.0**-8, 0),
+    (1.0, 1.0, 1.0, 12),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("magnitudes", MAGNITUDES, ids=lambda m: "q{:g}-ks{:g}-vs{:g}-spread{}".format(*m))
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.int8], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float16], ids=lambda d: str(d)[6:])
+def test_8bit_scales_and_queries_far_from_one(device, backend, magnitudes, kv_dtype, q_dtype):
+    q_factor, k_factor, v_factor, spread = magnitudes
+    if q_dtype == torch.float16 and max(q_factor, v_factor) > 1:
+        pytest.skip("fp16 cannot hold these queries or their output")
+    case = make_decode_case(
+        [1, 17, 300, 1500], num_heads=16, num_kv_heads=2, q_dtype=q_dtype, kv_dtype=kv_dtype, scales="per_token",
+        device=device,
+    )
+    skip_if_unsupported(backend, case)
+    jitter = 2.0 ** (spread * (2 * torch.rand(case["V_QScale_asm"].shape, device=device) - 1))
+    case.update(
+        Q=case["Q"] * q_factor,
+        K_QScale_asm=case["K_QScale_asm"] * k_factor,
+        V_QScale_asm=case["V_QScale_asm"] * v_factor * jitter,
+    )
+    out = paged_attention_common(exp_sums=None, max_logits=None, tmp_out=None, backend=backend, **case)
+    ref = reference_paged_attention(**case)
+    # the bound of the plain case on every (row, head) vector: scale-free, unlike an atol
+    rel = (out.float() - ref).norm(dim=-1) / ref.norm(dim=-1)
+    assert rel.max().item() < REL_TOL[1], f"worst (row, head) relative error {rel.max().item():.3e}"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fp8_cache_stored_as_uint8(device, backend):
     case = make_decode_case([70, 300], num_heads=8, num_kv_heads=2, head_size=64, kv_dtype=torch.float8_e4m3fn, device=device)
