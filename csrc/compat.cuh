@@ -15,14 +15,13 @@
 //   cp_async_16 / _4       16- and 4-byte global->shared copies
 //   cp_async_4_or_zero     a 4-byte copy, or 4 zero bytes (nothing read) when !valid
 //   cp_async_commit/wait   group bookkeeping of those copies
-//   shfl_xor(v, m)         butterfly exchange inside a warp (float or unsigned)
+//   shfl_xor(v, m)         butterfly exchange inside a warp
 //   warp_sync()            a warp's shared-memory writes are visible to the whole warp
 //   fast_exp2(x)           2^x
-//   bits_float(u), float_bits(f)  a float from its bit pattern and back
 //   allow_dependent_launch()  lets a kernel launched after this one with programmatic
 //                          dependent launch start now (it waits for this grid's results itself)
-//   widen2<KV_KIND>        two 8-bit cache values (16 bits) -> a packed f16 pair (e4m3)
-//   widen4<KV_KIND>        four 8-bit cache values (a 32-bit word) -> two packed f16 pairs (int8)
+//   widen2<KV_KIND, ...>   two 8-bit cache values (16 bits) -> a packed 16-bit pair (e4m3)
+//   widen4<KV_KIND, ...>   four 8-bit cache values (a 32-bit word) -> two packed 16-bit pairs (int8)
 //   PA_GRID_CONSTANT       how a by-value parameter struct is declared
 //   PA_NEG_INF             -infinity as a float constant
 //   SMEM_PER_CTA           the most shared memory one CTA may have (tiles are sized to it)

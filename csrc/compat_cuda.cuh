@@ -75,30 +75,32 @@ PA_DEVICE void allow_dependent_launch() {
 template <int N> PA_DEVICE void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 PA_DEVICE float shfl_xor(float v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
-PA_DEVICE unsigned shfl_xor(unsigned v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
 PA_DEVICE void warp_sync() { __syncwarp(); }
 PA_DEVICE float fast_exp2(float x) { return exp2f(x); }
-PA_DEVICE float bits_float(unsigned u) { return __uint_as_float(u); }
-PA_DEVICE unsigned float_bits(float f) { return __float_as_uint(f); }
 
-// Two adjacent e4m3 cache values (16 bits, low byte first) -> a packed f16 pair; exact, one
-// instruction on sm_89+ (the backend's floor).
-template <int KV_KIND> PA_DEVICE unsigned widen2(unsigned short v) {
+// Two adjacent e4m3 cache values (16 bits, low byte first) -> a packed 16-bit pair of the
+// query type; exact. e4m3 -> f16 is one instruction per pair on sm_89+ (the backend's floor).
+template <int KV_KIND, bool IS_BF16> PA_DEVICE unsigned widen2(unsigned short v) {
   static_assert(KV_KIND == KV_FP8_E4M3, "the kernel widens int8 caches four values at a time (widen4)");
-  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(v), __NV_E4M3);
-  return *reinterpret_cast<const unsigned*>(&h);
+  __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(v), __NV_E4M3);
+  if constexpr (IS_BF16) {  // f16 -> f32 -> bf16: exact (3 mantissa bits)
+    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h));
+    return as_u32(q16<IS_BF16>::from_floats(f.x, f.y));
+  } else {
+    return *reinterpret_cast<const unsigned*>(&h);
+  }
 }
 
-// Four adjacent int8 cache values (a 32-bit word, low byte first) -> the packed f16 pairs of
-// bytes 0-1 (lo) and 2-3 (hi); exact, by the magic number 1024: byte ^ 0x80 = x + 128 as the
-// low mantissa bits of 0x6400 (1024.0) is 1152 + x, and 1152 is 0x6480.
-template <int KV_KIND> PA_DEVICE void widen4(unsigned v, unsigned& lo, unsigned& hi) {
+// Four adjacent int8 cache values (a 32-bit word, low byte first) -> the packed 16-bit pairs
+// of the query type of bytes 0-1 (lo) and 2-3 (hi); exact. The bytes are sign-extended where
+// they sit, by shifts: extracting each byte first took up to 30 more registers (and spills)
+// in head-256 variants.
+template <int KV_KIND, bool IS_BF16> PA_DEVICE void widen4(unsigned v, unsigned& lo, unsigned& hi) {
   static_assert(KV_KIND == KV_INT8, "the kernel widens e4m3 caches two values at a time (widen2)");
-  const unsigned biased = v ^ 0x80808080u, magic_bits = 0x64806480u;
-  const unsigned l = __byte_perm(biased, 0x64646464u, 0x4140), h = __byte_perm(biased, 0x64646464u, 0x4342);
-  const __half2 magic = *reinterpret_cast<const __half2*>(&magic_bits);
-  lo = as_u32(__hsub2(*reinterpret_cast<const __half2*>(&l), magic));
-  hi = as_u32(__hsub2(*reinterpret_cast<const __half2*>(&h), magic));
+  using Q = q16<IS_BF16>;
+  auto byte = [v](int shift) { return static_cast<float>(static_cast<int>(v << shift) >> 24); };  // byte (24 - shift) / 8
+  lo = as_u32(Q::from_floats(byte(24), byte(16)));
+  hi = as_u32(Q::from_floats(byte(8), byte(0)));
 }
 
 }  // namespace pa

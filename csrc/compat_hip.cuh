@@ -55,9 +55,6 @@ template <> struct q16<false> {
 };
 
 PA_DEVICE float shfl_xor(float v, int mask) { return __shfl_xor(v, mask, 32); }
-PA_DEVICE unsigned shfl_xor(unsigned v, int mask) {
-  return static_cast<unsigned>(__shfl_xor(static_cast<int>(v), mask, 32));
-}
 PA_DEVICE unsigned shfl(unsigned v, int src_lane) { return __shfl(v, src_lane, 32); }  // src in this half
 PA_DEVICE unsigned lane_id() { return __lane_id() % 32; }
 
@@ -163,22 +160,22 @@ PA_DEVICE float e4m3_to_float(unsigned char v) {
   return bits_float(sign | ((exp + 120) << 23) | (man << 20));
 }
 
-// Two adjacent 8-bit cache values (low byte first) -> a packed f16 pair (exact: e4m3 and
-// int8 values are all representable in f16).
-template <int KV_KIND> PA_DEVICE unsigned widen2(unsigned short v) {
-  using H = q16<false>;
+// Two adjacent 8-bit cache values (low byte first) -> a packed 16-bit pair of the query type
+// (exact: e4m3 and int8 values are all representable in f16 and bf16).
+template <int KV_KIND, bool IS_BF16> PA_DEVICE unsigned widen2(unsigned short v) {
+  using Q = q16<IS_BF16>;
   if constexpr (KV_KIND == KV_FP8_E4M3) {
-    return as_u32(H::from_floats(e4m3_to_float(v & 0xff), e4m3_to_float(v >> 8)));
+    return as_u32(Q::from_floats(e4m3_to_float(v & 0xff), e4m3_to_float(v >> 8)));
   } else {
     const signed char lo = static_cast<signed char>(v & 0xff);
     const signed char hi = static_cast<signed char>(v >> 8);
-    return as_u32(H::from_floats(static_cast<float>(lo), static_cast<float>(hi)));
+    return as_u32(Q::from_floats(static_cast<float>(lo), static_cast<float>(hi)));
   }
 }
 // Four adjacent 8-bit cache values (one 32-bit word) -> the packed pairs of bytes 0-1 and 2-3.
-template <int KV_KIND> PA_DEVICE void widen4(unsigned v, unsigned& lo, unsigned& hi) {
-  lo = widen2<KV_KIND>(static_cast<unsigned short>(v));
-  hi = widen2<KV_KIND>(static_cast<unsigned short>(v >> 16));
+template <int KV_KIND, bool IS_BF16> PA_DEVICE void widen4(unsigned v, unsigned& lo, unsigned& hi) {
+  lo = widen2<KV_KIND, IS_BF16>(static_cast<unsigned short>(v));
+  hi = widen2<KV_KIND, IS_BF16>(static_cast<unsigned short>(v >> 16));
 }
 
 }  // namespace pa

@@ -23,11 +23,7 @@
 //   V [BS/X][HEAD][X]: the 16 bytes of (token group g, dim d) are row d of an 8x8 B-matrix
 //                      of O = P V (k = tokens, n = dims): ldmatrix again.
 // 8-bit caches (X = 16): the same rows hold 16 one-byte values, widened in registers
-// (compat.cuh's widen2 / widen4) into f16 B fragments, whatever the query type: e4m3 -> f16
-// is one instruction per pair and int8 -> f16 five per four values, where bf16 took two to
-// three times as many, so both MMAs run in f16 (fp32 accumulators). bf16 queries enter f16
-// scaled by one power of two per span (query_to_f16); the weights p * v_scale are divided
-// by their row's running largest (a power of two), so none leaves f16's range. e4m3 takes each
+// (compat.cuh's widen2 / widen4) into the B fragments of the query type. e4m3 takes each
 // fragment register from one 2-byte shared load (bytes 2t, 2t+1 and 2t+8, 2t+9 of row g for
 // lane 4 g + t), in natural k order. int8 takes a fragment pair from one 4-byte load (bytes
 // 4t..4t+3, as ldmatrix would deliver them) whose k order is permuted: k slots (2t, 2t+1)
@@ -117,8 +113,6 @@ struct SplitKvConfig {  // restated by hip.py's kernel_config; the same test che
   static constexpr int NT = BS / 8;  // n-tiles of S per block
   // int8: a fragment pair per 4-byte shared load, k order permuted (see the header)
   static constexpr bool PERMUTED_K = KV_KIND == KV_INT8;
-  // 8-bit caches run both MMAs in f16 whatever the query type (see the header)
-  static constexpr bool MMA_BF16 = IS_BF16 && KV_KIND == KV_16BIT;
   static_assert(HEAD % 16 == 0 && BS % 16 == 0 && BS % X == 0, "unsupported head/block size");
   static_assert(KV_TILE % 512 == 0, "a warp copies tiles in 512-byte steps");
   static_assert(SMEM_BYTES <= SMEM_PER_CTA, "more shared memory than one CTA may have");
@@ -132,48 +126,15 @@ constexpr int k_ring_row(int u) { return (u & ~15) + 8 * ((u >> 1) & 1) + 2 * ((
 // each 16-dim chunk, dims 4t, 4t+1 go to word t and dims 4t+2, 4t+3 to word 4 + t.
 constexpr int q_word_slot(int w) { return (w & ~7) + ((w & 1) ? 4 : 0) + ((w & 7) >> 1); }
 
-// 8-bit caches: lane's f16 B fragment pair from its row of 16 bytes (row g = lane / 4 of the 8)
-template <class C, int KV_KIND>
+// 8-bit caches: lane's B fragment pair from its row of 16 bytes (row g = lane / 4 of the 8)
+template <class C, int KV_KIND, bool IS_BF16>
 __device__ __forceinline__ void widened_pair(const unsigned char* row, int lane, unsigned& b0, unsigned& b1) {
   if constexpr (C::PERMUTED_K) {
-    widen4<KV_KIND>(*reinterpret_cast<const unsigned*>(row + (lane % 4) * 4), b0, b1);
+    widen4<KV_KIND, IS_BF16>(*reinterpret_cast<const unsigned*>(row + (lane % 4) * 4), b0, b1);
   } else {
-    b0 = widen2<KV_KIND>(*reinterpret_cast<const unsigned short*>(row + (lane % 4) * 2));
-    b1 = widen2<KV_KIND>(*reinterpret_cast<const unsigned short*>(row + 8 + (lane % 4) * 2));
+    b0 = widen2<KV_KIND, IS_BF16>(*reinterpret_cast<const unsigned short*>(row + (lane % 4) * 2));
+    b1 = widen2<KV_KIND, IS_BF16>(*reinterpret_cast<const unsigned short*>(row + 8 + (lane % 4) * 2));
   }
-}
-
-// 8-bit caches with bf16 queries: the query rows in shared memory (bf16, as copied) become
-// f16, all scaled by one power of two 2^e that puts the group's largest |q| in [2^14, 2^15):
-// every bf16 value down to 2^-31 of it is exact in f16 and none overflows. Returns 2^-e, for
-// the logit scale. Warps meet in the pads of query rows 1.. (row 0's holds BalancedState).
-template <class C>
-__device__ __forceinline__ float query_to_f16(unsigned* q_words, int tid, int warp, int lane) {
-  constexpr int Q_WORDS = C::Q_STRIDE / 2;  // words per shared row, pad included
-  constexpr int HEAD_WORDS = (C::Q_STRIDE - 8) / 2;
-  unsigned largest = 0;  // of |bf16| bit patterns, which order like their values
-#pragma unroll 1
-  for (int idx = tid; idx < 16 * HEAD_WORDS; idx += C::THREADS) {
-    const unsigned w = q_words[(idx / HEAD_WORDS) * Q_WORDS + idx % HEAD_WORDS];
-    largest = max(largest, max(w & 0x7fffu, (w >> 16) & 0x7fffu));
-  }
-#pragma unroll
-  for (int mask = 1; mask < 32; mask *= 2) largest = max(largest, shfl_xor(largest, mask));
-  if (lane == 0) q_words[(1 + warp) * Q_WORDS + HEAD_WORDS] = largest;
-  __syncthreads();
-#pragma unroll
-  for (int w = 0; w < C::WARPS; ++w) largest = max(largest, q_words[(1 + w) * Q_WORDS + HEAD_WORDS]);
-  // largest's exponent field E: 2^e = 2^(141 - E), at most 2^100 (smaller queries are ~0 anyway)
-  const int field = min(268 - static_cast<int>(largest >> 7), 227);
-  const float scale = bits_float(static_cast<unsigned>(field) << 23);
-#pragma unroll 1
-  for (int idx = tid; idx < 16 * HEAD_WORDS; idx += C::THREADS) {
-    const int at = (idx / HEAD_WORDS) * Q_WORDS + idx % HEAD_WORDS;
-    const unsigned w = q_words[at];
-    reinterpret_cast<q16<false>::t2*>(q_words)[at] = q16<false>::from_floats(bits_float(w << 16) * scale, bits_float(w & 0xffff0000u) * scale);
-  }
-  __syncthreads();
-  return bits_float(static_cast<unsigned>(254 - field) << 23);
 }
 
 // The CTA's dynamic shared memory: 16 query rows, then the rings (see split_kv_smem_bytes).
@@ -195,7 +156,6 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
                                             int end, const Tail& tail) {
   using C = SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, WIDE>;
   using Q = q16<IS_BF16>;
-  using M = q16<C::MMA_BF16>;  // the MMAs' operand type
   using qt = typename Q::t;
   constexpr float LN2 = 0.6931471805599453f;
   qt* q_s = reinterpret_cast<qt*>(smem);  // [16][Q_STRIDE]
@@ -273,13 +233,6 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
 #pragma unroll
   for (int dt = 0; dt < HEAD / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
   float max0 = PA_NEG_INF, max1 = PA_NEG_INF, sum0 = 0.f, sum1 = 0.f;
-  // 8-bit: each row's largest weight p * v_scale so far (in units of its max), rounded up to
-  // a power of two, whose exponent fields (rows 0 | 1 << 8) share one register: O is kept in
-  // units of it, so the f16 weights are in (1/2, 1] at the largest whatever the scales.
-  // 2^-100 (field 27): no weight yet.
-  constexpr unsigned REF_FLOOR_FIELD = 27;
-  unsigned refs = REF_FLOOR_FIELD | REF_FLOOR_FIELD << 8;
-  auto pow2 = [](unsigned field) { return bits_float(field << 23); };
 
   // The query rows of the group go to shared memory in the first copy group, behind the
   // first K/V copies (rows past ROWS are zero-filled); loaded one after another, 16 rows
@@ -291,7 +244,6 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
     if (j < mine) issue(j, first_blocks[j]);
     if (j == 0) {
       constexpr int Q_WORDS = HEAD / 2;
-#pragma unroll 1  // unrolled, its hoisted addresses spilled in variants at the edge of the register file
       for (int idx = threadIdx.x; idx < 16 * Q_WORDS; idx += C::THREADS) {
         const int m = idx / Q_WORDS, w = idx % Q_WORDS, i = m / gqa;
         const bool valid = m < rows && i < num_new;
@@ -305,7 +257,6 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
   }
   cp_async_wait<C::STAGES - 1>();  // the first group: this thread's query copies
   __syncthreads();                 // and everyone's, before any warp reads q_s
-  if constexpr (IS_BF16 && !C::MMA_BF16) qk_scale *= query_to_f16<C>(reinterpret_cast<unsigned*>(q_s), threadIdx.x, warp, lane);
   for (int j = 0; j < mine; ++j) {
     cp_async_wait<C::STAGES - 1>();
     warp_sync();
@@ -342,16 +293,16 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
           unsigned b[4];
           const int mat = lane / 8, chunk = 2 * kstep + (mat & 1), tok = nt * 8 + (mat >> 1) * 8 + lane % 8;
           ldmatrix_x4(b, ks + (chunk * BS + tok) * 16);
-          mma_16816<C::MMA_BF16>(s[nt], a, b[0], b[1]);
-          mma_16816<C::MMA_BF16>(s[nt + 1], a, b[2], b[3]);
+          mma_16816<IS_BF16>(s[nt], a, b[0], b[1]);
+          mma_16816<IS_BF16>(s[nt + 1], a, b[2], b[3]);
         }
       } else {
 #pragma unroll
         for (int nt = 0; nt < C::NT; ++nt) {
           const unsigned char* row = ks + (kstep * BS + nt * 8 + lane / 4) * 16;
           unsigned b0, b1;
-          widened_pair<C, KV_KIND>(row, lane, b0, b1);
-          mma_16816<C::MMA_BF16>(s[nt], a, b0, b1);
+          widened_pair<C, KV_KIND, IS_BF16>(row, lane, b0, b1);
+          mma_16816<IS_BF16>(s[nt], a, b0, b1);
         }
       }
     }
@@ -409,50 +360,24 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
       sum0 += s[nt][0] + s[nt][1];
       sum1 += s[nt][2] + s[nt][3];
     }
-    // O's factor: alpha (16-bit), or the move of ref (8-bit: O does not move with the max)
-    float o_scale0 = alpha0, o_scale1 = alpha1;
-    if constexpr (C::SCALES > 0) {
-      float wmax0 = 0.f, wmax1 = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < C::NT; ++nt) {
-        wmax0 = fmaxf(wmax0, fmaxf(s[nt][0] * v_tok[nt].x, s[nt][1] * v_tok[nt].y));
-        wmax1 = fmaxf(wmax1, fmaxf(s[nt][2] * v_tok[nt].x, s[nt][3] * v_tok[nt].y));
-      }
-      wmax0 = fmaxf(wmax0, shfl_xor(wmax0, 1));
-      wmax0 = fmaxf(wmax0, shfl_xor(wmax0, 2));
-      wmax1 = fmaxf(wmax1, shfl_xor(wmax1, 1));
-      wmax1 = fmaxf(wmax1, shfl_xor(wmax1, 2));
-      const float cur0 = pow2(refs & 0xffu) * alpha0, cur1 = pow2(refs >> 8) * alpha1;
-      const unsigned field0 = max((float_bits(fmaxf(cur0, wmax0)) + 0x7fffffu) >> 23, REF_FLOOR_FIELD);  // 2^field >= it
-      const unsigned field1 = max((float_bits(fmaxf(cur1, wmax1)) + 0x7fffffu) >> 23, REF_FLOOR_FIELD);
-      refs = field0 | field1 << 8;
-      const float inv0 = pow2(254 - field0), inv1 = pow2(254 - field1);  // exact
-      o_scale0 = cur0 * inv0;
-      o_scale1 = cur1 * inv1;
-#pragma unroll
-      for (int nt = 0; nt < C::NT; ++nt) {
-        s[nt][0] *= v_tok[nt].x * inv0;
-        s[nt][1] *= v_tok[nt].y * inv0;
-        s[nt][2] *= v_tok[nt].x * inv1;
-        s[nt][3] *= v_tok[nt].y * inv1;
-      }
-    }
 #pragma unroll
     for (int dt = 0; dt < HEAD / 8; ++dt) {
-      o[dt][0] *= o_scale0;
-      o[dt][1] *= o_scale0;
-      o[dt][2] *= o_scale1;
-      o[dt][3] *= o_scale1;
+      o[dt][0] *= alpha0;
+      o[dt][1] *= alpha0;
+      o[dt][2] *= alpha1;
+      o[dt][3] *= alpha1;
     }
 
     // O += P V, 16 tokens per k-step; S's accumulator fragments are P's A fragments
+    // (times V's per-token scales)
 #pragma unroll
     for (int kt = 0; kt < BS / 16; ++kt) {
+      const float2 v0 = v_tok[2 * kt], v1 = v_tok[2 * kt + 1];
       const unsigned a[4] = {
-          as_u32(M::from_floats(s[2 * kt][0], s[2 * kt][1])),
-          as_u32(M::from_floats(s[2 * kt][2], s[2 * kt][3])),
-          as_u32(M::from_floats(s[2 * kt + 1][0], s[2 * kt + 1][1])),
-          as_u32(M::from_floats(s[2 * kt + 1][2], s[2 * kt + 1][3])),
+          as_u32(Q::from_floats(s[2 * kt][0] * v0.x, s[2 * kt][1] * v0.y)),
+          as_u32(Q::from_floats(s[2 * kt][2] * v0.x, s[2 * kt][3] * v0.y)),
+          as_u32(Q::from_floats(s[2 * kt + 1][0] * v1.x, s[2 * kt + 1][1] * v1.y)),
+          as_u32(Q::from_floats(s[2 * kt + 1][2] * v1.x, s[2 * kt + 1][3] * v1.y)),
       };
       if constexpr (KV_KIND == KV_16BIT) {
 #pragma unroll
@@ -460,16 +385,16 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
           unsigned b[4];
           const int mat = lane / 8, group = 2 * kt + (mat & 1), d = (dt + (mat >> 1)) * 8 + lane % 8;
           ldmatrix_x4(b, vs + (group * HEAD + d) * 16);
-          mma_16816<C::MMA_BF16>(o[dt], a, b[0], b[1]);
-          mma_16816<C::MMA_BF16>(o[dt + 1], a, b[2], b[3]);
+          mma_16816<IS_BF16>(o[dt], a, b[0], b[1]);
+          mma_16816<IS_BF16>(o[dt + 1], a, b[2], b[3]);
         }
       } else {
 #pragma unroll
         for (int dt = 0; dt < HEAD / 8; ++dt) {
           const unsigned char* row = vs + (kt * HEAD + dt * 8 + lane / 4) * 16;
           unsigned b0, b1;
-          widened_pair<C, KV_KIND>(row, lane, b0, b1);
-          mma_16816<C::MMA_BF16>(o[dt], a, b0, b1);
+          widened_pair<C, KV_KIND, IS_BF16>(row, lane, b0, b1);
+          mma_16816<IS_BF16>(o[dt], a, b0, b1);
         }
       }
     }
@@ -503,18 +428,15 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
     merge_sum[warp * 16 + row0] = sum0;
     merge_sum[warp * 16 + row1] = sum1;
   }
-  // 8-bit: O back from ref's units to the max's
-  const float ref0 = C::SCALES > 0 ? pow2(refs & 0xffu) : 1.f;
-  const float ref1 = C::SCALES > 0 ? pow2(refs >> 8) : 1.f;
 #pragma unroll
   for (int dt = 0; dt < HEAD / 8; ++dt) {
     const int d = dt * 8 + (lane % 4) * 2;
     float* r0 = merge_o + (warp * 16 + row0) * HEAD + d;
     float* r1 = merge_o + (warp * 16 + row1) * HEAD + d;
-    r0[0] = o[dt][0] * ref0;
-    r0[1] = o[dt][1] * ref0;
-    r1[0] = o[dt][2] * ref1;
-    r1[1] = o[dt][3] * ref1;
+    r0[0] = o[dt][0];
+    r0[1] = o[dt][1];
+    r1[0] = o[dt][2];
+    r1[1] = o[dt][3];
   }
   __syncthreads();
 
