@@ -380,7 +380,7 @@ class Kernel:
 
     def query_to_f16(self, vals: list[str]):
         """bf16 query words -> fp16 words, all scaled by one power of two 2^e that puts the
-        group's largest |q| in [2^14, 2^15): every bf16 value within 2^28 of it is exact in
+        group's largest |q| in [2^14, 2^15): every bf16 value down to 2^-31 of it is exact in
         fp16 and nothing overflows. The logit scale takes 2^-e."""
         p, v = self.p, self.v
         p.comment("bf16 -> fp16: the CTA's largest |q| (bf16 bit patterns order like their values)")
