@@ -173,6 +173,41 @@ def test_timed_result_figures():
     assert auto.regret == pytest.approx(1.0) and triton.regret is None  # auto ran the fastest
 
 
+def test_read_row_is_the_fastest_read_and_sets_pct_of_read():
+    base = dict(model="m", kv="bf16", num_seqs=4, ctx="512", mbytes=1.0, floor_bytes=1000, floor_us=1.0, status="ok")
+    results = [
+        Result(**base, backend="hip").with_time(40.0),
+        Result(**base, backend="auto", chosen="hip").with_time(40.0),
+        Result(**base, backend="read:BLOCK=1024,warps=4,chunk=1024").with_time(12.0),
+        Result(**base, backend="read:BLOCK=2048,warps=8,chunk=2048").with_time(10.0),
+    ]
+    results = decode.keep_fastest_read(results)
+    add_relative_figures(results)
+    hip, auto, read = results
+    assert (read.backend, read.us, read.chosen) == ("read", 10.0, "BLOCK=2048,warps=8,chunk=2048")
+    assert hip.pct_of_read == pytest.approx(25.0) and read.pct_of_read is None
+    assert auto.regret == pytest.approx(1.0)  # the read row is no backend auto competes with
+    assert decode.keep_fastest_read(results[:2]) == results[:2]  # no read row asked for
+
+
+def test_streaming_reads_cover_the_bytes_and_check_their_sums(monkeypatch):
+    from pa_hybrid.bench import timing
+
+    # 64 KiB: every chunk would add more than 1/64, so the smallest one reads it exactly
+    assert list(timing.streaming_reads(64 << 10, DEVICE)) == ["BLOCK=1024,warps=4,chunk=1024"]
+    # 1 MiB and 3 bytes: the chunks of 4 and 8 KiB qualify, rounding up to whole chunks
+    assert list(timing.streaming_reads((1 << 20) + 3, DEVICE)) == [
+        "BLOCK=1024,warps=4,chunk=1024",
+        "BLOCK=2048,warps=8,chunk=2048",
+    ]
+    with pytest.raises(ValueError, match="nbytes"):
+        timing.streaming_reads(0, DEVICE)
+    # a kernel that reads nothing is caught by the sum
+    monkeypatch.setattr(timing, "_stream_read", lambda buffer, partial, *config: partial.zero_())
+    with pytest.raises(RuntimeError, match="did not read"):
+        timing.streaming_reads(64 << 10, DEVICE)
+
+
 def _case_results(model, ctx, times, chosen):
     """Timed results of one case: ``times`` {backend: us}, "auto" choosing ``chosen``."""
     base = dict(model=model, kv="bf16", num_seqs=4, ctx=ctx, mbytes=1.0, floor_bytes=1000, floor_us=1.0, status="ok")
@@ -253,14 +288,15 @@ def test_main_on_gpu_two_cases(tmp_path):
     workload = tmp_path / "workload.json"
     workload.write_text(json.dumps(SMALL_WORKLOAD))
     argv = ["--workload", str(workload), "--models", "a", "--num-seqs", "4", "--ctx", "512"]
-    argv += ["--samples", "3", "--bandwidth-gb", "1", "--out", str(tmp_path)]
+    argv += ["--samples", "3", "--bandwidth-gb", "1", "--out", str(tmp_path), "--read-ceiling"]
     assert decode.main(argv) == 0
     (csv_path,) = tmp_path.glob("*.csv")
     with open(csv_path) as f:
         rows = list(csv.DictReader(f))
-    assert {(r["kv"], r["backend"]) for r in rows} >= {("bf16", "auto"), ("int8", "auto"), ("bf16", "torch")}
+    assert {(r["kv"], r["backend"]) for r in rows} >= {("bf16", "auto"), ("int8", "auto"), ("bf16", "torch"), ("int8", "read")}
     assert all(r["status"] in ("ok", "n/a") for r in rows)
     assert all(float(r["us"]) > float(r["floor_us"]) for r in rows if r["status"] == "ok")
+    assert all(float(r["pct_of_read"]) > 0 for r in rows if r["status"] == "ok" and r["backend"] != "read")
 
 
 @requires_gpu

@@ -52,6 +52,12 @@ KV_LABELS = {"bfloat16": "bf16", "float16": "fp16", "float8_e4m3fn": "fp8", "int
 BASELINE = "torch"
 """The plain-torch backend: gather by block table + SDPA, the speedup baseline."""
 
+READ = "read"
+"""The row of ``--read-ceiling``: a contiguous streaming read of the call's floor bytes
+(``timing.streaming_reads``, the fastest of its configurations), timed with the call.
+Nothing that must read those bytes is expected to be faster, so on small calls, where
+launch and ramp weigh, it shows how much of the floor is reachable at all."""
+
 MIXED = "mixed"
 """The ``ctx`` label of the mixed-length case (and its ``--ctx`` filter value)."""
 
@@ -331,9 +337,10 @@ class Result:
     gbps: float | None = None  # floor_bytes / us
     pct_of_floor: float | None = None  # 100 * floor_us / us
     us_above_floor: float | None = None
+    pct_of_read: float | None = None  # 100 * the read row's time / us (--read-ceiling)
     speedup_vs_torch: float | None = None
     speedup_vs_peer: float | None = None  # ours: the fastest peer's time on the case / ours
-    chosen: str | None = None  # the backend "auto" ran
+    chosen: str | None = None  # the backend "auto" ran; for the read row, its kernel configuration
     regret: float | None = None  # auto: its time over the fastest other backend's in the same run
     rel_err: float | None = None
     reason: str | None = None
@@ -354,7 +361,8 @@ class Result:
 
 def add_relative_figures(results: list) -> None:
     """Fill, for timed results, ``speedup_vs_torch`` (baseline time / time) where the
-    torch baseline was timed too; for our backends ``speedup_vs_peer`` (the fastest
+    torch baseline was timed too; ``pct_of_read`` where the read row (:data:`READ`)
+    was; for our backends ``speedup_vs_peer`` (the fastest
     peer's time / ours) where a peer was timed; and for "auto" its ``regret``: its
     time over the fastest of our other backends on the same case (1.0 = auto picked
     the fastest; peers do not count)."""
@@ -369,6 +377,8 @@ def add_relative_figures(results: list) -> None:
             continue
         if BASELINE in times:
             r.speedup_vs_torch = times[BASELINE] / r.us
+        if READ in times and r.backend != READ:
+            r.pct_of_read = 100.0 * times[READ] / r.us
         peer_times = [t for b, t in times.items() if b in peers]
         if peer_times and r.backend not in peers:
             r.speedup_vs_peer = min(peer_times) / r.us
@@ -410,13 +420,14 @@ TABLE_COLUMNS = (
     ("GB/s", "gbps", 7, _number(".0f")),
     ("%floor", "pct_of_floor", 6, _number(".1f")),
     ("+us", "us_above_floor", 8, _number(".1f")),
+    ("%read", "pct_of_read", 6, _number(".1f")),
     ("xtorch", "speedup_vs_torch", 6, _number(".2f")),
     ("xpeer", "speedup_vs_peer", 5, _number(".2f")),
     ("chosen", "chosen", 6, lambda v: v or ""),
     ("regret", "regret", 6, _number(".2f")),
 )
 """The printed table: K+V megabytes, time, effective GB/s (floor bytes / time), % of the
-floor, microseconds above the floor, speedup over the torch baseline and over the
+floor, microseconds above the floor, % of the read row's speed (``--read-ceiling``), speedup over the torch baseline and over the
 fastest peer, auto's choice and its regret (time over our fastest backend's)."""
 
 
@@ -475,8 +486,10 @@ def plot_results(results: list, out_dir, stem: str) -> list:
             for backend in backends:
                 points = sorted((r.num_seqs, r.pct_of_floor) for r in group if r.ctx == ctx and r.backend == backend)
                 if points:
-                    style = "--" if backend == "auto" else "-"  # auto retraces the backend it picks
-                    ax.plot(*zip(*points), style, marker="o", label=backend, color=colors[backend])
+                    # auto retraces the backend it picks; the read row is a bound, not a backend
+                    style = {"auto": "--", READ: ":"}.get(backend, "-")
+                    color = "black" if backend == READ else colors[backend]
+                    ax.plot(*zip(*points), style, marker="o", label=backend, color=color)
             ax.axhline(100.0, color="grey", linewidth=0.8, linestyle=":")
             ax.set_xscale("log", base=2)
             concurrencies = sorted({r.num_seqs for r in group if r.ctx == ctx})
@@ -619,11 +632,39 @@ def time_checked(checked: list, timer) -> list:
     return results
 
 
-def run_case(spec: DecodeCase, backends: list, device, read_bandwidth: float | None, timer, peers=()) -> list:
+def check_reads(template: Result, nbytes: int, device) -> list:
+    """The candidates of the read row: one ``(result, launch)`` per configuration of
+    ``timing.streaming_reads`` (backend ``read:<configuration>``, each checked by its
+    sum), or the read row with its failure."""
+    from .timing import streaming_reads
+
+    try:
+        launches = streaming_reads(nbytes, device)
+    except torch.cuda.OutOfMemoryError as e:
+        torch.cuda.empty_cache()
+        return [(replace(template, backend=READ, status=OOM, reason=_first_line(e)), None)]
+    return [(replace(template, backend=f"{READ}:{name}", status=OK), launch) for name, launch in launches.items()]
+
+
+def keep_fastest_read(results: list) -> list:
+    """``results`` with the read candidates of :func:`check_reads` replaced by one read
+    row: the fastest of them, its configuration in ``chosen``."""
+    candidates = [r for r in results if r.backend.startswith(READ + ":")]
+    if not candidates:
+        return results
+    timed = [r for r in candidates if r.us is not None]
+    best = min(timed, key=lambda r: r.us) if timed else candidates[0]
+    read = replace(best, backend=READ, chosen=best.backend.split(":", 1)[1])
+    return [r for r in results if not r.backend.startswith(READ + ":")] + [read]
+
+
+def run_case(
+    spec: DecodeCase, backends: list, device, read_bandwidth: float | None, timer, peers=(), read_ceiling: bool = False
+) -> list:
     """Build ``spec`` on ``device``, compute the reference of the sampled sequences once,
     :func:`check` each backend (and :func:`check_peers` each of ``peers``), then time
-    the correct ones together with ``timer`` (None: check only). Frees the case's
-    tensors before returning."""
+    the correct ones together with ``timer`` (None: check only), with ``read_ceiling``
+    the read row (:data:`READ`) among them. Frees the case's tensors before returning."""
     template = Result(
         model=spec.model, kv=spec.kv, num_seqs=spec.num_seqs, ctx=spec.ctx, mbytes=spec.kv_bytes / 1e6,
         floor_bytes=0, floor_us=None, backend="", status=OK,
@@ -649,7 +690,9 @@ def run_case(spec: DecodeCase, backends: list, device, read_bandwidth: float | N
     checked = [check(template, kwargs, b, ref, rows, tolerance) for b in backends]
     if peers:
         checked += check_peers(template, peers, case, sampled, tolerance)
-    results = [r for r, _ in checked] if timer is None else time_checked(checked, timer)
+    if read_ceiling and timer is not None:
+        checked += check_reads(template, template.floor_bytes, device)
+    results = [r for r, _ in checked] if timer is None else keep_fastest_read(time_checked(checked, timer))
     del case, kwargs, ref, checked
     # free the case's objects now (peers' wrappers hold pinned host buffers and may sit
     # in reference cycles): a garbage collection inside a later case's timing loop
@@ -766,6 +809,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=40, help="timed samples per call (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls before capture and before sampling")
     p.add_argument("--bandwidth-gb", type=float, default=2.0, help="GiB streamed to measure read bandwidth")
+    p.add_argument(
+        "--read-ceiling",
+        action="store_true",
+        help=f"also time a contiguous streaming read of each call's floor bytes (the '{READ}' row, and %%read)",
+    )
     p.add_argument("--out", default="bench_out", help="directory for the CSV, JSON and plots")
     p.add_argument("--compare", metavar="PEERS.csv", help="then compare auto with a bar: ../shared/bench/peers-h100.csv")
     p.add_argument(
@@ -835,6 +883,7 @@ def main(argv=None) -> int:
     )
     print(f"{len(cases)} cases x backends {', '.join(backends)}"
           + (f" and peers {', '.join(p.name for p in peers)}" if peers else "")
+          + (f", each beside a streaming read of its floor bytes ('{READ}')" if args.read_ceiling else "")
           + f"; timing: {args.timing}, median of {args.samples}")  # fmt: skip
 
     timer = timing.InterleavedTimer(graphs=args.timing == "graph", samples=args.samples, warmup=args.warmup)
@@ -851,7 +900,7 @@ def main(argv=None) -> int:
     for spec in cases:
         if bar is not None:
             bar.set_description(spec.label)
-        case_results = run_case(spec, backends, device, read_bandwidth, timer, peers)
+        case_results = run_case(spec, backends, device, read_bandwidth, timer, peers, args.read_ceiling)
         add_relative_figures(case_results)
         for r in case_results:
             emit(format_table_row(r))

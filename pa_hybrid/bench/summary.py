@@ -4,7 +4,8 @@
 
 Prints, per backend and KV dtype, the geometric-mean % of the floor by size class
 (K+V over 256 MB, 16-256 MB, under 16 MB, mixed lengths) with the worst case, the
-median microseconds above the floor of small calls; auto's regret (its time over the
+median microseconds above the floor and, from a ``--read-ceiling`` run, the geometric-mean
+% of the streaming read's speed (the "read" row itself is a class line of its own); auto's regret (its time over the
 fastest backend's) per KV dtype; and one line per case with every backend's time.
 """
 
@@ -42,17 +43,19 @@ def class_table(rows) -> str:
     for r in rows:
         groups[(r["backend"], r["kv"], size_class(r))].append(r)
     lines = [
-        "| backend | kv | class | cases | geomean % of floor | worst % (case) | median us above floor |",
-        "|---|---|---|---|---|---|---|",
+        "| backend | kv | class | cases | geomean % of floor | worst % (case) | median us above floor | geomean % of read |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     order = [name for name, _, _ in SIZE_CLASSES] + ["mixed"]
     for (backend, kv, cls), rs in sorted(groups.items(), key=lambda kv_: (kv_[0][0], kv_[0][1], order.index(kv_[0][2]))):
         pct = [float(r["pct_of_floor"]) for r in rs]
         worst = min(rs, key=lambda r: float(r["pct_of_floor"]))
         above = sorted(float(r["us_above_floor"]) for r in rs)
+        of_read = [float(r["pct_of_read"]) for r in rs if r.get("pct_of_read")]
         lines.append(
             f"| {backend} | {kv} | {cls} | {len(rs)} | {geomean(pct):.1f} | {float(worst['pct_of_floor']):.1f} "
-            f"({worst['model']} {worst['num_seqs']}x{worst['ctx']}) | {above[len(above) // 2]:.1f} |"
+            f"({worst['model']} {worst['num_seqs']}x{worst['ctx']}) | {above[len(above) // 2]:.1f} "
+            f"| {f'{geomean(of_read):.1f}' if of_read else '-'} |"
         )
     return "\n".join(lines)
 

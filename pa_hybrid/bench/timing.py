@@ -5,6 +5,9 @@
   kernel with wide unmasked loads, best of a few (BLOCK, num_warps, chunk)
   configurations; a torch reduction reads about 2% slower on an H100, which
   would make every kernel look better than it is.
+* :func:`streaming_reads`: reads of a given number of bytes by the same kernel, to
+  time beside a call that must read that many: the fastest such a call could be,
+  launch and ramp included, which the bulk bandwidth alone does not say.
 * :func:`time_graph_replay`: a call timed the way engines run it: captured once
   in a CUDA graph, then per sample an L2 flush, an event, one replay, an event.
 * :func:`time_eager`: the same samples with plain launches (host launch
@@ -125,6 +128,44 @@ def measure_read_bandwidth(
     """The read bandwidth of this GPU in bytes/s: the best configuration of
     :func:`read_bandwidth_by_config` (its arguments have the same meaning)."""
     return max(read_bandwidth_by_config(device, nbytes, configs=configs, samples=samples).values())
+
+
+READ_CEILING_CONFIGS = ((1024, 4, 1), (2048, 8, 1), (2048, 8, 4), (4096, 8, 4))
+"""``(BLOCK, num_warps, BLOCKS_PER_PROGRAM)`` of :func:`streaming_reads`: 4 to 64 KiB per
+program, so that even a 1 MB read has a program for every SM; 32 KiB with 8 warps is the
+bulk measurement's best on an H100 (3.18 TB/s)."""
+
+MAX_READ_EXCESS = 1 / 64
+"""Largest fraction of extra bytes a streaming read of :func:`streaming_reads` may add by
+rounding up to whole chunks; configurations with larger chunks are left out."""
+
+
+def streaming_reads(nbytes: int, device=None, *, configs=READ_CEILING_CONFIGS) -> dict:
+    """``{configuration: launch}``: streaming reads of ``nbytes`` (rounded up to whole
+    chunks, at most :data:`MAX_READ_EXCESS` more; the smallest chunk when none qualifies)
+    from one buffer of random integers, each run and checked against the buffer's sum
+    once. Timed beside a call that must read ``nbytes``, the fastest of them is what the
+    same bytes cost when read contiguously with nothing else to do. Keys as in
+    :func:`read_bandwidth_by_config`."""
+    if nbytes < 1:
+        raise ValueError(f"nbytes: expected at least 1 byte, got {nbytes}")
+    device = torch.device("cuda" if device is None else device)
+    chunk_of = lambda config: config[0] * config[2]  # noqa: E731  (int32 elements)
+    usable = [c for c in configs if 4 * chunk_of(c) <= MAX_READ_EXCESS * nbytes] or [min(configs, key=chunk_of)]
+    words = -(-nbytes // 4)
+    largest = max(chunk_of(c) for c in usable)
+    src = torch.randint(0, 4, (-(-words // largest) * largest,), dtype=torch.int32, device=device)
+    launches = {}
+    for block, num_warps, blocks_per_program in usable:
+        chunk = block * blocks_per_program
+        view = src[: -(-words // chunk) * chunk]
+        partial = torch.empty(view.numel() // chunk, dtype=torch.int32, device=device)
+        launch = functools.partial(_stream_read, view, partial, block, num_warps, blocks_per_program)
+        launch()
+        if int(partial.sum(dtype=torch.int64)) != int(view.sum(dtype=torch.int64)):
+            raise RuntimeError(f"streaming-read kernel BLOCK={block} chunk={chunk} did not read its {view.nbytes} bytes")
+        launches[f"BLOCK={block},warps={num_warps},chunk={chunk}"] = launch
+    return launches
 
 
 def capture_graph(fn, *, warmup: int = 3) -> torch.cuda.CUDAGraph:
