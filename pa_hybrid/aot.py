@@ -214,7 +214,7 @@ def _run_launch_paths(target: Target, workload: dict) -> None:
     from .backends import hip as hip_backend
     from .backends import triton as triton_backend
     from .bench.decode import enumerate_cases
-    from .bench.timing import READ_BANDWIDTH_CONFIGS, _stream_read
+    from .bench.timing import READ_BANDWIDTH_CONFIGS, READ_CEILING_CONFIGS, _stream_read
     from .kernels.reduce import launch_split_kv_reduce
     from .layouts import PARTITION_SIZE
 
@@ -242,9 +242,10 @@ def _run_launch_paths(target: Target, workload: dict) -> None:
                                 max_seq_len=key.max_seq_len, programs_per_head=programs,
                             )  # fmt: skip
     _run_cache_paths(workload)
-    largest_chunk = max(block * blocks for block, _, blocks in READ_BANDWIDTH_CONFIGS)
+    stream_configs = dict.fromkeys(READ_BANDWIDTH_CONFIGS + READ_CEILING_CONFIGS)
+    largest_chunk = max(block * blocks for block, _, blocks in stream_configs)
     buffer = _meta(((2 << 30) // 4) // largest_chunk * largest_chunk, torch.int32)  # 2 GiB, as the bench reads
-    for block, num_warps, blocks in READ_BANDWIDTH_CONFIGS:
+    for block, num_warps, blocks in stream_configs:
         _stream_read(buffer, _meta(buffer.numel() // (block * blocks), torch.int32), block, num_warps, blocks)
 
 

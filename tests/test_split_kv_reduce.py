@@ -5,7 +5,7 @@ and values, following the partial format of the module docstring."""
 import pytest
 import torch
 
-from pa_hybrid.kernels.reduce import split_kv_reduce
+from pa_hybrid.kernels.reduce import reduce_chunk, split_kv_reduce
 from pa_hybrid.layouts import PARTITION_SIZE
 
 
@@ -63,6 +63,36 @@ def test_reduce_many_partitions_and_large_partition_size(device):
 
     es, ml, tmp, expected = make_partials(lens, 2, 128, max_parts, 512, torch.float32, device)
     split_kv_reduce(out, es, ml, tmp, torch.tensor(lens, dtype=torch.int32, device=device), partition_size=512)
+    torch.testing.assert_close(out.double().cpu(), expected, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize(
+    "scratch, partition, programs_per_head, chunk",
+    [
+        (64, 256, 0, 64),  # 16384 tokens in 256-token partitions: 64 partials
+        (64, 1024, 0, 16),  # the same scratch, 1024-token partitions: 16
+        (32, 1024, 0, 8),
+        (3, 512, 0, 2),
+        (151, 512, 0, 64),  # 76 partials: two chunks
+        (64, 256, 264, 64),  # balanced: a piece per program, bounded by the scratch
+        (64, 256, 33, 64),
+        (64, 256, 8, 8),
+    ],
+)
+def test_reduce_chunk_covers_the_partials_a_row_can_have(scratch, partition, programs_per_head, chunk):
+    assert reduce_chunk(scratch, partition, programs_per_head) == chunk
+
+
+@pytest.mark.parametrize("partition_size", [1024, 2048])
+def test_reduce_long_partitions_in_scratch_for_short_ones(device, partition_size):
+    # the scratch is sized for 256-token partitions (as callers allocate it), stage 1 wrote
+    # 1024- or 2048-token ones into its first slots; the slots after them hold poison
+    lens = [16384, 64, 1025, 2048, 5000, 0]
+    scratch_parts = -(-max(lens) // PARTITION_SIZE)
+    es, ml, tmp, expected = make_partials(lens, 2, 128, scratch_parts, partition_size, torch.float32, device)
+    out = torch.full((len(lens), 2, 128), float("nan"), dtype=torch.bfloat16, device=device)
+    ctx = torch.tensor(lens, dtype=torch.int32, device=device)
+    split_kv_reduce(out, es, ml, tmp, ctx, partition_size=partition_size)
     torch.testing.assert_close(out.double().cpu(), expected, rtol=1e-2, atol=1e-2)
 
 
