@@ -156,6 +156,17 @@ def test_which_calls_take_the_balanced_schedule(monkeypatch, lens, setting, expe
     assert HIP.balanced_programs(call, 132, HIP.partition_size(call, 132)) == expected
 
 
+@pytest.mark.parametrize("setting, expected", [("auto", 0), ("balanced", 66)])
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.int8], ids=["fp8", "int8"])
+def test_auto_keeps_8bit_caches_static_on_hip(monkeypatch, kv_dtype, setting, expected):
+    # 256 sequences x 8 kv heads fill the grid, as 16-bit caches that take the balanced schedule
+    monkeypatch.setenv("PA_HYBRID_SPLIT_SCHEDULE", setting)
+    monkeypatch.setattr(HIP, "offers_balanced", lambda call: True)
+    case = make_decode_case([2048] * 256, num_heads=32, num_kv_heads=8, kv_dtype=kv_dtype, scales="per_token", device="cpu")
+    call = build_call(**dict(case, exp_sums=None, max_logits=None, tmp_out=None))
+    assert HIP.balanced_programs(call, 132, HIP.partition_size(call, 132)) == expected
+
+
 @pytest.mark.parametrize("setting", [None, "auto", "static", "balanced", "fast"])
 def test_split_schedule_setting(monkeypatch, setting):
     if setting is None:

@@ -178,6 +178,8 @@ class SplitKvBackend(Backend):
     """Longest context a static-schedule program walks whole (see :func:`split_kv_partition_size`)."""
     balanced_programs_per_sm: tuple[int, int] = (2, 2)
     """Stage-1 programs per SM of the balanced schedule, for 16-bit and for 8-bit caches."""
+    auto_balances_8bit: bool = True
+    """Whether ``auto`` may take the balanced schedule for 8-bit caches (``balanced`` always may)."""
 
     def offers_balanced(self, call: DecodeCall) -> bool:
         """Whether the backend has the balanced schedule for this call's device."""
@@ -197,7 +199,7 @@ class SplitKvBackend(Backend):
         auto = schedule == "auto"
         # auto, never where the static schedule writes out (one partition covers every
         # context, no reduce at all): at 512 tokens the balanced one took up to 1.47x the time
-        if auto and static_partition >= key.max_seq_len:
+        if auto and (static_partition >= key.max_seq_len or (key.kv_is_8bit and not self.auto_balances_8bit)):
             return 0
         return balanced_programs_per_head(
             call.num_seqs, key.num_kv_heads, key.max_seq_len, num_sms, self.balanced_per_sm(call), auto
