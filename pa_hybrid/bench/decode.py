@@ -362,10 +362,9 @@ class Result:
 def add_relative_figures(results: list) -> None:
     """Fill, for timed results, ``speedup_vs_torch`` (baseline time / time) where the
     torch baseline was timed too; ``pct_of_read`` where the read row (:data:`READ`)
-    was; for our backends ``speedup_vs_peer`` (the fastest
-    peer's time / ours) where a peer was timed; and for "auto" its ``regret``: its
-    time over the fastest of our other backends on the same case (1.0 = auto picked
-    the fastest; peers do not count)."""
+    was; for our backends ``speedup_vs_peer`` (the fastest peer's time / ours) where a
+    peer was timed; and for "auto" its ``regret``: its time over the fastest of our
+    other backends on the same case (1.0 = auto picked the fastest; peers do not count)."""
     peers = set(peer_names())
     by_case = {}
     for r in results:
@@ -427,8 +426,9 @@ TABLE_COLUMNS = (
     ("regret", "regret", 6, _number(".2f")),
 )
 """The printed table: K+V megabytes, time, effective GB/s (floor bytes / time), % of the
-floor, microseconds above the floor, % of the read row's speed (``--read-ceiling``), speedup over the torch baseline and over the
-fastest peer, auto's choice and its regret (time over our fastest backend's)."""
+floor, microseconds above the floor, % of the read row's speed (``--read-ceiling``),
+speedup over the torch baseline and over the fastest peer, auto's choice and its regret
+(time over our fastest backend's)."""
 
 
 def format_table_header() -> str:

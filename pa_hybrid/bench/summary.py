@@ -4,9 +4,10 @@
 
 Prints, per backend and KV dtype, the geometric-mean % of the floor by size class
 (K+V over 256 MB, 16-256 MB, under 16 MB, mixed lengths) with the worst case, the
-median microseconds above the floor and, from a ``--read-ceiling`` run, the geometric-mean
-% of the streaming read's speed (the "read" row itself is a class line of its own); auto's regret (its time over the
-fastest backend's) per KV dtype; and one line per case with every backend's time.
+median microseconds above the floor and, from a ``--read-ceiling`` run, the
+geometric-mean % of the streaming read's speed (the "read" row is a backend of its own
+there); auto's regret (its time over the fastest backend's) per KV dtype; and one line
+per case with every backend's time.
 """
 
 from __future__ import annotations
