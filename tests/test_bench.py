@@ -190,6 +190,23 @@ def test_read_row_is_the_fastest_read_and_sets_pct_of_read():
     assert decode.keep_fastest_read(results[:2]) == results[:2]  # no read row asked for
 
 
+def test_plot_draws_the_read_row_as_a_bound(tmp_path, monkeypatch):
+    matplotlib_axes = pytest.importorskip("matplotlib.axes")
+    drawn = {}
+    plot = matplotlib_axes.Axes.plot
+
+    def recording_plot(self, *args, **kwargs):
+        drawn[kwargs["label"]] = (args[-1], kwargs["color"])
+        return plot(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib_axes.Axes, "plot", recording_plot)
+    base = dict(model="m", kv="bf16", num_seqs=4, ctx="512", mbytes=1.0, floor_bytes=1000, floor_us=1.0, status="ok")
+    results = [Result(**base, backend=b).with_time(t) for b, t in (("hip", 40.0), ("auto", 40.0), ("read", 10.0))]
+    (path,) = decode.plot_results(results, tmp_path, "r")
+    assert path.stat().st_size > 0
+    assert drawn["read"] == (":", "black") and drawn["auto"][0] == "--" and drawn["hip"][0] == "-"
+
+
 def test_streaming_reads_cover_the_bytes_and_check_their_sums(monkeypatch):
     from pa_hybrid.bench import timing
 
