@@ -225,6 +225,26 @@ def test_streaming_reads_cover_the_bytes_and_check_their_sums(monkeypatch):
         timing.streaming_reads(64 << 10, DEVICE)
 
 
+def test_read_bandwidth_by_config_times_each_checked_read(monkeypatch):
+    import contextlib
+
+    from pa_hybrid.bench import timing
+
+    # no events or device context off the GPU: every sample of a read takes 10 us
+    monkeypatch.setattr(timing.torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(timing, "_event_samples", lambda read, **kw: timing.Timing((10.0,)))
+    monkeypatch.setattr(timing, "FLUSH_BYTES", 64 << 10)
+    configs = ((1024, 4, 1), (2048, 8, 1))
+    bandwidth = timing.read_bandwidth_by_config(DEVICE, (1 << 20) + 5, configs=configs)
+    # rounded down to whole 8 KiB chunks: 1 MiB in 10 us
+    assert bandwidth == {
+        "BLOCK=1024,warps=4,chunk=1024": pytest.approx((1 << 20) / 10e-6),
+        "BLOCK=2048,warps=8,chunk=2048": pytest.approx((1 << 20) / 10e-6),
+    }
+    with pytest.raises(ValueError, match="nbytes"):
+        timing.read_bandwidth_by_config(DEVICE, 100, configs=configs)
+
+
 def _case_results(model, ctx, times, chosen):
     """Timed results of one case: ``times`` {backend: us}, "auto" choosing ``chosen``."""
     base = dict(model=model, kv="bf16", num_seqs=4, ctx=ctx, mbytes=1.0, floor_bytes=1000, floor_us=1.0, status="ok")

@@ -90,36 +90,26 @@ def read_bandwidth_by_config(
 ) -> dict:
     """Read bandwidth (bytes/s, median of ``samples`` launches) of each streaming-read configuration.
 
-    The buffer (about ``nbytes``, at least 1 GB is meant: far beyond L2) holds random
-    small integers (no constant pattern a memory system could compress), and every
-    configuration's partial sums are checked against the buffer's sum, so a
-    configuration that skipped data would raise instead of looking fast.
+    The reads are :func:`streaming_reads` of ``nbytes`` rounded down to whole chunks (at
+    least 1 GB is meant: far beyond L2): random small integers (no constant pattern a
+    memory system could compress), each configuration checked against the buffer's sum
+    first, so one that skipped data would raise instead of looking fast.
     Keys are ``"BLOCK=..,warps=..,chunk=.."``.
     """
     device = torch.device("cuda" if device is None else device)
     largest_chunk = max(block * blocks for block, _, blocks in configs)
-    numel = (nbytes // 4) // largest_chunk * largest_chunk
-    if numel == 0:
+    nbytes = (nbytes // 4) // largest_chunk * largest_chunk * 4
+    if nbytes == 0:
         raise ValueError(f"nbytes: expected at least {largest_chunk * 4} bytes, got {nbytes}")
-    src = torch.randint(0, 4, (numel,), dtype=torch.int32, device=device)
-    expected_sum = int(src.sum(dtype=torch.int64))
-    # read (not written: no dirty lines to write back during the timed read) before each
-    # sample, so L2 holds none of the buffer's tail from the previous sample
-    l2_evictor = torch.zeros(FLUSH_BYTES // 4 // largest_chunk * largest_chunk, dtype=torch.int32, device=device)
-    results = {}
     with torch.cuda.device(device):
-        for block, num_warps, blocks_per_program in configs:
-            chunk = block * blocks_per_program
-            partial = torch.empty(numel // chunk, dtype=torch.int32, device=device)
-            read_src = functools.partial(_stream_read, src, partial, block, num_warps, blocks_per_program)
-            read_src()  # compile
-            if int(partial.sum(dtype=torch.int64)) != expected_sum:
-                raise RuntimeError(f"streaming-read kernel BLOCK={block} chunk={chunk} did not read the whole buffer")
-            evict = functools.partial(_stream_read, l2_evictor, partial, block, num_warps, blocks_per_program)
-            timing = _event_samples(read_src, samples=samples, warmup=1, before_each=evict)
-            results[f"BLOCK={block},warps={num_warps},chunk={chunk}"] = numel * 4 / (timing.median_us * 1e-6)
-    del src, l2_evictor
-    return results
+        reads = streaming_reads(nbytes, device, configs=configs)
+        # read (not written: no dirty lines to write back during the timed read) before each
+        # sample, so L2 holds none of the buffer's tail from the previous sample
+        (evict,) = streaming_reads(FLUSH_BYTES, device, configs=configs[:1]).values()
+        return {
+            name: nbytes / (_event_samples(read, samples=samples, warmup=1, before_each=evict).median_us * 1e-6)
+            for name, read in reads.items()
+        }
 
 
 def measure_read_bandwidth(
