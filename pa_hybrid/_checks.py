@@ -55,3 +55,27 @@ def check_positive_int(v, name: str, *, allow_zero: bool = False) -> None:
         raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
     if v < 0 or (v == 0 and not allow_zero):
         raise ValueError(f"{name}: expected a {'non-negative' if allow_zero else 'positive'} int, got {v}")
+
+
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last) bytes a tensor's elements may touch (its strides' reach, gaps included)."""
+    begin, numel = t.data_ptr(), t.numel()
+    if numel == 0 or t.is_contiguous():
+        return begin, begin + numel * t.element_size()
+    reach = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return begin, begin + (reach + 1) * t.element_size()
+
+
+def check_no_overlap(named: dict) -> None:
+    """Outputs a kernel writes must not share memory: neither one tensor with itself (an
+    expanded view) nor two with each other (their strides' reach, so interleaved views of one
+    buffer count as overlapping too). Metadata only."""
+    spans = []
+    for name, t in named.items():
+        if not t.is_contiguous() and torch._debug_has_internal_overlap(t) == 1:
+            raise ValueError(f"{name}: its elements must not share memory (an expanded view?), got strides {t.stride()}")
+        spans.append((name, t.device, *_byte_span(t)))
+    for i, (name, device, begin, end) in enumerate(spans):
+        for other, other_device, other_begin, other_end in spans[:i]:
+            if device == other_device and begin < other_end and other_begin < end:
+                raise ValueError(f"{name}: must not share memory with {other} (each is written by the kernels)")

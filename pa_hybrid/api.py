@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from . import backends as _register_backends  # noqa: F401  (registers the backends)
@@ -54,8 +56,9 @@ def paged_attention_common(
     run the call). ``validate``: "shapes" (default: metadata only, no host sync,
     CUDA-graph capturable) or "full" (also checks block ids, lengths and qo_indptr
     on the host). With "shapes", a context longer than ``max_seq_len`` is not
-    detected: kernels never read past the block table row or write past the
-    scratch, but the tokens beyond are not attended to.
+    detected: every backend attends to its first ``max_seq_len`` tokens, so no kernel
+    reads past the block table row or the scratch. Query rows that see no token (an
+    empty context, or one shorter than its new tokens, as padding makes) are zeros.
     """
     if torch.compiler.is_compiling():
         out = out_ if out_ is not None else torch.empty(Q.shape, dtype=Q.dtype, device=Q.device)
@@ -79,8 +82,9 @@ def explain(*args, **kwargs) -> dispatch.Selection:
     """Which backend "auto" would run for these ``paged_attention_common`` arguments,
     the rule that ordered the candidates, and why each one before it was skipped.
     Nothing is launched."""
-    kwargs.pop("backend", None)
-    return dispatch.select(build_call(*args, **kwargs).key)
+    arguments = inspect.signature(paged_attention_common).bind(*args, **kwargs).arguments
+    arguments.pop("backend", None)
+    return dispatch.select(build_call(**arguments).key)
 
 
 def select_backend(*args, **kwargs) -> str:

@@ -53,7 +53,7 @@ _KV_CACHE_DTYPE_NAMES = ("auto",) + tuple(_NAMED_KV_DTYPES)
 
 def x_for(dtype: torch.dtype) -> int:
     """Elements per 16-byte vector of the shuffled layout: 8 for 16-bit, 16 for 8-bit."""
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize
     if 16 % size:
         raise ValueError(f"dtype {dtype} has element size {size}, which does not divide 16 bytes")
     return 16 // size
@@ -97,7 +97,7 @@ def resolve_kv_dtype(
     expected = _NAMED_KV_DTYPES.get(kv_cache_dtype)
     if expected is not None and logical not in expected:
         raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} but the cache holds {logical}")
-    if torch.empty((), dtype=logical).element_size() != torch.empty((), dtype=cache_tensor_dtype).element_size():
+    if logical.itemsize != cache_tensor_dtype.itemsize:
         raise TypeError(
             f"kv_cache_tensor_dtype: {logical} has a different element size than the cache tensor's {cache_tensor_dtype}"
         )
@@ -181,6 +181,8 @@ def shuffled_geometry(K: torch.Tensor, V: torch.Tensor, dtype: torch.dtype | Non
     num_blocks, num_kv_heads, d_over_x, block_size, kx = K.shape
     if kx != x:
         raise ValueError(f"K: last dim must be x={x} for a {dtype} cache, got shape {tuple(K.shape)}")
+    if 0 in (num_kv_heads, d_over_x, block_size):
+        raise ValueError(f"K: expected at least one kv head, head dim chunk and token per block, got shape {tuple(K.shape)}")
     head_size = d_over_x * x
     expected_v = (num_blocks, num_kv_heads, block_size // x, head_size, x)
     if block_size % x or tuple(V.shape) != expected_v:

@@ -1,12 +1,13 @@
 """Every argument check of paged_attention_common: the error type, and a message
 that names the argument. Checks that need device data run only with validate="full"."""
 
+import inspect
 import re
 
 import pytest
 import torch
 
-from pa_hybrid import dispatch, paged_attention_common
+from pa_hybrid import dispatch, explain, paged_attention_common
 from pa_hybrid.call import build_call
 from pa_hybrid.testing import make_decode_case
 
@@ -58,6 +59,9 @@ BAD = [
     ("exp_sums", lambda c: c.update(exp_sums=torch.empty(2, 8, 1)), ValueError),
     ("backend", lambda c: c.update(backend="cuda"), ValueError),
     ("validate", lambda c: c.update(validate="none"), ValueError),
+    ("Q", lambda c: c.update(Q=c["Q"][:, :0]), ValueError),  # no head
+    ("K", lambda c: c.update(K=c["K"][:, :0], V=c["V"][:, :0]), ValueError),  # no kv head
+    ("out_", lambda c: c.update(out_=torch.empty_like(c["Q"][:1]).expand(c["Q"].shape)), ValueError),  # self-overlapping
 ]
 
 
@@ -154,3 +158,46 @@ def test_full_validation_of_qo_indptr(device):
     c["qo_indptr"] = torch.tensor([0, 3, 4], dtype=torch.int32, device=device)  # 3 > max_qlen
     with pytest.raises(ValueError, match="qo_indptr"):
         paged_attention_common(**c)
+
+
+def test_v_dtype_checked_before_the_kv_views(device):
+    """A uint8 K names an 8-bit cache; a V of another dtype must not pass as its view."""
+    c = _fp8_case(device)
+    K = c["K"].view(torch.uint8)
+    for V in (c["V"].view(torch.int8), c["V"].view(torch.bfloat16)):
+        with pytest.raises(TypeError, match="V"):
+            paged_attention_common(**dict(c, K=K, V=V, kv_cache_dtype="fp8"))
+
+
+def test_outputs_must_not_share_memory(case, device):
+    rows, heads, d = case["Q"].shape
+    es, tmp = torch.empty(rows, heads, 1, device=device), torch.empty(rows, heads, 1, d, device=device)
+    with pytest.raises(ValueError, match="max_logits: must not share memory with exp_sums"):
+        paged_attention_common(**dict(case, exp_sums=es, max_logits=es, tmp_out=tmp))
+    buffer = torch.empty(2 * rows * heads * (1 + d), device=device)  # one workspace, disjoint slices: fine
+    es, ml = buffer[: rows * heads].view(rows, heads, 1), buffer[rows * heads : 2 * rows * heads].view(rows, heads, 1)
+    tmp = buffer[2 * rows * heads : 2 * rows * heads + rows * heads * d].view(rows, heads, 1, d)
+    paged_attention_common(**dict(case, exp_sums=es, max_logits=ml, tmp_out=tmp))
+    with pytest.raises(ValueError, match="tmp_out: must not share memory with out_"):  # out_ inside the scratch
+        paged_attention_common(**dict(case, exp_sums=es, max_logits=ml, tmp_out=tmp, out_=_alias_out(tmp, case["Q"])))
+
+
+def _alias_out(tmp, Q):
+    """An out_ of Q's dtype whose bytes are tmp_out's first bytes."""
+    rows, heads, d = Q.shape
+    flat = tmp.view(-1).view(torch.uint8)[: rows * heads * d * Q.element_size()]
+    return flat.view(Q.dtype).view(rows, heads, d)
+
+
+def test_explain_takes_every_argument_by_position(case):
+    names = list(inspect.signature(paged_attention_common).parameters)
+    positional = [case.get(n, inspect.signature(paged_attention_common).parameters[n].default) for n in names]
+    assert explain(*positional).backend == explain(**case).backend
+
+
+def test_full_validation_takes_contexts_shorter_than_their_new_tokens(device):
+    """Padding: a sequence of length 0 in a batch with two new tokens per sequence (qo_indptr=None)."""
+    c = make_decode_case([30, 0], num_heads=4, num_kv_heads=2, head_size=64, max_qlen=2, new_tokens=[2, 2], device=device)
+    c.update(exp_sums=None, max_logits=None, tmp_out=None, qo_indptr=None, validate="full")
+    out = paged_attention_common(**c)
+    assert torch.equal(out[2:], torch.zeros_like(out[2:]))

@@ -102,7 +102,7 @@ class DecodeCase:
     @property
     def kv_bytes(self) -> int:
         """Bytes of K and V the call must read: every context token, as stored."""
-        element = torch.empty((), dtype=self.kv_dtype).element_size()
+        element = self.kv_dtype.itemsize
         return 2 * sum(self.context_lens) * self.num_kv_heads * self.head_size * element
 
     def call_key(self, device) -> CallKey:
