@@ -55,8 +55,9 @@ ARGS = [
     ("max_qlen", "s32", 168),
     ("per_token_scales", "s32", 172),
     ("table_len", "s32", 176),
+    ("max_seq_len", "s32", 180),
 ]
-ARGS_BYTES = 184  # padded to 8
+ARGS_BYTES = 184
 
 DTYPE_NAMES = {"bf16": "bfloat16", "f16": "float16", "e4m3": "float8_e4m3fn", "s8": "int8"}
 
@@ -289,6 +290,9 @@ class Kernel:
         p(f"add.s64 {addr}, {addr}, {lens}")
         p(f"ld.global.nc.s32 {self.ctx}, [{addr}]")
         self.load_table_chunk(first=True)
+        # a longer context counts as max_seq_len tokens (what the host checks cover), a negative one as 0
+        p(f"min.s32 {self.ctx}, {self.ctx}, {self.arg('max_seq_len')}")
+        p(f"max.s32 {self.ctx}, {self.ctx}, 0")
         # max_qlen == 1: row = seq, one new token. Otherwise qo_indptr gives them.
         self.first_row, self.num_new = self.tmp("s32", "first_row"), self.tmp("s32", "num_new")
         p(f"mov.s32 {self.first_row}, {self.seq}")
@@ -1052,7 +1056,7 @@ are in bytes):"""
     notes = """
   scale_log2 = softmax scale * log2(e); k_scale/v_scale: per-token scale tensors or
   1-element per-tensor scales (8-bit caches; unused otherwise); qo_indptr read when
-  max_qlen > 1."""
+  max_qlen > 1; a context longer than max_seq_len counts as max_seq_len tokens."""
     text = lines + regs + args + notes
     return "\n".join("// " + line if line else "//" for line in text.split("\n")) + "\n"
 

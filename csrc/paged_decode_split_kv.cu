@@ -77,8 +77,8 @@ struct SplitKvParams {
   i64 stride_scale_block, stride_scale_head;  // per-token scales, in elements
   int per_token_scales;                       // 8-bit caches: 1 per-token, 0 per-tensor scales
   int table_width;                            // block-table entries per sequence (its shape[1])
-  int num_seqs;     // the balanced schedule only, as is the next
-  int max_seq_len;
+  int num_seqs;     // the balanced schedule only
+  int max_seq_len;  // longer contexts count as this long: the table row and scratch cover no more
 };
 
 // A CTA's shared memory: 16 query rows (padded), then each warp's ring, which the merge
@@ -147,13 +147,15 @@ struct SpanTail {
   bool write_out, last_span;
 };
 
-// Attends every query row of (seq, kv_head) to tokens [start, end) (start block aligned;
-// an empty span gives zeros) and writes what tail() says. tail() is called after the cache
-// reads, so that the balanced schedule's values need no registers through them.
+// Attends every query row of (seq, kv_head) to tokens [start, end) (start block aligned)
+// and writes what tail() says; an empty span writes zeros, or returns at once if skip_empty
+// (a static partition past its context, whose partial the reduce never reads). tail() is
+// called after the cache reads, so that the balanced schedule's values need no registers
+// through them.
 // Called by every thread of the CTA; the caller syncs before the next span reuses shared memory.
 template <bool IS_BF16, int KV_KIND, int HEAD, int BS, bool WIDE, class Tail>
 __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int kv_head, int context_len, int start,
-                                            int end, const Tail& tail) {
+                                            int end, bool skip_empty, const Tail& tail) {
   using C = SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, WIDE>;
   using Q = q16<IS_BF16>;
   using qt = typename Q::t;
@@ -180,6 +182,8 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
     const int idx = block_begin + warp + j * C::WARPS;
     first_blocks[j] = idx < p.table_width ? table[idx] : 0;
   }
+  // decided here, after the table reads are on their way (they are in bounds either way)
+  if (skip_empty && start >= end) return;
 
   // tokens each of this lane's two rows sees, capped by the partition end
   const int row0 = lane / 4, row1 = lane / 4 + 8;
@@ -255,6 +259,24 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
     }
     cp_async_commit();
   }
+
+  // fp16 MMAs over a per-token scaled 8-bit cache: weights p * v_scale under 2^-14 would be
+  // fp16 subnormals (bits lost for V scales that small), so they are p * v_scale / v_unit,
+  // v_unit the largest V scale of the warp's first block, and O counts in v_unit (the merge
+  // takes it back; a scale 65504x past it would overflow). bf16 has the range: no unit.
+  constexpr bool V_UNIT = !IS_BF16 && C::SCALES > 0;
+  float v_unit_inv = 1.f;
+  if constexpr (V_UNIT) {
+    if (per_token && mine > 0) {  // read while the first copies are in flight
+      const int t = lane % BS;
+      float largest = (block_begin + warp) * BS + t < end
+                          ? p.v_scale[first_blocks[0] * p.stride_scale_block + scale_head + t]
+                          : 0.f;
+      for (int m = 16; m >= 1; m /= 2) largest = fmaxf(largest, shfl_xor(largest, m));
+      if (largest > 0.f) v_unit_inv = 1.f / largest;  // scales of 0 (an all-zero V): no unit
+    }
+  }
+
   cp_async_wait<C::STAGES - 1>();  // the first group: this thread's query copies
   __syncthreads();                 // and everyone's, before any warp reads q_s
   for (int j = 0; j < mine; ++j) {
@@ -321,6 +343,7 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
           const float* scales = reinterpret_cast<const float*>(vs + C::KV_TILE) + column_token(nt);
           k_tok[nt] = *reinterpret_cast<const float2*>(scales);
           v_tok[nt] = *reinterpret_cast<const float2*>(scales + BS);
+          if constexpr (V_UNIT) v_tok[nt] = make_float2(v_tok[nt].x * v_unit_inv, v_tok[nt].y * v_unit_inv);
         }
       }
     }
@@ -428,15 +451,16 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
     merge_sum[warp * 16 + row0] = sum0;
     merge_sum[warp * 16 + row1] = sum1;
   }
+  const float o_unit = V_UNIT ? 1.f / v_unit_inv : 1.f;  // O back from v_unit
 #pragma unroll
   for (int dt = 0; dt < HEAD / 8; ++dt) {
     const int d = dt * 8 + (lane % 4) * 2;
     float* r0 = merge_o + (warp * 16 + row0) * HEAD + d;
     float* r1 = merge_o + (warp * 16 + row1) * HEAD + d;
-    r0[0] = o[dt][0];
-    r0[1] = o[dt][1];
-    r1[0] = o[dt][2];
-    r1[1] = o[dt][3];
+    r0[0] = o[dt][0] * o_unit;
+    r0[1] = o[dt][1] * o_unit;
+    r1[0] = o[dt][2] * o_unit;
+    r1[1] = o[dt][3] * o_unit;
   }
   __syncthreads();
 
@@ -528,8 +552,14 @@ struct BalancedSpan {
   }
 };
 
+// The tokens of a sequence that are attended to: its context length, within [0, max_seq_len]
+// (the block table row and the scratch cover no more; a longer context is not checked on the host).
+__device__ __forceinline__ int context_of(const SplitKvParams& p, int seq) {
+  return min(max(p.context_lens[seq], 0), p.max_seq_len);
+}
+
 __device__ __forceinline__ int pages_of(const SplitKvParams& p, int seq) {
-  return (min(max(p.context_lens[seq], 0), p.max_seq_len) + p.partition_size - 1) / p.partition_size;
+  return (context_of(p, seq) + p.partition_size - 1) / p.partition_size;
 }
 
 // Finds the sequence of this CTA's first page with a CTA-wide scan of the page counts (in
@@ -575,13 +605,11 @@ __global__ void __launch_bounds__((SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, WID
   using C = SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, WIDE>;
   const int kv_head = blockIdx.y;
   if constexpr (BALANCED == 0) {
-    // partition blockIdx.x of sequence blockIdx.z; past the context nothing, except the zeros
-    // of an empty context when writing out
+    // partition blockIdx.x of sequence blockIdx.z (decode_span returns at once past the context)
     const int seq = blockIdx.z;
-    const int context_len = p.context_lens[seq], start = blockIdx.x * p.partition_size;
-    if (start >= context_len && !p.write_out) return;
+    const int context_len = context_of(p, seq), start = blockIdx.x * p.partition_size;
     decode_span<IS_BF16, KV_KIND, HEAD, BS, WIDE>(p, seq, kv_head, context_len, start,
-                                                  min(start + p.partition_size, context_len),
+                                                  min(start + p.partition_size, context_len), !p.write_out,
                                                   [write_out = p.write_out != 0] { return SpanTail{int(blockIdx.x), write_out, true}; });
   } else {
     BalancedState* state = reinterpret_cast<BalancedState*>(smem + HEAD * 2);
@@ -591,10 +619,10 @@ __global__ void __launch_bounds__((SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, WID
       if (span.page >= span.last_page) break;
       const int seq = state->seq, seq_start = state->seq_first_page * p.partition_size;
       if (span.end_page > span.page) {  // empty sequences have no pages
-        const int context_len = min(p.context_lens[seq], p.max_seq_len);
+        const int context_len = context_of(p, seq);
         decode_span<IS_BF16, KV_KIND, HEAD, BS, WIDE>(
             p, seq, kv_head, context_len, span.page * p.partition_size - seq_start,
-            min(span.end_page * p.partition_size - seq_start, context_len),
+            min(span.end_page * p.partition_size - seq_start, context_len), false,
             [state] { return BalancedSpan(*state).tail(*state); });
       }
       __syncthreads();  // every thread is done with the state

@@ -231,7 +231,8 @@ def _run_launch_paths(target: Target, workload: dict) -> None:
                         partition = hip_backend.BACKEND.partition_size(call, sms)
                         if partition < key.max_seq_len:
                             launch_split_kv_reduce(
-                                call.out, *call.scratch(), call.context_lens, call.qo_indptr, key.max_qlen, partition
+                                call.out, *call.scratch(), call.context_lens, call.qo_indptr, key.max_qlen, partition,
+                                key.max_seq_len,
                             )
                         programs = base.balanced_programs_per_head(
                             call.num_seqs, key.num_kv_heads, key.max_seq_len, sms, hip_backend.BACKEND.balanced_per_sm(call)
@@ -239,7 +240,7 @@ def _run_launch_paths(target: Target, workload: dict) -> None:
                         if programs and hip_backend.builds_balanced(target.name, wide=False):
                             launch_split_kv_reduce(
                                 call.out, *call.scratch(), call.context_lens, call.qo_indptr, key.max_qlen, PARTITION_SIZE,
-                                max_seq_len=key.max_seq_len, programs_per_head=programs,
+                                key.max_seq_len, programs_per_head=programs,
                             )  # fmt: skip
     _run_cache_paths(workload)
     stream_configs = dict.fromkeys(READ_BANDWIDTH_CONFIGS + READ_CEILING_CONFIGS)

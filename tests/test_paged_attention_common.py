@@ -135,13 +135,14 @@ def test_uniform_qlen_without_qo_indptr(device, backend):
 # (query factor, K scale factor, V scale factor, spread): the logits stay those of the plain
 # case (query x K scale is unchanged), the output moves with the V scales. bf16 queries of
 # 2^18 are past fp16's range; V scales of 2^-20 put p * scale below fp16's normal range and
-# 2^20 above its largest value (2^-8 with fp16 queries, whose output must stay normal fp16:
-# p * scale still falls below 2^-14 for p < 1); ``spread`` multiplies each token's V scale by 2^U(-s, s)
+# 2^20 above its largest value (2^-8 and 2^-12 with fp16 queries, whose output must stay normal
+# fp16: p * scale falls below 2^-14, to about 2^-18 at 2^-12); ``spread`` multiplies each token's V scale by 2^U(-s, s)
 # (spread K scales would make logits too large for the bf16 logits the torch backend keeps).
 MAGNITUDES = [
     (2.0**18, 2.0**-18, 2.0**-20, 0),
     (2.0**-18, 2.0**18, 2.0**20, 0),
     (2.0**-12, 2.0**12, 2.0**-8, 0),
+    (1.0, 1.0, 2.0**-12, 0),
     (1.0, 1.0, 1.0, 12),
 ]
 
@@ -246,3 +247,87 @@ def test_unused_cache_slots_holding_nan_do_not_leak(device, backend, kv_dtype):
     case = make_decode_case([0, 1, 15, 17, 300], num_heads=8, num_kv_heads=2, kv_dtype=kv_dtype, device=device)
     poison_unused_slots(case)
     check_against_reference(case, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=lambda d: str(d)[6:])
+def test_context_past_max_seq_len_counts_as_max_seq_len(device, backend, kv_dtype):
+    """validate="shapes" reads no lengths, so a context longer than ``max_seq_len`` (a caller's
+    bug) is not caught: every backend attends to its first ``max_seq_len`` tokens, and none
+    reads past the block-table row or the scratch, both sized by ``max_seq_len``. The table is a
+    17-column view of a wider one whose hidden columns, and every token past 260, point at a
+    block of NaN; the scratch holds 2 partitions, NaN-poisoned, beside the next head's."""
+    case = make_decode_case([300, 40, 299], num_heads=8, num_kv_heads=2, head_size=64, kv_dtype=kv_dtype, device=device)
+    limit, columns = 260, 17  # 17 blocks of 16 tokens hold 260
+    skip_if_unsupported(backend, dict(case, max_seq_len=limit))
+    poison_unused_slots(case)  # NaN in the blocks no context uses, among others
+    table = case["block_tables"]
+    used = {int(b) for s, n in enumerate(case["context_lens"].tolist()) for b in table[s, : -(-n // 16)].tolist()}
+    nan_block = next(b for b in range(case["K"].shape[0]) if b not in used)
+    table[:, columns:] = nan_block
+    ref_case = dict(case, context_lens=case["context_lens"].clamp(max=limit))
+    past_limit = torch.arange(limit, 300, device=device)  # the tokens of blocks 16..18 past 260: NaN too
+    for s in (0, 2):
+        k, v = pa_hybrid.unshuffle_to_nhd(case["K"], case["V"])
+        blocks, slots = table[s, past_limit // 16].long(), past_limit % 16
+        keep = blocks != nan_block
+        if kv_dtype == torch.float8_e4m3fn:
+            k.view(torch.uint8)[blocks[keep], slots[keep]] = 0x7F
+            v.view(torch.uint8)[blocks[keep], slots[keep]] = 0x7F
+        else:
+            k[blocks[keep], slots[keep]], v[blocks[keep], slots[keep]] = float("nan"), float("nan")
+        k, v = pa_hybrid.shuffle_from_nhd(k, v)
+        case["K"].copy_(k), case["V"].copy_(v)
+    ref = reference_paged_attention(**dict(ref_case, K=case["K"], V=case["V"]))
+    q = case["Q"]
+    scratch = allocate_scratch(q.shape[0], q.shape[1], q.shape[2], limit, q.device)
+    for t in scratch:
+        t.fill_(float("nan"))
+    out = torch.full_like(q, float("nan"))
+    narrow = dict(case, block_tables=table[:, :columns], block_tables_stride0=table.stride(0), max_seq_len=limit)
+    paged_attention_common(exp_sums=scratch[0], max_logits=scratch[1], tmp_out=scratch[2], out_=out, backend=backend, **narrow)
+    assert not out.isnan().any()
+    tol = ELEM_TOL[q.dtype] * (2 if case["K"].element_size() == 1 else 1)
+    torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_table_entries_past_a_context_may_hold_anything(device, backend):
+    """Only the entries a context covers must be block ids (what validate="full" checks);
+    engines leave -1 or stale values in the rest."""
+    case = make_decode_case([40, 300, 1], num_heads=8, num_kv_heads=2, head_size=64, device=device)
+    table = case["block_tables"]
+    for s, n in enumerate(case["context_lens"].tolist()):
+        table[s, -(-n // 16) :] = torch.tensor([-1, 10**6], dtype=torch.int32, device=device).repeat(table.shape[1])[
+            : table.shape[1] - -(-n // 16)
+        ]
+    skip_if_unsupported(backend, case)
+    paged_attention_common(exp_sums=None, max_logits=None, tmp_out=None, backend=backend, validate="full", **case)
+    check_against_reference(case, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "q_dtype,kv_dtype,q_factor", [(torch.bfloat16, torch.float16, 4.0), (torch.float16, torch.bfloat16, 2.0**-17)],
+    ids=["q-bf16-kv-fp16", "q-fp16-kv-bf16"],
+)
+def test_16bit_cache_of_the_other_16bit_type(device, backend, q_dtype, kv_dtype, q_factor):
+    """bf16 queries over an fp16 cache (logits spread by 4x queries: bf16 would drop the cache's 3
+    extra bits), fp16 queries over a bf16 cache whose K is past fp16's range (queries 2^-17, keys
+    2^17: the logits of the plain case)."""
+    case = make_decode_case([1, 17, 300, 700], num_heads=8, num_kv_heads=2, q_dtype=q_dtype, kv_dtype=kv_dtype, device=device)
+    skip_if_unsupported(backend, case)
+    case.update(Q=(case["Q"].float() * q_factor).to(q_dtype), K=(case["K"].float() / q_factor).to(kv_dtype))
+    out = paged_attention_common(exp_sums=None, max_logits=None, tmp_out=None, backend=backend, **case)
+    ref = reference_paged_attention(**case)
+    rel = (out.float() - ref).norm(dim=-1) / ref.norm(dim=-1)
+    assert rel.max().item() < REL_TOL[2], f"worst (row, head) relative error {rel.max().item():.3e}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_new_token_anywhere(device, backend):
+    """max_qlen > 1 and every sequence without a new token: Q has no row, nothing to do."""
+    case = make_decode_case([40, 7], num_heads=4, num_kv_heads=1, head_size=64, max_qlen=2, new_tokens=[0, 0], device=device)
+    skip_if_unsupported(backend, case)
+    out = paged_attention_common(exp_sums=None, max_logits=None, tmp_out=None, backend=backend, **case)
+    assert out.shape == (0, 4, 64)

@@ -53,6 +53,7 @@ class AsmParams(ctypes.Structure):
         ("max_qlen", ctypes.c_int32),
         ("per_token_scales", ctypes.c_int32),
         ("table_len", ctypes.c_int32),  # block_tables.shape[1]
+        ("max_seq_len", ctypes.c_int32),  # longer contexts count as this long
     ]
 
 
@@ -216,6 +217,7 @@ def params(call: DecodeCall) -> AsmParams:
         max_qlen=call.key.max_qlen,
         per_token_scales=1 if per_token else 0,
         table_len=call.block_tables.shape[1],
+        max_seq_len=call.key.max_seq_len,
     )
 
 

@@ -27,6 +27,11 @@ class TorchBackend(Backend):
 
     def run(self, call: DecodeCall) -> None:
         key = call.key
+        if call.Q.shape[0] == 0:  # no query row (max_qlen > 1 and no new token anywhere)
+            return
+        if call.K.shape[0] == 0:  # no cache block at all: every context must be empty
+            call.out.zero_()
+            return
         num_blocks = -(-key.max_seq_len // key.block_size)
         padded_len = num_blocks * key.block_size
         per_seq = 2 * key.num_kv_heads * padded_len * key.head_size * call.Q.element_size()
@@ -43,12 +48,19 @@ class TorchBackend(Backend):
             call.out.copy_(out[:rows])
 
 
+def _compute_dtype(call: DecodeCall) -> torch.dtype:
+    """The query dtype, or fp32 for a 16-bit cache of the other 16-bit type (bf16 would drop 3
+    bits of an fp16 cache, fp16 the range of a bf16 one)."""
+    kv, q = call.key.kv_dtype, call.Q.dtype
+    return torch.float32 if kv.itemsize == 2 and kv != q else q
+
+
 def _gather(call: DecodeCall, ids: torch.Tensor):
     """K and V of sequences whose block ids are ``ids`` ``[c, nb]``, as ``[c, kv_heads, nb * bs, head_size]``."""
     key = call.key
     c, nb = ids.shape
     length = nb * key.block_size
-    dtype = call.Q.dtype
+    dtype = _compute_dtype(call)
     # K[b, h, d // x, t, d % x] and V[b, h, t // x, d, t % x] -> [c, h, nb * bs, d]
     k = call.K[ids].permute(0, 2, 1, 4, 3, 5).reshape(c, key.num_kv_heads, length, key.head_size).to(dtype)
     v = call.V[ids].permute(0, 2, 1, 3, 5, 4).reshape(c, key.num_kv_heads, length, key.head_size).to(dtype)
@@ -64,10 +76,13 @@ def _gather(call: DecodeCall, ids: torch.Tensor):
 def _attend_chunk(call: DecodeCall, out: torch.Tensor, s0: int, s1: int, num_blocks: int):
     key = call.key
     device = call.Q.device
+    # as the kernels: a context counts as at most max_seq_len tokens (what the table row covers),
+    # and table entries past it may hold anything, so they gather block 0 instead
+    ctx = call.context_lens[s0:s1].long().clamp(0, key.max_seq_len)
     ids = call.block_tables[s0:s1, :num_blocks].long()
-    k, v = _gather(call, ids)
+    used = torch.arange(num_blocks, device=device)[None, :] * key.block_size < ctx[:, None]
+    k, v = _gather(call, ids.where(used, 0))
     c, length = s1 - s0, k.shape[2]
-    ctx = call.context_lens[s0:s1].long()
     # slots past a context hold whatever the engine left there (NaN included): zero them, since
     # a masked score still meets its K row and a zero weight still meets its V row
     inside = (torch.arange(length, device=device)[None, :] < ctx[:, None])[:, None, :, None]
@@ -86,7 +101,7 @@ def _attend_chunk(call: DecodeCall, out: torch.Tensor, s0: int, s1: int, num_blo
         q = call.Q[s0:s1, None]  # [c, 1, heads, d]
         visible = ctx[:, None]
     # the group and the new tokens share SDPA's query dim: [c, kv_heads, qlen * gqa, d]
-    q = q.reshape(c, qlen, kvh, gqa, d).permute(0, 2, 1, 3, 4).reshape(c, kvh, qlen * gqa, d)
+    q = q.to(k.dtype).reshape(c, qlen, kvh, gqa, d).permute(0, 2, 1, 3, 4).reshape(c, kvh, qlen * gqa, d)
     visible = visible.repeat_interleave(gqa, dim=1)  # [c, qlen * gqa]
     mask = torch.arange(length, device=device)[None, None, :] < visible[:, :, None]
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=call.scale)

@@ -85,10 +85,15 @@ def gpu_shared_memory_per_program(device_index: int) -> int:
     return getattr(props, "shared_memory_per_block_optin", None) or props.shared_memory_per_block
 
 
-def dot_dtype(q_dtype: torch.dtype):
-    """The operand dtype of ``tl.dot`` for queries of ``q_dtype``: the query dtype
-    itself, except under the interpreter, whose ``tl.dot`` multiplies bf16 operands
-    as raw bits (Triton 3.9), so there bf16 operands are widened to fp32."""
+def dot_dtype(q_dtype: torch.dtype, kv_dtype: torch.dtype):
+    """The operand dtype of ``tl.dot`` for queries of ``q_dtype`` over a ``kv_dtype`` cache:
+    the query dtype, which holds every 8-bit value exactly, except
+    - a 16-bit cache of the other 16-bit type: fp32 (TF32 MMAs on NVIDIA GPUs), which holds
+      both exactly, where bf16 would drop 3 bits of an fp16 cache and fp16 the range of bf16;
+    - under the interpreter, whose ``tl.dot`` multiplies bf16 operands as raw bits (Triton
+      3.9): fp32."""
+    if kv_dtype.itemsize == 2 and kv_dtype != q_dtype:
+        return tl.float32
     if q_dtype == torch.bfloat16:
         return tl.float32 if interpreting() else tl.bfloat16
     return tl.float16

@@ -75,6 +75,7 @@ def _decode_tile(
     acc,
     row_max,
     row_sum,
+    v_unit,  # per-token V scales with fp16 dots: the V scale acc is counted in
     start,
     block_id,  # [BLOCK_N] int64: each token's cache block
     k_head_ptr,  # K + kv_head * stride_k_head
@@ -97,6 +98,10 @@ def _decode_tile(
     MASKED: tl.constexpr,  # the tile may run past ``end``; else every token is before it
 ):
     """Online-softmax update with tokens [start, start + BLOCK_N); ``start`` is block aligned.
+
+    Per-token V scales with fp16 dots: weights p * v_scale under 2^-14 would be fp16
+    subnormals (bits lost for V scales that small), so the weights are p * v_scale / v_unit,
+    with ``v_unit`` the largest V scale of the program's first tile, and acc counts in it.
 
     Unmasked tiles load with no mask at all: that is what lets Triton's pipeliner turn the
     K and V loads into 16-byte ``cp.async`` copies (a mask that varies within a 16-byte
@@ -131,7 +136,10 @@ def _decode_tile(
     if MASKED:
         v_t = tl.where(token_ok[None, :], v_t, 0.0)
     if SCALES == 2:
-        p = p * _load(v_scale_head_ptr + block_id * stride_scale_block + in_block, token_ok, MASKED)[None, :]
+        v_scale = _load(v_scale_head_ptr + block_id * stride_scale_block + in_block, token_ok, MASKED)
+        if DOT_DTYPE == tl.float16:
+            v_scale = v_scale / v_unit
+        p = p * v_scale[None, :]
     acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), tl.trans(v_t))
     return acc, new_max, row_sum
 
@@ -150,6 +158,7 @@ def _paged_decode_kernel(
     block_tables_ptr,  # [num_seqs, max_blocks] int32
     context_lens_ptr,  # [num_seqs] int32
     qo_indptr_ptr,  # [num_seqs + 1] int32, read only when MAX_QLEN > 1
+    max_seq_len,  # longer contexts count as this long: the table row and scratch cover no more
     sm_scale_log2,  # softmax scale * log2(e)
     stride_q_row,
     stride_q_head,
@@ -184,7 +193,7 @@ def _paged_decode_kernel(
     kv_head = tl.program_id(1)
     seq = tl.program_id(2)
 
-    context_len = tl.load(context_lens_ptr + seq)
+    context_len = tl.minimum(tl.maximum(tl.load(context_lens_ptr + seq), 0), max_seq_len)
     start = part * PARTITION
     end = tl.minimum(start + PARTITION, context_len)
     if start < context_len:
@@ -224,11 +233,17 @@ def _paged_decode_kernel(
         # whole tiles first, without masks (so that they pipeline), then the ragged end
         whole_end = start + (end - start) // BLOCK_N * BLOCK_N
         block_id = _tile_block_ids(block_ids_ptr, start, end, BLOCK_SIZE, BLOCK_N)
+        v_unit = 1.0
+        if SCALES == 2 and DOT_DTYPE == tl.float16:  # see _decode_tile; 65504x past it would overflow
+            n = tl.arange(0, BLOCK_N)
+            first = tl.load(v_scale_head_ptr + block_id * stride_scale_block + n % BLOCK_SIZE, mask=start + n < end, other=0.0)
+            largest = tl.max(first, axis=0)
+            v_unit = tl.where(largest > 0, largest, 1.0)  # scales of 0 (an all-zero V): as if no unit
         for tile_start in range(start, whole_end, BLOCK_N):
             # the next tile's block ids are read a tile ahead
             next_block_id = _tile_block_ids(block_ids_ptr, tile_start + BLOCK_N, end, BLOCK_SIZE, BLOCK_N)
             acc, row_max, row_sum = _decode_tile(
-                q, acc, row_max, row_sum, tile_start,
+                q, acc, row_max, row_sum, v_unit, tile_start,
                 block_id, k_head_ptr, v_head_ptr, k_scale_head_ptr, v_scale_head_ptr,
                 stride_k_block, stride_v_block, stride_scale_block,
                 end, visible, qk_scale,
@@ -239,7 +254,7 @@ def _paged_decode_kernel(
         # own buffers (55-88 KB of shared memory instead of 39-70: 2 programs per SM, not 3)
         if whole_end < end:
             acc, row_max, row_sum = _decode_tile(
-                q, acc, row_max, row_sum, whole_end,
+                q, acc, row_max, row_sum, v_unit, whole_end,
                 block_id, k_head_ptr, v_head_ptr, k_scale_head_ptr, v_scale_head_ptr,
                 stride_k_block, stride_v_block, stride_scale_block,
                 end, visible, qk_scale,
@@ -248,6 +263,8 @@ def _paged_decode_kernel(
 
         if SCALES == 1:
             acc = acc * tl.load(v_scale_ptr)
+        if SCALES == 2 and DOT_DTYPE == tl.float16:
+            acc = acc * v_unit
         # row_sum >= 1 for a row that saw a token; rows that saw none stay 0
         result = acc / tl.maximum(row_sum, 1e-30)[:, None]
         if WRITE_OUT:
@@ -372,6 +389,7 @@ def launch_paged_decode(
         block_tables,
         context_lens,
         qo_indptr if max_qlen > 1 else context_lens,
+        max_seq_len,
         scale * LOG2E,
         Q.stride(0),
         Q.stride(1),
@@ -395,7 +413,7 @@ def launch_paged_decode(
         PARTITION=partition_size,
         WRITE_OUT=write_out,
         BLOCK_N=block_n,
-        DOT_DTYPE=dot_dtype(Q.dtype),
+        DOT_DTYPE=dot_dtype(Q.dtype, K.dtype),
         FP8_VIA_FP32=nvidia_device(Q.device),
         num_warps=num_warps,
         num_stages=num_stages,

@@ -16,8 +16,10 @@ under the balanced schedule (``common.balanced_schedule``) slot ``p`` holds a se
 ``p``-th piece instead, of whatever length, and slots ``0 .. pieces - 1`` are read.
 
 On Hopper the reduce is launched with programmatic dependent launch: it may start
-while stage 1 finishes (the hip stage 1 allows it early) and waits for the previous
-grid before its first read, which hides its launch behind stage 1's tail.
+while stage 1 finishes (the hip stage 1 allows it early), reads the lengths (and derives
+the balanced schedule) meanwhile, and waits for stage 1 before it reads the partials,
+which hides its launch and that first round trip behind stage 1's tail. Stage 1 itself
+is a normal launch, so every kernel before it has finished by then.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def _split_kv_reduce_kernel(
     stride_tmp_head,
     stride_tmp_part,
     num_seqs,
-    max_seq_len,
+    max_seq_len,  # longer contexts count as this long (stage 1 cuts them there too)
     programs_per_head,  # BALANCED: stage 1's programs per kv head
     HEAD_SIZE: tl.constexpr,
     PARTITION: tl.constexpr,
@@ -71,12 +73,10 @@ def _split_kv_reduce_kernel(
     Under the balanced schedule a sequence has as many partials as stage-1 programs
     shared its pages, and one that a single program held was written out already.
     """
-    if WAIT_FOR_STAGE1:  # before any read: whatever ran before may have written any input
-        tl.extra.cuda.gdc_wait()
     seq = tl.program_id(0)
     head = tl.program_id(1)
     token = tl.program_id(2)
-    context_len = tl.load(context_lens_ptr + seq)
+    context_len = tl.minimum(tl.maximum(tl.load(context_lens_ptr + seq), 0), max_seq_len)
     if MAX_QLEN > 1:
         first_row = tl.load(qo_indptr_ptr + seq)
         num_new = tl.load(qo_indptr_ptr + seq + 1) - first_row
@@ -92,13 +92,17 @@ def _split_kv_reduce_kernel(
             context_lens_ptr, num_seqs, max_seq_len, programs_per_head, PARTITION, BLOCK_S
         )
         seq_end_page = tl.sum(tl.where(tl.arange(0, BLOCK_S) == seq, page_ends, 0), axis=0)
-        seq_pages = tl.cdiv(tl.minimum(tl.maximum(context_len, 0), max_seq_len), PARTITION)
+        seq_pages = tl.cdiv(context_len, PARTITION)
         pieces = (seq_end_page - 1) // pages_per_program - (seq_end_page - seq_pages) // pages_per_program + 1
         pieces = tl.where(seq_pages == 0, 0, pieces)
         num_parts = tl.where(pieces == 1, 0, pieces)
     else:
         num_parts = tl.cdiv(visible, PARTITION)
 
+    # Up to here the reads are of lengths that stage 1 only reads, and a normal launch (stage
+    # 1) started only after whatever wrote them had finished: they overlap stage 1's tail.
+    if WAIT_FOR_STAGE1:  # before the partials and out: stage 1 writes both
+        tl.extra.cuda.gdc_wait()
     part = tl.arange(0, BLOCK_P)
     dims = tl.arange(0, HEAD_SIZE)
     es_row = row.to(tl.int64) * stride_es_row + head * stride_es_head
@@ -149,7 +153,11 @@ def split_kv_reduce(
     check_reduce_args(out, exp_sums, max_logits, tmp_out, context_lens, qo_indptr, max_qlen)
     if not isinstance(partition_size, int) or partition_size <= 0 or partition_size % PARTITION_SIZE:
         raise ValueError(f"partition_size: expected a positive multiple of {PARTITION_SIZE}, got {partition_size!r}")
-    return launch_split_kv_reduce(out, exp_sums, max_logits, tmp_out, context_lens, qo_indptr, max_qlen, partition_size)
+    # a context longer than the scratch holds counts as what it holds: no read past it
+    longest = exp_sums.shape[2] * PARTITION_SIZE
+    return launch_split_kv_reduce(
+        out, exp_sums, max_logits, tmp_out, context_lens, qo_indptr, max_qlen, partition_size, longest
+    )
 
 
 def reduce_chunk(scratch_partitions: int, partition_size: int, programs_per_head: int = 0) -> int:
@@ -166,12 +174,13 @@ def reduce_chunk(scratch_partitions: int, partition_size: int, programs_per_head
 
 
 def launch_split_kv_reduce(
-    out, exp_sums, max_logits, tmp_out, context_lens, qo_indptr, max_qlen, partition_size, *, max_seq_len=0,
+    out, exp_sums, max_logits, tmp_out, context_lens, qo_indptr, max_qlen, partition_size, max_seq_len, *,
     programs_per_head=0,
 ):
     """:func:`split_kv_reduce` without the checks, for backends whose call was validated
-    already; with ``programs_per_head > 0``, after a stage 1 that ran the balanced
-    schedule with those ``programs_per_head``, ``max_seq_len`` and pages of ``partition_size``."""
+    already: contexts count as at most ``max_seq_len`` tokens, as in stage 1; with
+    ``programs_per_head > 0``, after a stage 1 that ran the balanced schedule with those
+    ``programs_per_head`` and pages of ``partition_size``."""
     num_seqs = context_lens.shape[0]
     balanced = programs_per_head > 0
     _, num_heads, head_size = out.shape
@@ -191,7 +200,9 @@ def launch_split_kv_reduce(
         tmp_out.stride(0),
         tmp_out.stride(1),
         tmp_out.stride(2),
-        *((num_seqs, max_seq_len, programs_per_head) if balanced else (0, 0, 0)),
+        num_seqs if balanced else 0,
+        max_seq_len,
+        programs_per_head,
         HEAD_SIZE=head_size,
         PARTITION=partition_size,
         BLOCK_P=block_p,
