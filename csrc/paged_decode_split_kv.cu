@@ -264,6 +264,7 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
   // fp16 subnormals (bits lost for V scales that small), so they are p * v_scale / v_unit,
   // v_unit the largest V scale of the warp's first block, and O counts in v_unit (the merge
   // takes it back; a scale 65504x past it would overflow). bf16 has the range: no unit.
+  // (hip.py builds no balanced kernel for these: at 4 CTAs per SM it has no register for it.)
   constexpr bool V_UNIT = !IS_BF16 && C::SCALES > 0;
   float v_unit_inv = 1.f;
   if constexpr (V_UNIT) {

@@ -119,3 +119,13 @@ def test_hip_matches_reference_long_and_ragged(kv_dtype, scales, gqa, qlen, head
     assert not out.isnan().any()
     rel = ((out.float() - ref).norm() / ref.norm()).item()
     assert rel < (1e-2 if kv_dtype.itemsize == 2 else 3e-2), rel
+
+
+def test_no_balanced_kernel_for_fp16_queries_over_8bit_caches():
+    """Their V unit (csrc) takes a register the balanced kernel at 4 CTAs per SM lacks; auto never
+    balances 8-bit caches on hip, and PA_HYBRID_SPLIT_SCHEDULE=balanced falls back to static."""
+    for q_dtype, kv_dtype, entries in [
+        (torch.float16, torch.float8_e4m3fn, 1), (torch.float16, torch.int8, 1),
+        (torch.bfloat16, torch.float8_e4m3fn, 2), (torch.float16, torch.float16, 2),
+    ]:  # fmt: skip
+        assert len(hip.kernel_spec(q_dtype, kv_dtype, 128, 16, False, "sm_90a").entries) == entries, (q_dtype, kv_dtype)

@@ -166,11 +166,12 @@ def kernel_entry(q_dtype, kv_dtype, head_size: int, block_size: int, wide: bool,
     return f"pa::paged_decode_split_kv<{args}, {balanced}>"
 
 
-def builds_balanced(arch: str, wide: bool) -> bool:
+def builds_balanced(arch: str, wide: bool, q_dtype: torch.dtype, kv_dtype: torch.dtype) -> bool:
     """Whether a variant has the balanced schedule's kernel: not the wide ones (their tiny
     grids are never balanced), not on gfx942 (there it spills to scratch memory; never run
-    there either)."""
-    return not wide and not arch.startswith("gfx")
+    there either), not fp16 queries over 8-bit caches (at 4 CTAs per SM the kernel has no
+    register for their V unit, csrc; auto never balances 8-bit caches on hip anyway)."""
+    return not wide and not arch.startswith("gfx") and not (q_dtype == torch.float16 and kv_dtype.itemsize == 1)
 
 
 def kernel_spec(
@@ -180,7 +181,7 @@ def kernel_spec(
     the balanced one's at ``balanced`` CTAs per SM (by default the backend's)."""
     variant = (q_dtype, kv_dtype, head_size, block_size, wide)
     schedules = [0]
-    if builds_balanced(arch, wide):
+    if builds_balanced(arch, wide, q_dtype, kv_dtype):
         wanted = BALANCED_CTAS_PER_SM[kv_dtype.itemsize == 1] if balanced is None else balanced
         schedules.append(balanced_ctas_per_sm(head_size, block_size, kv_dtype.itemsize, wanted))
     return runtime.KernelSpec(source=SOURCE, entries=tuple(kernel_entry(*variant, b) for b in schedules), arch=arch)
@@ -252,7 +253,8 @@ class HipBackend(SplitKvBackend):
             yield f"a 16-bit cache must have the query dtype ({key.q_dtype}), got {key.kv_dtype}"
 
     def offers_balanced(self, call: DecodeCall) -> bool:
-        return builds_balanced(runtime.arch_of(call.key.device_index), wide=False)
+        key = call.key
+        return builds_balanced(runtime.arch_of(key.device_index), False, key.q_dtype, key.kv_dtype)
 
     def balanced_per_sm(self, call: DecodeCall) -> int:
         key = call.key
