@@ -47,6 +47,14 @@ def check_against_reference(case, backend, *, give_scratch=False, give_out=True,
     return result, ref
 
 
+def check_rows_against_reference(case, backend, bound):
+    """The bound on every (row, head) vector's relative error: scale-free, unlike an atol."""
+    out = paged_attention_common(exp_sums=None, max_logits=None, tmp_out=None, backend=backend, **case)
+    ref = reference_paged_attention(**case)
+    rel = (out.float() - ref).norm(dim=-1) / ref.norm(dim=-1)
+    assert rel.max().item() < bound, f"worst (row, head) relative error {rel.max().item():.3e}"
+
+
 # (kv dtype, q dtype, gqa, max_qlen, head_size, block_size, scales)
 CONFIGS = [
     (torch.bfloat16, torch.bfloat16, 1, 1, 128, 16, "per_token"),
@@ -166,11 +174,7 @@ def test_8bit_scales_and_queries_far_from_one(device, backend, magnitudes, kv_dt
         K_QScale_asm=case["K_QScale_asm"] * k_factor,
         V_QScale_asm=case["V_QScale_asm"] * v_factor * jitter,
     )
-    out = paged_attention_common(exp_sums=None, max_logits=None, tmp_out=None, backend=backend, **case)
-    ref = reference_paged_attention(**case)
-    # the bound of the plain case on every (row, head) vector: scale-free, unlike an atol
-    rel = (out.float() - ref).norm(dim=-1) / ref.norm(dim=-1)
-    assert rel.max().item() < REL_TOL[1], f"worst (row, head) relative error {rel.max().item():.3e}"
+    check_rows_against_reference(case, backend, REL_TOL[1])  # the bound of the plain case
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -318,10 +322,7 @@ def test_16bit_cache_of_the_other_16bit_type(device, backend, q_dtype, kv_dtype,
     case = make_decode_case([1, 17, 300, 700], num_heads=8, num_kv_heads=2, q_dtype=q_dtype, kv_dtype=kv_dtype, device=device)
     skip_if_unsupported(backend, case)
     case.update(Q=(case["Q"].float() * q_factor).to(q_dtype), K=(case["K"].float() / q_factor).to(kv_dtype))
-    out = paged_attention_common(exp_sums=None, max_logits=None, tmp_out=None, backend=backend, **case)
-    ref = reference_paged_attention(**case)
-    rel = (out.float() - ref).norm(dim=-1) / ref.norm(dim=-1)
-    assert rel.max().item() < REL_TOL[2], f"worst (row, head) relative error {rel.max().item():.3e}"
+    check_rows_against_reference(case, backend, REL_TOL[2])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
