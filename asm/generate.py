@@ -194,6 +194,7 @@ class Kernel:
         self.seq, self.kv_head = p.reg("u32", "seq"), p.reg("u32", "kv_head")
         self.smem = p.reg("u32", "smem_base")
         self.ring = p.reg("u32", "ring_base")
+        self.stream_policy = p.reg("b64", "stream_policy")
 
     # ----------------------------------------------------------------- helpers
     def tmp(self, kind: str, name: str) -> str:
@@ -279,6 +280,9 @@ class Kernel:
         p(f"mov.u32 {self.kv_head}, %ctaid.y")
         p(f"mov.u32 {self.smem}, smem")
         p(f"add.u32 {self.ring}, {self.smem}, {v.q_bytes}")
+        # the K/V stream is read once per call: its L2 lines go first, so it does not push out
+        # what other kernels left in L2 (dirty lines, whose write-back would share DRAM with it)
+        p(f"createpolicy.fractional.L2::evict_first.b64 {self.stream_policy}, 1.0")
         self.gqa = self.arg("gqa")
         max_qlen = self.arg("max_qlen")
         self.rows_used = self.tmp("s32", "rows_used")  # gqa * max_qlen query rows of the group
@@ -637,7 +641,7 @@ class Kernel:
         for i in range(copies):
             # lane copies chunk lane + 32 i: for 8-bit the dim chunk advances by 2 per copy
             p(f"add.u32 {dst}, {stage}, {self.k_dst}")
-            p(f"cp.async.cg.shared.global [{dst}+{512 * i}], [{k_src}+{512 * i}], 16, {k_bytes}")
+            p(f"cp.async.cg.shared.global.L2::cache_hint [{dst}+{512 * i}], [{k_src}+{512 * i}], 16, {k_bytes}, {self.stream_policy}")
         v_bytes = [self.tmp("u32", f"v_src_bytes{g}") for g in range(BS // v.x)]
         for g, reg in enumerate(v_bytes):  # token group g holds tokens x g .. x g + x - 1
             p(f"sub.s32 {reg}, {valid}, {v.x * g}")
@@ -649,14 +653,14 @@ class Kernel:
         p(f"mad.lo.u32 {dst}, {self.lane}, 16, {dst}")
         for i in range(copies):
             group = (512 * i) // (HEAD * 16)  # chunk (lane + 32 i) is (group, dim)
-            p(f"cp.async.cg.shared.global [{dst}+{512 * i}], [{v_src}+{512 * i}], 16, {v_bytes[group]}")
+            p(f"cp.async.cg.shared.global.L2::cache_hint [{dst}+{512 * i}], [{v_src}+{512 * i}], 16, {v_bytes[group]}, {self.stream_policy}")
         if v.eight_bit:
             src, n = self.tmp("u64", "scale_src"), self.tmp("u32", "scale_bytes")
             p(f"mad.lo.s64 {src}, {blk64}, {self.scale_block}, {self.scale_src}")
             p(f"selp.u32 {n}, 4, 0, %p1")
             p(f"add.u32 {dst}, {stage}, {2 * v.kv_tile}")
             p(f"mad.lo.u32 {dst}, {self.lane}, 4, {dst}")
-            p(f"@{self.per_token} cp.async.ca.shared.global [{dst}], [{src}], 4, {n}")
+            p(f"@{self.per_token} cp.async.ca.shared.global.L2::cache_hint [{dst}], [{src}], 4, {n}, {self.stream_policy}")
 
     def init_accumulators(self):
         p, v = self.p, self.v
@@ -1003,8 +1007,9 @@ and never stored). No scratch, one launch.
   1. The context's cache blocks are dealt round-robin to the warps (warp w: blocks
      w, w+{v.warps}, ...). Each warp streams its blocks through a private {v.stages}-stage ring:
      16-byte cp.async copies of the block's K tile and V tile{" and its 16+16 per-token scales" if eight else ""}
-     as stored ({v.stage} bytes per stage); tokens past the context are zero-filled by the
-     copy's src-size, so no stale value (NaN * 0) reaches an MMA. Per block:
+     as stored ({v.stage} bytes per stage), with an L2 evict-first policy (each byte is read
+     once); tokens past the context are zero-filled by the copy's src-size, so no stale
+     value (NaN * 0) reaches an MMA. Per block:
        S = Q K^T        ldmatrix.x4 of Q (A) and K (B) fragments, {HEAD // 16} k-steps x 2 n-tiles
        softmax          S * scale*log2(e) (x per-token K scale), masked past each row's
                         visible length (causal with max_qlen > 1), running max/sum per

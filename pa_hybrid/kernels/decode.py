@@ -40,11 +40,15 @@ SCALE_NONE, SCALE_PER_TENSOR, SCALE_PER_TOKEN = 0, 1, 2
 
 @triton.jit
 def _load(ptrs, mask, MASKED: tl.constexpr):
-    """``tl.load`` with ``mask`` (0 where it is off) only when the tile has a ragged end."""
+    """A load of the K/V stream (tiles and their per-token scales): ``tl.load`` with
+    ``mask`` (0 where it is off) only when the tile has a ragged end. Every cache byte is
+    read once per call, so its L2 lines are evicted first: the stream then does not push
+    out what other kernels left in L2 (dirty lines, whose write-back would share DRAM with
+    it)."""
     if MASKED:
-        return tl.load(ptrs, mask=mask, other=0.0)
+        return tl.load(ptrs, mask=mask, other=0.0, eviction_policy="evict_first")
     else:
-        return tl.load(ptrs)
+        return tl.load(ptrs, eviction_policy="evict_first")
 
 
 @triton.jit
