@@ -1,0 +1,75 @@
+"""The kernels of the working tree against an earlier version of them, per backend, on grid
+cases: every output checked against the reference first, then interleaved graph replays
+after the bench's L2 flush (``pa_hybrid.bench.variants``), reported as % of the floor.
+
+The earlier version is a directory holding that commit's ``csrc/``, ``asm/`` and
+``kernels/decode.py`` (the GPU machine gets a copy of the working tree without git):
+
+    B=.scratch/base && mkdir -p $B && git archive REV csrc asm | tar -x -C $B \\
+        && git show REV:pa_hybrid/kernels/decode.py > $B/decode.py
+    python benchmarks/bench_against_base.py --base-dir $B --workload ../shared/bench/workload.json \\
+        --backends hip asm triton --kv-dtypes bf16 fp8 --num-seqs 16 64 256 --ctx 2048 8192
+
+hip compiles the base's csrc/, asm loads the base's PTX, triton launches the base's stage 1
+(the reduce and everything else are the working tree's in both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import sys
+from pathlib import Path
+
+from pa_hybrid import runtime
+from pa_hybrid.backends import hip as hip_backend
+from pa_hybrid.backends import triton as triton_backend
+from pa_hybrid.bench.variants import add_case_options, compare_variants
+from pa_hybrid.runtime import compiler
+
+
+def _install(csrc_dir, asm_dir, launch_paged_decode) -> None:
+    compiler.csrc_dir = csrc_dir
+    runtime.env.asm_dir = asm_dir
+    triton_backend.launch_paged_decode = launch_paged_decode
+    compiler.clear_memory_cache()  # compiled variants are keyed by spec, not by source directory
+    hip_backend._loaded.cache_clear()
+
+
+def base_setting(base_dir: Path):
+    """A context manager factory under which the backends run the base's kernels."""
+    spec = importlib.util.spec_from_file_location("pa_hybrid.kernels._base_decode", base_dir / "decode.py")
+    base_decode = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = base_decode  # its relative imports resolve in pa_hybrid.kernels
+    spec.loader.exec_module(base_decode)
+    tree = (compiler.csrc_dir, runtime.env.asm_dir, triton_backend.launch_paged_decode)
+    base = (lambda: base_dir / "csrc", lambda: base_dir / "asm", base_decode.launch_paged_decode)
+
+    @contextlib.contextmanager
+    def setting():
+        _install(*base)
+        try:
+            yield
+        finally:
+            _install(*tree)
+
+    return setting
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_case_options(parser)
+    parser.add_argument("--base-dir", type=Path, required=True)
+    parser.add_argument("--backends", nargs="+", default=["hip", "asm", "triton"])
+    args = parser.parse_args(argv)
+    setting = base_setting(args.base_dir.resolve())
+    variants = {}
+    for backend in args.backends:
+        variants[f"{backend}/base"] = (backend, setting)
+        variants[f"{backend}/tree"] = (backend, contextlib.nullcontext)
+    compare_variants(args, variants, meta={"base_dir": str(args.base_dir)})
+
+
+if __name__ == "__main__":
+    main()
