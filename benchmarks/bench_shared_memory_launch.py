@@ -17,6 +17,7 @@ PTX = r"""
 .visible .entry touch(.param .u64 out) {
     .reg .u64 %rd<4>;
     .reg .u32 %r<4>;
+    .reg .pred %p<2>;
     ld.param.u64 %rd1, [out];
     cvta.to.global.u64 %rd1, %rd1;
     mov.u32 %r1, %tid.x;
@@ -30,7 +31,6 @@ DONE:
     ret;
 }
 """
-PTX = PTX.replace(".reg .u32 %r<4>;", ".reg .u32 %r<4>;\n    .reg .pred %p<2>;")
 
 
 class Args(ctypes.Structure):
