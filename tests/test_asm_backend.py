@@ -63,6 +63,21 @@ def test_python_argument_block_mirrors_the_ptx():
         assert re.search(rf"\+{offset}\s+{kind}\s+{name}\b", header), name
 
 
+def test_every_cache_copy_is_read_evict_first():
+    """The K/V stream (tiles and per-token scales, every cp.async) goes through L2 under the
+    one evict-first policy made in the prologue; the query, block table and output do not."""
+    for kernel in asm.manifest():
+        text = (asm_dir() / kernel.file).read_text()
+        code = [line for line in text.splitlines() if not line.lstrip().startswith("//")]
+        copies = [line for line in code if re.search(r"\bcp\.async\.c[ag]\.", line)]
+        assert copies, kernel.file
+        assert all(".L2::cache_hint" in c and c.rstrip(" ;").endswith("%stream_policy") for c in copies), kernel.file
+        policies = [line for line in code if "createpolicy" in line]
+        assert [p.split()[0] for p in policies] == ["createpolicy.fractional.L2::evict_first.b64"], kernel.file
+        loads = [line for line in code if re.search(r"\bld\.global", line)]
+        assert loads and not any("cache_hint" in line for line in loads), kernel.file
+
+
 def _assemble(path):
     done = subprocess.run(
         [PTXAS, "-arch=sm_90a", "-v", str(path), "-o", "/dev/null"], capture_output=True, text=True, timeout=300
