@@ -56,8 +56,9 @@ ARGS = [
     ("per_token_scales", "s32", 172),
     ("table_len", "s32", 176),
     ("max_seq_len", "s32", 180),
+    ("stream_evict_first", "s32", 184),
 ]
-ARGS_BYTES = 184
+ARGS_BYTES = 192  # padded to the block's 8-byte alignment
 
 DTYPE_NAMES = {"bf16": "bfloat16", "f16": "float16", "e4m3": "float8_e4m3fn", "s8": "int8"}
 
@@ -280,9 +281,17 @@ class Kernel:
         p(f"mov.u32 {self.kv_head}, %ctaid.y")
         p(f"mov.u32 {self.smem}, smem")
         p(f"add.u32 {self.ring}, {self.smem}, {v.q_bytes}")
-        # the K/V stream is read once per call: its L2 lines go first, so it does not push out
-        # what other kernels left in L2 (dirty lines, whose write-back would share DRAM with it)
+        # the K/V stream is read once per call: where the launcher asks, its L2 lines go first,
+        # so it does not push out what other kernels left in L2 (dirty lines, whose write-back
+        # would share DRAM with it); otherwise the normal policy (what the launcher picks and why:
+        # pa_hybrid/backends/asm.py, EVICT_FIRST_MAX_BYTES)
+        # (a selp of two policies: created under predicates instead, the policy took 10 more
+        # registers in the 8-bit kernels, past the 128 of two CTAs per SM)
+        normal = self.tmp("b64", "normal_policy")
         p(f"createpolicy.fractional.L2::evict_first.b64 {self.stream_policy}, 1.0")
+        p(f"createpolicy.fractional.L2::evict_normal.b64 {normal}, 1.0")
+        p(f"setp.ne.s32 %p1, {self.arg('stream_evict_first')}, 0")
+        p(f"selp.b64 {self.stream_policy}, {self.stream_policy}, {normal}, %p1")
         self.gqa = self.arg("gqa")
         max_qlen = self.arg("max_qlen")
         self.rows_used = self.tmp("s32", "rows_used")  # gqa * max_qlen query rows of the group
@@ -1007,9 +1016,10 @@ and never stored). No scratch, one launch.
   1. The context's cache blocks are dealt round-robin to the warps (warp w: blocks
      w, w+{v.warps}, ...). Each warp streams its blocks through a private {v.stages}-stage ring:
      16-byte cp.async copies of the block's K tile and V tile{" and its 16+16 per-token scales" if eight else ""}
-     as stored ({v.stage} bytes per stage), with an L2 evict-first policy (each byte is read
-     once); tokens past the context are zero-filled by the copy's src-size, so no stale
-     value (NaN * 0) reaches an MMA. Per block:
+     as stored ({v.stage} bytes per stage), under an L2 evict-first policy on calls that the
+     launcher flags (stream_evict_first), else the normal one; tokens past the context
+     are zero-filled by the copy's src-size, so no stale value (NaN * 0) reaches an MMA.
+     Per block:
        S = Q K^T        ldmatrix.x4 of Q (A) and K (B) fragments, {HEAD // 16} k-steps x 2 n-tiles
        softmax          S * scale*log2(e) (x per-token K scale), masked past each row's
                         visible length (causal with max_qlen > 1), running max/sum per

@@ -63,19 +63,44 @@ def test_python_argument_block_mirrors_the_ptx():
         assert re.search(rf"\+{offset}\s+{kind}\s+{name}\b", header), name
 
 
-def test_every_cache_copy_is_read_evict_first():
-    """The K/V stream (tiles and per-token scales, every cp.async) goes through L2 under the
-    one evict-first policy made in the prologue; the query, block table and output do not."""
+def test_every_cache_copy_reads_under_the_stream_policy():
+    """The K/V stream (tiles and per-token scales, every cp.async) goes through L2 under one
+    policy made in the prologue, evict-first or normal by the argument block's flag; the
+    query, block table and output loads take no hint."""
     for kernel in asm.manifest():
         text = (asm_dir() / kernel.file).read_text()
-        code = [line for line in text.splitlines() if not line.lstrip().startswith("//")]
+        code = [line.strip() for line in text.splitlines() if not line.lstrip().startswith("//")]
         copies = [line for line in code if re.search(r"\bcp\.async\.c[ag]\.", line)]
         assert copies, kernel.file
         assert all(".L2::cache_hint" in c and c.rstrip(" ;").endswith("%stream_policy") for c in copies), kernel.file
         policies = [line for line in code if "createpolicy" in line]
-        assert [p.split()[0] for p in policies] == ["createpolicy.fractional.L2::evict_first.b64"], kernel.file
+        assert policies == [
+            "createpolicy.fractional.L2::evict_first.b64 %stream_policy, 1.0;",
+            "createpolicy.fractional.L2::evict_normal.b64 %normal_policy, 1.0;",
+        ], kernel.file
+        at = code.index(policies[1])
+        assert code[at + 1:at + 4] == [
+            "ld.param.s32 %arg_stream_evict_first, [args+184];",
+            "setp.ne.s32 %p1, %arg_stream_evict_first, 0;",
+            "selp.b64 %stream_policy, %stream_policy, %normal_policy, %p1;",
+        ], kernel.file
         loads = [line for line in code if re.search(r"\bld\.global", line)]
         assert loads and not any("cache_hint" in line for line in loads), kernel.file
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_evict_first_flag_follows_the_call_bytes(kv_dtype, monkeypatch):
+    from pa_hybrid.call import build_call
+
+    case = make_decode_case([5, 40, 17], num_heads=8, num_kv_heads=2, kv_dtype=kv_dtype, seed=0)
+    call = build_call(**dict(case, max_seq_len=48, exp_sums=None, max_logits=None, tmp_out=None))
+    nbytes = 2 * 3 * 48 * 2 * 128 * kv_dtype.itemsize  # K and V of 3 sequences as long as the longest
+    assert asm.stream_bytes(call) == nbytes
+    assert asm.params(call).stream_evict_first == 1
+    monkeypatch.setattr(asm, "EVICT_FIRST_MAX_BYTES", nbytes)
+    assert asm.params(call).stream_evict_first == 1
+    monkeypatch.setattr(asm, "EVICT_FIRST_MAX_BYTES", nbytes - 1)
+    assert asm.params(call).stream_evict_first == 0
 
 
 def _assemble(path):
