@@ -62,9 +62,10 @@ EVICT_FIRST_MAX_BYTES = 256 << 20
 """The kernels read K/V (tiles and scales) under an L2 evict-first policy on calls of at most
 this many K/V bytes (``num_seqs x max_seq_len`` tokens, so a ragged batch counts as its
 longest sequence), the normal policy above. Measured on the H100 after the bench's L2 flush,
-which leaves L2 full of dirty lines: evict-first took 0.94x / 0.96x the time (bf16 / fp8) of
-calls of 16-256 MB and 1.009x / 1.005x above (reads of 512 MB and more lose bandwidth the
-longer they run beside dirty lines held in L2; benchmarks/RESULTS.md section 33)."""
+which leaves L2 full of dirty lines: evict-first took 0.955x / 0.963x the time (bf16 / fp8,
+geomean) of the grid's calls of 16 MB to 256 MiB, and 1.015x / 1.018x of the 10 larger ones,
+every one slower (reads of 512 MB and more lose bandwidth the longer they run beside the dirty
+lines that evict-first keeps in L2; benchmarks/RESULTS.md section 33)."""
 
 
 def stream_bytes(call: DecodeCall) -> int:
