@@ -22,9 +22,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from pa_hybrid.api import paged_attention_common
-from pa_hybrid.bench.decode import _call_kwargs, decode_bytes, enumerate_cases, load_workload
+from pa_hybrid.bench.decode import _call_kwargs, decode_bytes
 from pa_hybrid.bench.timing import FLUSH_BYTES, measure_read_bandwidth
-from pa_hybrid.bench.variants import add_case_options
+from pa_hybrid.bench.variants import add_case_options, selected_cases
 
 
 def kernel_times(call, samples: int) -> dict:
@@ -57,10 +57,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     bandwidth = measure_read_bandwidth()
     print(f"read bandwidth {bandwidth / 1e12:.3f} TB/s; per kernel: mean us per call (launches per call)")
-    cases = enumerate_cases(
-        load_workload(args.workload), models=args.models, kv_dtypes=args.kv_dtypes, num_seqs=args.num_seqs, ctx=args.ctx
-    )
-    for spec in cases:
+    for spec in selected_cases(args):
         case = spec.build("cuda")
         kwargs = _call_kwargs(case, "cuda")
         floor_us = decode_bytes(case) / bandwidth * 1e6

@@ -52,6 +52,13 @@ def add_case_options(parser: argparse.ArgumentParser, *, num_seqs=(16, 64, 256),
     parser.add_argument("--json", default=None)
 
 
+def selected_cases(args: argparse.Namespace) -> list:
+    """The grid cases that the options of :func:`add_case_options` select."""
+    return enumerate_cases(
+        load_workload(args.workload), models=args.models, kv_dtypes=args.kv_dtypes, num_seqs=args.num_seqs, ctx=args.ctx
+    )
+
+
 def variant_call(kwargs: dict, variant: Variant):
     backend, setting = variant
 
@@ -70,10 +77,7 @@ def compare_variants(args: argparse.Namespace, variants: dict, meta: dict | None
     print(f"{'case':42s} " + " ".join(f"{name:>14s}" for name in variants), flush=True)
     timer = InterleavedTimer(samples=args.samples)
     rows = []
-    cases = enumerate_cases(
-        load_workload(args.workload), models=args.models, kv_dtypes=args.kv_dtypes, num_seqs=args.num_seqs, ctx=args.ctx
-    )
-    for spec in cases:
+    for spec in selected_cases(args):
         case = spec.build("cuda")
         kwargs = _call_kwargs(case, "cuda")
         floor_us = decode_bytes(case) / bandwidth * 1e6
