@@ -3,15 +3,18 @@ cases: every output checked against the reference first, then interleaved graph 
 after the bench's L2 flush (``pa_hybrid.bench.variants``), reported as % of the floor.
 
 The earlier version is a directory holding that commit's ``csrc/``, ``asm/`` and
-``kernels/decode.py`` (the GPU machine gets a copy of the working tree without git):
+``kernels/decode.py``, and optionally its ``kernels/reduce.py`` (the GPU machine gets a copy
+of the working tree without git):
 
     B=.scratch/base && mkdir -p $B && git archive REV csrc asm | tar -x -C $B \\
-        && git show REV:pa_hybrid/kernels/decode.py > $B/decode.py
+        && git show REV:pa_hybrid/kernels/decode.py > $B/decode.py \\
+        && git show REV:pa_hybrid/kernels/reduce.py > $B/reduce.py
     python benchmarks/bench_against_base.py --base-dir $B --workload ../shared/bench/workload.json \\
         --backends hip asm triton --kv-dtypes bf16 fp8 --num-seqs 16 64 256 --ctx 2048 8192
 
-hip compiles the base's csrc/, asm loads the base's PTX, triton launches the base's stage 1
-(the reduce and everything else are the working tree's in both).
+hip compiles the base's csrc/, asm loads the base's PTX, triton launches the base's stage 1;
+hip and triton launch the base's reduce where the directory has one (keyword arguments it
+does not take are dropped), the working tree's otherwise. Everything else is the tree's.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import inspect
 import sys
 from pathlib import Path
 
@@ -29,22 +33,41 @@ from pa_hybrid.bench.variants import add_case_options, compare_variants
 from pa_hybrid.runtime import compiler
 
 
-def _install(csrc_dir, asm_dir, launch_paged_decode) -> None:
+def _install(csrc_dir, asm_dir, launch_paged_decode, launch_reduce) -> None:
     compiler.csrc_dir = csrc_dir
     runtime.env.asm_dir = asm_dir
     triton_backend.launch_paged_decode = launch_paged_decode
+    triton_backend.launch_split_kv_reduce = hip_backend.launch_split_kv_reduce = launch_reduce
     compiler.clear_memory_cache()  # compiled variants are keyed by spec, not by source directory
     hip_backend._loaded.cache_clear()
 
 
+def _load_base_module(path: Path):
+    spec = importlib.util.spec_from_file_location(f"pa_hybrid.kernels._base_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its relative imports resolve in pa_hybrid.kernels
+    spec.loader.exec_module(module)
+    return module
+
+
+def _taking_known_keywords(function):
+    """``function``, called with only the keyword arguments its signature names."""
+    known = inspect.signature(function).parameters
+
+    def call(*args, **kwargs):
+        return function(*args, **{name: value for name, value in kwargs.items() if name in known})
+
+    return call
+
+
 def base_setting(base_dir: Path):
     """A context manager factory under which the backends run the base's kernels."""
-    spec = importlib.util.spec_from_file_location("pa_hybrid.kernels._base_decode", base_dir / "decode.py")
-    base_decode = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = base_decode  # its relative imports resolve in pa_hybrid.kernels
-    spec.loader.exec_module(base_decode)
-    tree = (compiler.csrc_dir, runtime.env.asm_dir, triton_backend.launch_paged_decode)
-    base = (lambda: base_dir / "csrc", lambda: base_dir / "asm", base_decode.launch_paged_decode)
+    base_decode = _load_base_module(base_dir / "decode.py")
+    launch_reduce = triton_backend.launch_split_kv_reduce
+    if (base_dir / "reduce.py").exists():
+        launch_reduce = _taking_known_keywords(_load_base_module(base_dir / "reduce.py").launch_split_kv_reduce)
+    tree = (compiler.csrc_dir, runtime.env.asm_dir, triton_backend.launch_paged_decode, triton_backend.launch_split_kv_reduce)
+    base = (lambda: base_dir / "csrc", lambda: base_dir / "asm", base_decode.launch_paged_decode, launch_reduce)
 
     @contextlib.contextmanager
     def setting():

@@ -40,8 +40,9 @@
 // softmax sum stays unscaled).
 //
 // Output: the partial format of pa_hybrid/kernels/reduce.py (max_logits in natural-log
-// units, exp_sums, normalized tmp_out), or `out` itself when one partition covers every
-// context (write_out), so stage 2 is skipped (balanced: when one CTA holds a whole sequence).
+// units, exp_sums, normalized tmp_out), or `out` itself for a sequence that one CTA holds
+// whole (static: one partition; balanced: one CTA's pages), which stage 2 then leaves alone;
+// when one partition covers every context (write_out), stage 2 is skipped.
 #include "compat.cuh"
 
 namespace pa {
@@ -609,9 +610,10 @@ __global__ void __launch_bounds__((SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, WID
     // partition blockIdx.x of sequence blockIdx.z (decode_span returns at once past the context)
     const int seq = blockIdx.z;
     const int context_len = context_of(p, seq), start = blockIdx.x * p.partition_size;
+    const bool whole = p.write_out || context_len <= p.partition_size;  // so partition 0 writes out
     decode_span<IS_BF16, KV_KIND, HEAD, BS, WIDE>(p, seq, kv_head, context_len, start,
                                                   min(start + p.partition_size, context_len), !p.write_out,
-                                                  [write_out = p.write_out != 0] { return SpanTail{int(blockIdx.x), write_out, true}; });
+                                                  [whole] { return SpanTail{int(blockIdx.x), whole, true}; });
   } else {
     BalancedState* state = reinterpret_cast<BalancedState*>(smem + HEAD * 2);
     balanced_start<C::THREADS>(p, reinterpret_cast<int*>(smem + C::Q_BYTES), state);

@@ -281,7 +281,7 @@ class HipBackend(SplitKvBackend):
         if split:
             launch_split_kv_reduce(
                 call.out, exp_sums, max_logits, tmp_out, call.context_lens, call.qo_indptr, key.max_qlen, partition_size,
-                key.max_seq_len, programs_per_head=programs_per_head,
+                key.max_seq_len, programs_per_head=programs_per_head, whole_written=True,
             )  # fmt: skip
 
 

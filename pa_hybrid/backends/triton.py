@@ -70,7 +70,7 @@ class TritonBackend(SplitKvBackend):
         if split:
             launch_split_kv_reduce(
                 call.out, exp_sums, max_logits, tmp_out, call.context_lens, call.qo_indptr, key.max_qlen,
-                partition_size, key.max_seq_len,
+                partition_size, key.max_seq_len, whole_written=True,
             )  # fmt: skip
 
 

@@ -8,8 +8,9 @@ partition walks ``BLOCK_N`` tokens at a time (several cache blocks), with an onl
 softmax in base 2: whole tiles first, which load without masks so that Triton pipelines
 them (16-byte ``cp.async`` copies of the next tile's K and V in flight during a tile,
 its block ids read a tile ahead), then the ragged end as one masked tile. It writes the
-partial format of ``kernels/reduce.py``, or ``out`` directly when one partition covers
-every context.
+partial format of ``kernels/reduce.py``, or ``out`` directly for a sequence that one
+partition holds whole (and for all, with no stage 2, when one partition covers every
+context).
 
 8-bit caches are widened to the query dtype (exact for e4m3 and int8) and their
 scales applied in fp32: a per-token K scale multiplies its logit column, a
@@ -271,18 +272,21 @@ def _paged_decode_kernel(
             acc = acc * v_unit
         # row_sum >= 1 for a row that saw a token; rows that saw none stay 0
         result = acc / tl.maximum(row_sum, 1e-30)[:, None]
-        if WRITE_OUT:
-            o_offs = row[:, None] * stride_out_row + head[:, None] * stride_out_head + dim[None, :]
-            tl.store(out_ptr + o_offs, result.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-        else:
+        # a sequence that this partition (its first) holds whole goes to out; the reduce skips it
+        # (tl.where: the interpreter's stores reject a row mask `&` a scalar one)
+        to_out = row_ok if WRITE_OUT else tl.where(context_len <= PARTITION, row_ok, False)
+        if not WRITE_OUT:
+            to_partials = tl.where(context_len > PARTITION, row_ok, False)
             es_offs = row * stride_es_row + head * stride_es_head + part
-            tl.store(exp_sums_ptr + es_offs, row_sum, mask=row_ok)
+            tl.store(exp_sums_ptr + es_offs, row_sum, mask=to_partials)
             # natural-log units, as the partial format says
-            tl.store(max_logits_ptr + es_offs, row_max / 1.4426950408889634, mask=row_ok)
+            tl.store(max_logits_ptr + es_offs, row_max / 1.4426950408889634, mask=to_partials)
             t_offs = row[:, None] * stride_tmp_row + head[:, None] * stride_tmp_head + part * stride_tmp_part
             tl.store(
-                tmp_out_ptr + t_offs + dim[None, :], result.to(tmp_out_ptr.dtype.element_ty), mask=row_ok[:, None]
+                tmp_out_ptr + t_offs + dim[None, :], result.to(tmp_out_ptr.dtype.element_ty), mask=to_partials[:, None]
             )
+        o_offs = row[:, None] * stride_out_row + head[:, None] * stride_out_head + dim[None, :]
+        tl.store(out_ptr + o_offs, result.to(out_ptr.dtype.element_ty), mask=to_out[:, None])
     elif WRITE_OUT:
         # an empty context gives zeros; only partition 0 exists when WRITE_OUT
         m_idx = tl.arange(0, M)
@@ -356,6 +360,8 @@ def launch_paged_decode(
 ):
     """Launch stage 1 with partitions of ``partition_size`` tokens (a multiple of 256);
     when one partition covers ``max_seq_len`` it writes ``out`` and no stage 2 is needed.
+    Otherwise it writes ``out`` for the sequences that one partition holds whole and
+    partials for the others: stage 2 is the reduce with ``whole_written``.
     ``num_sms``: the device's SMs (CUs), which pick the tile's pipeline depth."""
     num_partitions = triton.cdiv(max_seq_len, partition_size)
     num_seqs = context_lens.shape[0]

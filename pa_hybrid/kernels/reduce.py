@@ -11,7 +11,10 @@ longer stretches; the scratch is always sized for 256), with logits
 * ``tmp_out[r, h, p, :] = sum_j exp(s_j - m_p) v_j / l_p``
 
 Only partitions ``p < ceil(visible / P)`` are read, where ``visible`` is the
-number of tokens the row sees, so stage 1 need not write the others. After a stage 1
+number of tokens the row sees, so stage 1 need not write the others. The package's static
+stage 1s write ``out`` themselves for a sequence that its first partition holds whole
+(``0 < context_len <= P``) and no partials for it; the reduce, told so (``whole_written``),
+leaves those rows alone. After a stage 1
 under the balanced schedule (``common.balanced_schedule``) slot ``p`` holds a sequence's
 ``p``-th piece instead, of whatever length, and slots ``0 .. pieces - 1`` are read.
 
@@ -65,13 +68,15 @@ def _split_kv_reduce_kernel(
     BALANCED: tl.constexpr,  # stage 1 ran the schedule of common.balanced_schedule
     BLOCK_S: tl.constexpr,  # BALANCED: num_seqs padded to a power of 2
     WAIT_FOR_STAGE1: tl.constexpr,  # launched as a programmatic dependent of stage 1
+    WHOLE_WRITTEN: tl.constexpr,  # static: stage 1 wrote out the sequences of one partition
 ):
     """out = sum_p w_p tmp_out_p / sum_p w_p with w_p = l_p exp(m_p - max_p m_p), the
     maximum taken as the partitions are read (an online softmax over partitions).
 
     One program per (sequence, head, new-token index); rows that see no token get 0.
     Under the balanced schedule a sequence has as many partials as stage-1 programs
-    shared its pages, and one that a single program held was written out already.
+    shared its pages, and one that a single program held was written out already; so
+    was one of a single partition under the static schedule with ``WHOLE_WRITTEN``.
     """
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -95,9 +100,12 @@ def _split_kv_reduce_kernel(
         seq_pages = tl.cdiv(context_len, PARTITION)
         pieces = (seq_end_page - 1) // pages_per_program - (seq_end_page - seq_pages) // pages_per_program + 1
         pieces = tl.where(seq_pages == 0, 0, pieces)
-        num_parts = tl.where(pieces == 1, 0, pieces)
+        written = pieces == 1
     else:
-        num_parts = tl.cdiv(visible, PARTITION)
+        pieces = tl.cdiv(visible, PARTITION)
+        # a sequence of one partition, which stage 1 wrote out (none without WHOLE_WRITTEN)
+        written = (context_len > 0) & (context_len <= (PARTITION if WHOLE_WRITTEN else 0))
+    num_parts = tl.where(written, 0, pieces)
 
     # Up to here the reads are of lengths that stage 1 only reads, and a normal launch (stage
     # 1) started only after whatever wrote them had finished: they overlap stage 1's tail.
@@ -133,9 +141,8 @@ def _split_kv_reduce_kernel(
     # weight_sum >= 1 whenever the row sees a token (the largest partition contributes l >= 1)
     result = acc / tl.maximum(weight_sum, 1e-30)
     out_offs = row.to(tl.int64) * stride_out_row + head * stride_out_head + dims
-    dims_to_store = tl.where(row_valid, HEAD_SIZE, 0)  # padding rows (token >= num_new) store nothing
-    if BALANCED:  # stage 1 wrote out the sequences it did not split
-        dims_to_store = tl.where(pieces == 1, 0, dims_to_store)
+    # padding rows (token >= num_new) store nothing, nor do those stage 1 wrote
+    dims_to_store = tl.where(written, 0, tl.where(row_valid, HEAD_SIZE, 0))
     tl.store(out_ptr + out_offs, result.to(out_ptr.dtype.element_ty), mask=dims < dims_to_store)
 
 
@@ -175,12 +182,13 @@ def reduce_chunk(scratch_partitions: int, partition_size: int, programs_per_head
 
 def launch_split_kv_reduce(
     out, exp_sums, max_logits, tmp_out, context_lens, qo_indptr, max_qlen, partition_size, max_seq_len, *,
-    programs_per_head=0,
+    programs_per_head=0, whole_written=False,
 ):
     """:func:`split_kv_reduce` without the checks, for backends whose call was validated
     already: contexts count as at most ``max_seq_len`` tokens, as in stage 1; with
     ``programs_per_head > 0``, after a stage 1 that ran the balanced schedule with those
-    ``programs_per_head`` and pages of ``partition_size``."""
+    ``programs_per_head`` and pages of ``partition_size``; with ``whole_written``, after a
+    static stage 1 that wrote ``out`` for the sequences of one partition."""
     num_seqs = context_lens.shape[0]
     balanced = programs_per_head > 0
     _, num_heads, head_size = out.shape
@@ -210,6 +218,7 @@ def launch_split_kv_reduce(
         BALANCED=balanced,
         BLOCK_S=triton.next_power_of_2(num_seqs) if balanced else 1,
         WAIT_FOR_STAGE1=dependent,
+        WHOLE_WRITTEN=whole_written and not balanced,
         num_warps=4 if head_size <= 128 else 8,
         **({"launch_pdl": True} if dependent else {}),
     )
