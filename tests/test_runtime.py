@@ -486,6 +486,23 @@ def test_launch_with_listed_arguments(gpu):
     assert runtime.get_function(spec, device, ADD_FLOAT) is runtime.get_function(spec, device, ADD_FLOAT)
 
 
+@requires_nvidia(CUDA_KERNELS)
+@needs_nvrtc
+def test_an_edited_source_runs_anew_after_the_memory_cache_is_cleared(gpu, tmp_path):
+    """Functions are keyed by the compiled code, not the spec: a benchmark that swaps a
+    kernel's source for an earlier version within one process runs each version."""
+    device = gpu
+    spec = runtime.KernelSpec("fill.cu", "pa_test::fill", runtime.arch_of(device), source_dir=tmp_path)
+    out = torch.empty(32, device="cuda")
+    for value in (1.0, 2.0):
+        (tmp_path / "fill.cu").write_text(
+            f"namespace pa_test {{ __global__ void fill(float* out) {{ out[threadIdx.x] = {value}f; }} }}\n"
+        )
+        compiler.clear_memory_cache()
+        runtime.launch(runtime.get_function(spec, device), 1, 32, 0, [out])
+        torch.testing.assert_close(out, torch.full_like(out, value))
+
+
 @requires_nvidia(f"{CUDA_KERNELS}; {PTX}")
 @needs_nvrtc
 def test_launch_with_a_by_value_struct_and_a_packed_buffer(gpu):

@@ -139,13 +139,15 @@ _load_lock = threading.Lock()
 
 def get_function(spec: KernelSpec, device_index: int, entry: str | None = None) -> Function:
     """The kernel ``entry`` (a name expression of the spec; may be omitted when it has one)
-    of a compiled variant, loaded on ``cuda:device_index``. Compiles on first use."""
-    key = (spec, entry, device_index)
+    of a compiled variant, loaded on ``cuda:device_index``. Compiles on first use. Loaded
+    code is keyed by the cubin's file, whose name holds the digest of the sources: after
+    ``compiler.clear_memory_cache()`` an edited source is loaded anew, not the old module."""
+    kernel = compile_kernel(spec)
+    symbol = kernel.symbol(entry)
+    key = (str(kernel.path), symbol, device_index)
     function = _functions.get(key)
     if function is None:
-        kernel = compile_kernel(spec)
-        function = _load(spec, kernel.cubin, kernel.symbol(entry), device_index)
-        _functions[key] = function
+        function = _functions[key] = _load(str(kernel.path), kernel.cubin, symbol, device_index)
     return function
 
 
