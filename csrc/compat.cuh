@@ -12,8 +12,8 @@
 //   mma_16816<IS_BF16>     D[16x8] += A[16x16] * B[16x8], fp32 accumulators, in the
 //                          fragment layout of PTX mma.sync m16n8k16 (per 32-lane warp)
 //   ldmatrix_x4(...)       four 8x8 16-bit matrices from shared memory into fragments
-//   cp_async_16 / _4       16- and 4-byte global->shared copies of the K/V stream (read once
-//                          per call: CUDA gives them an L2 evict-first policy)
+//   l2_stream_policy(ef)   the L2 policy of the K/V stream copies: evict-first or normal (CUDA)
+//   cp_async_16 / _4       16- and 4-byte global->shared copies of the K/V stream, under that policy
 //   cp_async_4_or_zero     a 4-byte copy, or 4 zero bytes (nothing read) when !valid
 //   cp_async_commit/wait   group bookkeeping of those copies
 //   shfl_xor(v, m)         butterfly exchange inside a warp

@@ -55,23 +55,24 @@ PA_DEVICE void ldmatrix_x4(unsigned (&r)[4], const void* row_addr) {
                : "r"(smem_addr(row_addr)));
 }
 
-// The L2 policy of the stream copies: every cache byte is read once per call, so its lines
-// are evicted first and the stream does not push out what other kernels left in L2 (dirty
-// lines, whose write-back would share DRAM with it). Not volatile: one createpolicy serves
-// every copy of a thread.
-PA_DEVICE unsigned long long l2_evict_first() {
-  unsigned long long policy;
-  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-  return policy;
+// The L2 policy of the K/V stream copies, per call (pa_hybrid/backends/base.py,
+// stream_evict_first): every cache byte is read once per call, so with evict-first its lines
+// go first and the stream leaves alone what other kernels left in L2 (dirty lines, whose
+// write-back would share DRAM with it); on long calls on the H100 that costs more than it saves.
+PA_DEVICE unsigned long long l2_stream_policy(bool evict_first) {
+  unsigned long long first, normal;
+  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(first));
+  asm("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;\n" : "=l"(normal));
+  return evict_first ? first : normal;
 }
-PA_DEVICE void cp_async_16(void* smem, const void* gmem) {
+PA_DEVICE void cp_async_16(void* smem, const void* gmem, unsigned long long policy) {
   asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
-               "l"(l2_evict_first()));
+               "l"(policy));
 }
 // 4 bytes (cache-all: for small rows without 16-byte alignment, such as per-token scales).
-PA_DEVICE void cp_async_4(void* smem, const void* gmem) {
+PA_DEVICE void cp_async_4(void* smem, const void* gmem, unsigned long long policy) {
   asm volatile("cp.async.ca.shared.global.L2::cache_hint [%0], [%1], 4, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
-               "l"(l2_evict_first()));
+               "l"(policy));
 }
 PA_DEVICE void cp_async_4_or_zero(void* smem, const void* gmem, bool valid) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(valid ? 4 : 0));

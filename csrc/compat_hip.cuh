@@ -72,11 +72,12 @@ PA_DEVICE float fast_exp2(float x) { return __builtin_amdgcn_exp2f(x); }
 PA_DEVICE void allow_dependent_launch() {}
 
 // Copies: 16- and 4-byte loads into registers, stored to LDS; complete when they return, so
-// commit and wait have nothing to track.
-PA_DEVICE void cp_async_16(void* smem, const void* gmem) {
+// commit and wait have nothing to track. No L2 policy: it is ignored.
+PA_DEVICE unsigned long long l2_stream_policy(bool) { return 0; }
+PA_DEVICE void cp_async_16(void* smem, const void* gmem, unsigned long long) {
   *static_cast<uint4*>(smem) = *static_cast<const uint4*>(gmem);
 }
-PA_DEVICE void cp_async_4(void* smem, const void* gmem) {
+PA_DEVICE void cp_async_4(void* smem, const void* gmem, unsigned long long) {
   *static_cast<unsigned*>(smem) = *static_cast<const unsigned*>(gmem);
 }
 PA_DEVICE void cp_async_4_or_zero(void* smem, const void* gmem, bool valid) {

@@ -80,6 +80,7 @@ struct SplitKvParams {
   int table_width;                            // block-table entries per sequence (its shape[1])
   int num_seqs;     // the balanced schedule only
   int max_seq_len;  // longer contexts count as this long: the table row and scratch cover no more
+  int stream_evict_first;  // 1: read K/V under an L2 evict-first policy, 0: the normal one
 };
 
 // A CTA's shared memory: 16 query rows (padded), then each warp's ring, which the merge
@@ -216,20 +217,21 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
   // int8: row c * BS + u of a K tile (dim chunk c, token u) goes to row c * BS + k_ring_row(u):
   // a shift that depends on u % 16 = lane % 16 only (every copy of a lane is 512 bytes on)
   const int k_ring_shift = C::PERMUTED_K ? 16 * (k_ring_row(lane % 16) - lane % 16) : 0;
+  const unsigned long long policy = l2_stream_policy(p.stream_evict_first != 0);
   auto issue = [&](int j, i64 blk) {  // copy this warp's j-th block, cache block blk, into stage j % STAGES
     const unsigned char* kg = k_head + blk * p.stride_k_block * C::KV_BYTES;
     const unsigned char* vg = v_head + blk * p.stride_v_block * C::KV_BYTES;
     unsigned char* ks = my_ring + (j % C::STAGES) * C::STAGE;
 #pragma unroll
     for (int off = lane * 16; off < C::KV_TILE; off += 512) {
-      cp_async_16(ks + off + k_ring_shift, kg + off);
-      cp_async_16(ks + C::KV_TILE + off, vg + off);
+      cp_async_16(ks + off + k_ring_shift, kg + off, policy);
+      cp_async_16(ks + C::KV_TILE + off, vg + off, policy);
     }
     if constexpr (C::SCALES > 0) {
       if (per_token) {  // 4-byte copies: scale rows need not be 16-byte aligned
         float* scales = reinterpret_cast<float*>(ks + 2 * C::KV_TILE);
         const i64 row = blk * p.stride_scale_block + scale_head;
-        for (int t = lane; t < 2 * BS; t += 32) cp_async_4(scales + t, (t < BS ? p.k_scale : p.v_scale) + row + t % BS);
+        for (int t = lane; t < 2 * BS; t += 32) cp_async_4(scales + t, (t < BS ? p.k_scale : p.v_scale) + row + t % BS, policy);
       }
     }
   };

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pa_hybrid import dispatch
-from pa_hybrid.backends import asm
+from pa_hybrid.backends import asm, base, hip
 from pa_hybrid.call import CallKey
 from pa_hybrid.runtime.env import asm_dir, find_tool
 from pa_hybrid.runtime.usage import parse_ptxas_report
@@ -89,18 +89,26 @@ def test_every_cache_copy_reads_under_the_stream_policy():
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn])
-def test_evict_first_flag_follows_the_call_bytes(kv_dtype, monkeypatch):
+def test_evict_first_flag_follows_the_call_bytes_and_the_gpu(kv_dtype, monkeypatch):
+    """asm and hip read K/V evict-first up to the byte limit (on an H200 always); both
+    kernels take the flag in their arguments."""
     from pa_hybrid.call import build_call
 
     case = make_decode_case([5, 40, 17], num_heads=8, num_kv_heads=2, kv_dtype=kv_dtype, seed=0)
     call = build_call(**dict(case, max_seq_len=48, exp_sums=None, max_logits=None, tmp_out=None))
     nbytes = 2 * 3 * 48 * 2 * 128 * kv_dtype.itemsize  # K and V of 3 sequences as long as the longest
-    assert asm.stream_bytes(call) == nbytes
-    assert asm.params(call).stream_evict_first == 1
-    monkeypatch.setattr(asm, "EVICT_FIRST_MAX_BYTES", nbytes)
-    assert asm.params(call).stream_evict_first == 1
-    monkeypatch.setattr(asm, "EVICT_FIRST_MAX_BYTES", nbytes - 1)
-    assert asm.params(call).stream_evict_first == 0
+    assert base.stream_bytes(call) == nbytes
+
+    def flags():
+        return asm.params(call).stream_evict_first, hip._params(call, 256, None, None, None).stream_evict_first
+
+    assert flags() == (1, 1)
+    monkeypatch.setattr(base, "EVICT_FIRST_MAX_BYTES", nbytes)
+    assert flags() == (1, 1)
+    monkeypatch.setattr(base, "EVICT_FIRST_MAX_BYTES", nbytes - 1)
+    assert flags() == (0, 0)
+    monkeypatch.setattr(base, "gpu_name", lambda key: "NVIDIA H200")
+    assert flags() == (1, 1)
 
 
 def _assemble(path):

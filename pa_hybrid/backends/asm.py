@@ -20,7 +20,7 @@ from ..call import SCALES_PER_TOKEN, CallKey, DecodeCall
 from ..kernels.decode import LOG2E
 from ..layouts import KV_DTYPES
 from . import asm_aiter
-from .base import Backend, cuda_device_ok, sm_count
+from .base import Backend, cuda_device_ok, sm_count, stream_evict_first
 
 
 class AsmParams(ctypes.Structure):
@@ -56,22 +56,6 @@ class AsmParams(ctypes.Structure):
         ("max_seq_len", ctypes.c_int32),  # longer contexts count as this long
         ("stream_evict_first", ctypes.c_int32),  # read K/V under an L2 evict-first policy
     ]
-
-
-EVICT_FIRST_MAX_BYTES = 256 << 20
-"""The kernels read K/V (tiles and scales) under an L2 evict-first policy on calls of at most
-this many K/V bytes (``num_seqs x max_seq_len`` tokens, so a ragged batch counts as its
-longest sequence), the normal policy above. Measured on the H100 after the bench's L2 flush,
-which leaves L2 full of dirty lines: evict-first took 0.955x / 0.963x the time (bf16 / fp8,
-geomean) of the grid's calls of 16 MB to 256 MiB, and 1.015x / 1.018x of the 10 larger ones,
-every one slower (reads of 512 MB and more lose bandwidth the longer they run beside the dirty
-lines that evict-first keeps in L2; benchmarks/RESULTS.md section 33)."""
-
-
-def stream_bytes(call: DecodeCall) -> int:
-    """The K and V bytes of ``call`` at most (every sequence as long as ``max_seq_len``)."""
-    key = call.key
-    return 2 * call.num_seqs * key.max_seq_len * key.num_kv_heads * key.head_size * call.K.element_size()
 
 
 @dataclass(frozen=True)
@@ -235,7 +219,7 @@ def params(call: DecodeCall) -> AsmParams:
         per_token_scales=1 if per_token else 0,
         table_len=call.block_tables.shape[1],
         max_seq_len=call.key.max_seq_len,
-        stream_evict_first=1 if stream_bytes(call) <= EVICT_FIRST_MAX_BYTES else 0,
+        stream_evict_first=1 if stream_evict_first(call) else 0,
     )
 
 

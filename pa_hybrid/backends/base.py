@@ -93,6 +93,44 @@ def sm_count(device_type: str, device_index: int) -> int:
     return CPU_PARALLELISM
 
 
+EVICT_FIRST_MAX_BYTES = 256 << 20
+"""The native kernels (asm, hip) read K/V (tiles and scales) under an L2 evict-first policy
+on calls of at most this many K/V bytes (:func:`stream_bytes`), the normal policy above, on
+GPUs not in :data:`EVICT_FIRST_MAX_BYTES_BY_GPU`. Measured on the H100 after the bench's L2
+flush, which leaves L2 full of dirty lines: asm with evict-first took 0.955x / 0.963x the
+time (bf16 / fp8, geomean) of the grid's calls of 16 MB to 256 MiB, and 1.015x / 1.018x of
+the 10 larger ones, every one slower (reads of 512 MB and more lose bandwidth the longer they
+run beside the dirty lines that evict-first keeps in L2); hip the same way, up to 13% faster
+below and 1-2% slower above (benchmarks/RESULTS.md sections 33 and 34)."""
+
+EVICT_FIRST_MAX_BYTES_BY_GPU = {"NVIDIA H200": None}
+"""GPU name -> its :data:`EVICT_FIRST_MAX_BYTES` (None: evict-first on every call). The H200
+(141 GB, 4.8 TB/s) gains from it at every size: asm on the grid's calls of more than 256 MiB,
++1.6 to +9.5 points of the floor with evict-first (RESULTS.md section 34)."""
+
+
+@functools.cache
+def _cuda_device_name(device_index: int) -> str:
+    return torch.cuda.get_device_name(device_index)
+
+
+def gpu_name(key: CallKey) -> str:
+    """The name of the call's GPU (as torch reports it; empty off CUDA)."""
+    return _cuda_device_name(key.device_index) if key.device_type == "cuda" else ""
+
+
+def stream_bytes(call: DecodeCall) -> int:
+    """The K and V bytes of ``call`` at most (every sequence as long as ``max_seq_len``)."""
+    key = call.key
+    return 2 * call.num_seqs * key.max_seq_len * key.num_kv_heads * key.head_size * call.K.element_size()
+
+
+def stream_evict_first(call: DecodeCall) -> bool:
+    """Whether a native kernel reads this call's K/V under the L2 evict-first policy."""
+    limit = EVICT_FIRST_MAX_BYTES_BY_GPU.get(gpu_name(call.key), EVICT_FIRST_MAX_BYTES)
+    return limit is None or stream_bytes(call) <= limit
+
+
 MAX_PARTITION_SIZE = 1024
 """Longest split-KV partition: with ragged batches the partition is sized from
 ``max_seq_len`` alone (no host sync), so long partitions would leave the few longest

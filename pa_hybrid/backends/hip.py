@@ -23,7 +23,7 @@ from ..kernels.common import gpu_shared_memory_per_program
 from ..kernels.decode import LOG2E
 from ..kernels.reduce import launch_split_kv_reduce
 from ..layouts import KV_DTYPES
-from .base import SplitKvBackend, cuda_device_ok
+from .base import SplitKvBackend, cuda_device_ok, stream_evict_first
 
 SOURCE = "paged_decode_split_kv.cu"
 # Partitions double while each SM still gets one CTA (not two): longer walks amortize a
@@ -83,6 +83,7 @@ class SplitKvParams(ctypes.Structure):
         ("table_width", ctypes.c_int),
         ("num_seqs", ctypes.c_int),
         ("max_seq_len", ctypes.c_int),
+        ("stream_evict_first", ctypes.c_int),  # read K/V under an L2 evict-first policy
     ]
 
 
@@ -331,6 +332,7 @@ def _params(call: DecodeCall, partition_size: int, exp_sums, max_logits, tmp_out
         table_width=call.block_tables.shape[1],
         num_seqs=call.num_seqs,
         max_seq_len=call.key.max_seq_len,
+        stream_evict_first=1 if stream_evict_first(call) else 0,
     )
 
 
