@@ -5,7 +5,7 @@ and values, following the partial format of the module docstring."""
 import pytest
 import torch
 
-from pa_hybrid.kernels.reduce import reduce_chunk, split_kv_reduce
+from pa_hybrid.kernels.reduce import reduce_tile, split_kv_reduce
 from pa_hybrid.layouts import PARTITION_SIZE
 
 
@@ -52,6 +52,16 @@ def test_reduce_ragged_lengths(device, tmp_dtype, out_dtype):
     assert out[0].abs().max() == 0  # empty context -> zeros
 
 
+def test_reduce_heads_in_groups_with_a_partial_last_one(device):
+    # 20 heads: a program of 16 and one of 4 (12 lanes masked); more partials than a chunk
+    lens = [0, 300, 5 * 256 + 7, 17 * 256]
+    max_parts = -(-max(lens) // PARTITION_SIZE)
+    es, ml, tmp, expected = make_partials(lens, 20, 64, max_parts, PARTITION_SIZE, torch.float32, device)
+    out = torch.full((len(lens), 20, 64), float("nan"), dtype=torch.bfloat16, device=device)
+    split_kv_reduce(out, es, ml, tmp, torch.tensor(lens, dtype=torch.int32, device=device))
+    torch.testing.assert_close(out.double().cpu(), expected, rtol=1e-2, atol=1e-2)
+
+
 def test_reduce_many_partitions_and_large_partition_size(device):
     # more partitions than one BLOCK_P chunk (64), and 512-token partitions
     lens = [150 * 256 + 3, 7000, 0]
@@ -67,20 +77,24 @@ def test_reduce_many_partitions_and_large_partition_size(device):
 
 
 @pytest.mark.parametrize(
-    "scratch, partition, programs_per_head, chunk",
+    "num_heads, scratch, partition, programs_per_head, tile",
     [
-        (64, 256, 0, 64),  # 16384 tokens in 256-token partitions: 64 partials
-        (64, 1024, 0, 16),  # the same scratch, 1024-token partitions: 16
-        (32, 1024, 0, 8),
-        (3, 512, 0, 2),
-        (151, 512, 0, 64),  # 76 partials: two chunks
-        (64, 256, 264, 64),  # balanced: a piece per program, bounded by the scratch
-        (64, 256, 33, 64),
-        (64, 256, 8, 8),
+        (1, 64, 256, 0, (1, 64)),  # 16384 tokens in 256-token partitions: 64 partials
+        (1, 64, 1024, 0, (1, 16)),  # the same scratch, 1024-token partitions: 16
+        (1, 32, 1024, 0, (1, 8)),
+        (1, 3, 512, 0, (1, 2)),
+        (1, 151, 512, 0, (1, 64)),  # 76 partials: two chunks
+        (1, 64, 256, 264, (1, 64)),  # balanced: a piece per program, bounded by the scratch
+        (1, 64, 256, 8, (1, 8)),
+        (2, 64, 1024, 0, (2, 16)),  # two heads per program, each all its 16 partials
+        (3, 3, 512, 0, (4, 2)),  # heads padded to a power of 2
+        (4, 64, 1024, 0, (4, 8)),
+        (16, 64, 1024, 0, (16, 2)),  # 16 heads: 2 partials at once each, 32 in all
+        (64, 64, 256, 264, (16, 2)),  # at most 16 heads per program
     ],
 )
-def test_reduce_chunk_covers_the_partials_a_row_can_have(scratch, partition, programs_per_head, chunk):
-    assert reduce_chunk(scratch, partition, programs_per_head) == chunk
+def test_reduce_tile_covers_the_partials_a_row_can_have(num_heads, scratch, partition, programs_per_head, tile):
+    assert reduce_tile(num_heads, scratch, partition, programs_per_head) == tile
 
 
 @pytest.mark.parametrize("partition_size", [1024, 2048])

@@ -59,10 +59,12 @@ def _split_kv_reduce_kernel(
     stride_tmp_head,
     stride_tmp_part,
     num_seqs,
+    num_heads,
     max_seq_len,  # longer contexts count as this long (stage 1 cuts them there too)
     programs_per_head,  # BALANCED: stage 1's programs per kv head
     HEAD_SIZE: tl.constexpr,
     PARTITION: tl.constexpr,
+    HEADS: tl.constexpr,  # heads per program
     BLOCK_P: tl.constexpr,
     MAX_QLEN: tl.constexpr,
     BALANCED: tl.constexpr,  # stage 1 ran the schedule of common.balanced_schedule
@@ -73,13 +75,15 @@ def _split_kv_reduce_kernel(
     """out = sum_p w_p tmp_out_p / sum_p w_p with w_p = l_p exp(m_p - max_p m_p), the
     maximum taken as the partitions are read (an online softmax over partitions).
 
-    One program per (sequence, head, new-token index); rows that see no token get 0.
+    One program per (sequence, HEADS heads, new-token index): the heads of a row have as many
+    partials each, so they are merged together, and the lengths (and the balanced schedule)
+    are read once for all of them. Rows that see no token get 0.
     Under the balanced schedule a sequence has as many partials as stage-1 programs
     shared its pages, and one that a single program held was written out already; so
     was one of a single partition under the static schedule with ``WHOLE_WRITTEN``.
     """
     seq = tl.program_id(0)
-    head = tl.program_id(1)
+    head = tl.program_id(1) * HEADS + tl.arange(0, HEADS)
     token = tl.program_id(2)
     context_len = tl.minimum(tl.maximum(tl.load(context_lens_ptr + seq), 0), max_seq_len)
     if MAX_QLEN > 1:
@@ -113,37 +117,37 @@ def _split_kv_reduce_kernel(
         tl.extra.cuda.gdc_wait()
     part = tl.arange(0, BLOCK_P)
     dims = tl.arange(0, HEAD_SIZE)
-    es_row = row.to(tl.int64) * stride_es_row + head * stride_es_head
+    head_ok = head < num_heads
+    es_row = row.to(tl.int64) * stride_es_row + head * stride_es_head  # [HEADS]
     tmp_row = row.to(tl.int64) * stride_tmp_row + head * stride_tmp_head
 
     # one pass, rescaled per chunk of BLOCK_P partitions: a chunk's maxima, sums and partials
     # are loaded together (one memory round trip for up to BLOCK_P partitions, not two)
-    acc = tl.zeros([HEAD_SIZE], dtype=tl.float32)
-    weight_sum = 0.0
-    running_max = float("-inf")
+    acc = tl.zeros([HEADS, HEAD_SIZE], dtype=tl.float32)
+    weight_sum = tl.zeros([HEADS], dtype=tl.float32)
+    running_max = tl.full([HEADS], float("-inf"), dtype=tl.float32)
     for p0 in range(0, num_parts, BLOCK_P):
-        valid = p0 + part < num_parts
-        m = tl.load(max_logits_ptr + es_row + p0 + part, mask=valid, other=float("-inf"))
-        l = tl.load(exp_sums_ptr + es_row + p0 + part, mask=valid, other=0.0)
-        partial = tl.load(
-            tmp_out_ptr + tmp_row + (p0 + part)[:, None] * stride_tmp_part + dims[None, :],
-            mask=valid[:, None],
-            other=0.0,
-        ).to(tl.float32)
-        new_max = tl.maximum(running_max, tl.max(m, axis=0))
+        valid = head_ok[:, None] & (p0 + part < num_parts)[None, :]  # [HEADS, BLOCK_P]
+        es_offs = es_row[:, None] + (p0 + part)[None, :]
+        m = tl.load(max_logits_ptr + es_offs, mask=valid, other=float("-inf"))
+        l = tl.load(exp_sums_ptr + es_offs, mask=valid, other=0.0)
+        tmp_offs = tmp_row[:, None, None] + (p0 + part)[None, :, None] * stride_tmp_part + dims[None, None, :]
+        partial = tl.load(tmp_out_ptr + tmp_offs, mask=valid[:, :, None], other=0.0).to(tl.float32)
+        new_max = tl.maximum(running_max, tl.max(m, axis=1))
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # no -inf - -inf
         rescale = tl.exp(running_max - shift)
-        w = tl.where(valid, l * tl.exp(m - shift), 0.0)
-        acc = acc * rescale + tl.sum(w[:, None] * partial, axis=0)
-        weight_sum = weight_sum * rescale + tl.sum(w, axis=0)
+        w = tl.where(valid, l * tl.exp(m - shift[:, None]), 0.0)
+        acc = acc * rescale[:, None] + tl.sum(w[:, :, None] * partial, axis=1)
+        weight_sum = weight_sum * rescale + tl.sum(w, axis=1)
         running_max = new_max
 
     # weight_sum >= 1 whenever the row sees a token (the largest partition contributes l >= 1)
-    result = acc / tl.maximum(weight_sum, 1e-30)
-    out_offs = row.to(tl.int64) * stride_out_row + head * stride_out_head + dims
+    result = acc / tl.maximum(weight_sum, 1e-30)[:, None]
+    out_offs = row.to(tl.int64) * stride_out_row + head[:, None] * stride_out_head + dims[None, :]
     # padding rows (token >= num_new) store nothing, nor do those stage 1 wrote
     dims_to_store = tl.where(written, 0, tl.where(row_valid, HEAD_SIZE, 0))
-    tl.store(out_ptr + out_offs, result.to(out_ptr.dtype.element_ty), mask=dims < dims_to_store)
+    store = head_ok[:, None] & (dims < dims_to_store)[None, :]
+    tl.store(out_ptr + out_offs, result.to(out_ptr.dtype.element_ty), mask=store)
 
 
 def split_kv_reduce(
@@ -167,17 +171,29 @@ def split_kv_reduce(
     )
 
 
-def reduce_chunk(scratch_partitions: int, partition_size: int, programs_per_head: int = 0) -> int:
-    """Partials the reduce loads at once (``BLOCK_P``): as many as a row can have, at most 64.
-    The scratch holds ``scratch_partitions`` 256-token partitions; a static stage 1 with longer
-    ones fills only a share of it, a balanced one (``programs_per_head > 0``) at most one
-    piece per program. Sized by the scratch instead, the chunk cost 148 of 841 us on a ragged
-    batch of up to 16384 tokens in 1024-token partitions (64 loaded for 16; H100, RESULTS 30)."""
+REDUCE_HEADS = 16
+"""The most heads one reduce program merges."""
+
+REDUCE_TILE = 32
+"""Partials (over all its heads) a program of several heads loads at once: as a 3D tile
+(heads x partials x head_size) 16 x 4 x 128 took 255 registers and spilled on sm_90a at 4
+warps, 184-194 at 8; 16 x 2 x 128 takes 117-121 at 8. One head alone loads up to 64."""
+
+
+def reduce_tile(num_heads: int, scratch_partitions: int, partition_size: int, programs_per_head: int = 0) -> tuple:
+    """(``HEADS``, ``BLOCK_P``): heads per program and partials per head loaded at once.
+    ``BLOCK_P``: as many as a row can have, at most ``REDUCE_TILE // HEADS`` (64 for one
+    head). The scratch holds ``scratch_partitions`` 256-token partitions; a static stage 1
+    with longer ones fills only a share of it, a balanced one (``programs_per_head > 0``) at
+    most one piece per program. Sized by the scratch instead, the chunk cost 148 of 841 us on
+    a ragged batch of up to 16384 tokens in 1024-token partitions (64 loaded for 16; H100,
+    RESULTS 30)."""
     if programs_per_head:
         partials = min(scratch_partitions, programs_per_head)
     else:
         partials = triton.cdiv(scratch_partitions, partition_size // PARTITION_SIZE)
-    return min(triton.next_power_of_2(partials), 64)
+    heads = min(triton.next_power_of_2(num_heads), REDUCE_HEADS)
+    return heads, min(triton.next_power_of_2(partials), 64 if heads == 1 else max(REDUCE_TILE // heads, 1))
 
 
 def launch_split_kv_reduce(
@@ -192,9 +208,9 @@ def launch_split_kv_reduce(
     num_seqs = context_lens.shape[0]
     balanced = programs_per_head > 0
     _, num_heads, head_size = out.shape
-    block_p = reduce_chunk(exp_sums.shape[2], partition_size, programs_per_head)
+    heads, block_p = reduce_tile(num_heads, exp_sums.shape[2], partition_size, programs_per_head)
     dependent = dependent_launch_ok(out.device)
-    _split_kv_reduce_kernel[(num_seqs, num_heads, max_qlen)](
+    _split_kv_reduce_kernel[(num_seqs, triton.cdiv(num_heads, heads), max_qlen)](
         out,
         exp_sums,
         max_logits,
@@ -209,17 +225,19 @@ def launch_split_kv_reduce(
         tmp_out.stride(1),
         tmp_out.stride(2),
         num_seqs if balanced else 0,
+        num_heads,
         max_seq_len,
         programs_per_head,
         HEAD_SIZE=head_size,
         PARTITION=partition_size,
+        HEADS=heads,
         BLOCK_P=block_p,
         MAX_QLEN=max_qlen,
         BALANCED=balanced,
         BLOCK_S=triton.next_power_of_2(num_seqs) if balanced else 1,
         WAIT_FOR_STAGE1=dependent,
         WHOLE_WRITTEN=whole_written and not balanced,
-        num_warps=4 if head_size <= 128 else 8,
+        num_warps=(4 if head_size <= 128 else 8) * (2 if heads > 1 else 1),  # see REDUCE_TILE
         **({"launch_pdl": True} if dependent else {}),
     )
     return out
