@@ -59,10 +59,12 @@ PA_DEVICE void ldmatrix_x4(unsigned (&r)[4], const void* row_addr) {
 // stream_evict_first): every cache byte is read once per call, so with evict-first its lines
 // go first and the stream leaves alone what other kernels left in L2 (dirty lines, whose
 // write-back would share DRAM with it); on long calls on the H100 that costs more than it saves.
+// Volatile, so that it is made where it is used and not held in registers through a loop
+// (held, the 64-bit policy spilled a kernel at its 128-register bound under the NVRTC of CUDA 13.0).
 PA_DEVICE unsigned long long l2_stream_policy(bool evict_first) {
   unsigned long long first, normal;
-  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(first));
-  asm("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;\n" : "=l"(normal));
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(first));
+  asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;\n" : "=l"(normal));
   return evict_first ? first : normal;
 }
 PA_DEVICE void cp_async_16(void* smem, const void* gmem, unsigned long long policy) {

@@ -171,8 +171,11 @@ def split_kv_reduce(
     )
 
 
-REDUCE_HEADS = 16
-"""The most heads one reduce program merges."""
+REDUCE_HEADS = 4
+"""The most heads one reduce program merges. Measured on the H100 against 1 and 16 behind
+hip's and Triton's stage 1 (20 cases, RESULTS.md section 34): 4 lifted the one-kv-head mixed
+batch from 67.0 to 73.6% of the floor (hip's balanced reduce reads the lengths once for 4
+heads); 16 did as well on 256 sequences but lost up to 10% on 16 (16 programs in all)."""
 
 REDUCE_TILE = 32
 """Partials (over all its heads) a program of several heads loads at once: as a 3D tile
