@@ -14,7 +14,9 @@ of the working tree without git):
 
 hip compiles the base's csrc/, asm loads the base's PTX, triton launches the base's stage 1;
 hip and triton launch the base's reduce where the directory has one (keyword arguments it
-does not take are dropped), the working tree's otherwise. Everything else is the tree's.
+does not take are dropped), the working tree's otherwise: a base before 0a58484 needs its own,
+since the tree's reduce leaves alone the sequences that stage 1 writes whole from 0a58484 on
+(the check then reports the base WRONG). Everything else is the tree's.
 """
 
 from __future__ import annotations
