@@ -144,3 +144,43 @@ def balanced_schedule(context_lens_ptr, num_seqs, max_seq_len, programs_per_head
     pages = tl.cdiv(tl.minimum(tl.maximum(lens, 0), max_seq_len), PAGE)
     total_pages = tl.sum(pages, axis=0)
     return tl.cumsum(pages, axis=0), total_pages, tl.maximum(tl.cdiv(total_pages, programs_per_head), 1)
+
+
+@triton.jit
+def longest_first_partition(
+    context_lens_ptr, num_seqs, max_seq_len, item, PARTITION: tl.constexpr, TAIL_BUCKETS: tl.constexpr, BLOCK_S: tl.constexpr
+):
+    """The ``item``-th partition of the static split-KV schedule in longest-first order:
+    ``(seq, part, context_len)``, with ``context_len`` 0 past the last partition.
+
+    The static schedule's grid in (partition, sequence) order leaves the partitions past
+    each sequence's end (most of a ragged batch's grid) between the work, and ends on
+    whatever partitions the last sequences have. Here the items run every whole
+    ``PARTITION``-token partition first (sequence order), then each sequence's ragged last
+    one, longest first (in ``TAIL_BUCKETS`` length classes, sequence order within one),
+    then the empty items: the GPU's last wave is short partitions. Only the lengths are
+    read (``BLOCK_S >= num_seqs``), so stage 1 and the reduce need nothing stored."""
+    idx = tl.arange(0, BLOCK_S)
+    lens = tl.load(context_lens_ptr + idx, mask=idx < num_seqs, other=0)
+    lens = tl.minimum(tl.maximum(lens, 0), max_seq_len)
+    whole = lens // PARTITION
+    whole_end = tl.cumsum(whole, axis=0)
+    num_whole = tl.sum(whole, axis=0)
+    if item < num_whole:
+        seq = tl.sum((whole_end <= item).to(tl.int32), axis=0)
+        part = item - tl.sum(tl.where(idx == seq, whole_end - whole, 0), axis=0)
+    else:
+        # bucket 1 .. TAIL_BUCKETS by the ragged partition's length (0: none); the flat order
+        # of (bucket descending, sequence) numbers the ragged partitions
+        tail = lens - whole * PARTITION
+        bucket = tl.cdiv(tail * TAIL_BUCKETS, PARTITION)
+        in_bucket = bucket[None, :] == TAIL_BUCKETS - tl.arange(0, TAIL_BUCKETS)[:, None]
+        flat = tl.reshape(in_bucket.to(tl.int32), [TAIL_BUCKETS * BLOCK_S])
+        position = tl.cumsum(flat, axis=0)
+        flat_seq = tl.reshape(tl.broadcast_to(idx[None, :], [TAIL_BUCKETS, BLOCK_S]), [TAIL_BUCKETS * BLOCK_S])
+        hit = (flat == 1) & (position == item - num_whole + 1)
+        # no hit (item past the last tail): seq BLOCK_S, whose length reads as 0 below
+        seq = tl.sum(tl.where(hit, flat_seq, 0), axis=0) + tl.where(tl.sum(hit.to(tl.int32), axis=0) > 0, 0, BLOCK_S)
+        part = tl.sum(tl.where(idx == seq, whole, 0), axis=0)
+    context_len = tl.sum(tl.where(idx == seq, lens, 0), axis=0)
+    return seq, part, context_len
