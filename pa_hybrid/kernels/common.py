@@ -164,23 +164,25 @@ def longest_first_partition(
     lens = tl.load(context_lens_ptr + idx, mask=idx < num_seqs, other=0)
     lens = tl.minimum(tl.maximum(lens, 0), max_seq_len)
     whole = lens // PARTITION
-    whole_end = tl.cumsum(whole, axis=0)
+    tail = lens - whole * PARTITION
     num_whole = tl.sum(whole, axis=0)
+    # past the last partition: seq BLOCK_S, whose length reads as 0 below (the empty items,
+    # most of a ragged batch's grid, stop after these two sums)
+    seq = tl.zeros([], dtype=tl.int32) + BLOCK_S
+    part = tl.zeros([], dtype=tl.int32)
     if item < num_whole:
+        whole_end = tl.cumsum(whole, axis=0)
         seq = tl.sum((whole_end <= item).to(tl.int32), axis=0)
         part = item - tl.sum(tl.where(idx == seq, whole_end - whole, 0), axis=0)
-    else:
+    elif item < num_whole + tl.sum((tail > 0).to(tl.int32), axis=0):
         # bucket 1 .. TAIL_BUCKETS by the ragged partition's length (0: none); the flat order
         # of (bucket descending, sequence) numbers the ragged partitions
-        tail = lens - whole * PARTITION
         bucket = tl.cdiv(tail * TAIL_BUCKETS, PARTITION)
         in_bucket = bucket[None, :] == TAIL_BUCKETS - tl.arange(0, TAIL_BUCKETS)[:, None]
         flat = tl.reshape(in_bucket.to(tl.int32), [TAIL_BUCKETS * BLOCK_S])
         position = tl.cumsum(flat, axis=0)
         flat_seq = tl.reshape(tl.broadcast_to(idx[None, :], [TAIL_BUCKETS, BLOCK_S]), [TAIL_BUCKETS * BLOCK_S])
-        hit = (flat == 1) & (position == item - num_whole + 1)
-        # no hit (item past the last tail): seq BLOCK_S, whose length reads as 0 below
-        seq = tl.sum(tl.where(hit, flat_seq, 0), axis=0) + tl.where(tl.sum(hit.to(tl.int32), axis=0) > 0, 0, BLOCK_S)
+        seq = tl.sum(tl.where((flat == 1) & (position == item - num_whole + 1), flat_seq, 0), axis=0)
         part = tl.sum(tl.where(idx == seq, whole, 0), axis=0)
     context_len = tl.sum(tl.where(idx == seq, lens, 0), axis=0)
     return seq, part, context_len
