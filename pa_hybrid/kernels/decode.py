@@ -126,6 +126,11 @@ def _decode_tile(
     # K as [BLOCK_N, HEAD_SIZE]: X dims of a token are 16 contiguous bytes
     k_offs = block_id[:, None] * stride_k_block + k_tile_offset(in_block[:, None], dim[None, :], BLOCK_SIZE, X)
     k = _load(k_head_ptr + k_offs, token_ok[:, None], MASKED)
+    # V as [HEAD_SIZE, BLOCK_N]: X tokens of a dim are 16 contiguous bytes. Loaded with K, before
+    # the logits: issued after them, its copies waited for the softmax (no load crosses the dot's
+    # barriers), two DRAM round trips per tile instead of one
+    v_offs = block_id[None, :] * stride_v_block + v_tile_offset(n[None, :], dim[:, None], HEAD_SIZE, BLOCK_SIZE, X)
+    v_raw = _load(v_head_ptr + v_offs, block_ok[None, :], MASKED)
     s = tl.dot(q, tl.trans(_widen(k, DOT_DTYPE, FP8_VIA_FP32)))  # [M, BLOCK_N] fp32
     if SCALES == 2:
         s = s * _load(k_scale_head_ptr + block_id * stride_scale_block + in_block, token_ok, MASKED)[None, :]
@@ -138,11 +143,10 @@ def _decode_tile(
     alpha = tl.exp2(row_max - shift)
     row_sum = row_sum * alpha + tl.sum(p, axis=1)
 
-    # V as [HEAD_SIZE, BLOCK_N]: X tokens of a dim are 16 contiguous bytes
-    v_offs = block_id[None, :] * stride_v_block + v_tile_offset(n[None, :], dim[:, None], HEAD_SIZE, BLOCK_SIZE, X)
-    v_t = _widen(_load(v_head_ptr + v_offs, block_ok[None, :], MASKED), DOT_DTYPE, FP8_VIA_FP32)
+    v_t = _widen(v_raw, DOT_DTYPE, FP8_VIA_FP32)
     if MASKED:
         v_t = tl.where(token_ok[None, :], v_t, 0.0)
+
     if SCALES == 2:
         v_scale = _load(v_scale_head_ptr + block_id * stride_scale_block + in_block, token_ok, MASKED)
         if DOT_DTYPE == tl.float16:
