@@ -10,9 +10,7 @@ them (16-byte ``cp.async`` copies of the next tile's K and V in flight during a 
 its block ids read a tile ahead), then the ragged end as one masked tile. It writes the
 partial format of ``kernels/reduce.py``, or ``out`` directly for a sequence that one
 partition holds whole (and for all, with no stage 2, when one partition covers every
-context). Split calls of up to ``LONGEST_FIRST_MAX_SEQS`` sequences run their programs in
-the longest-first order of ``common.longest_first_partition``, so that a ragged batch's
-last wave is short partitions and the partitions past each sequence's end come last.
+context).
 
 8-bit caches are widened to the query dtype (exact for e4m3 and int8) and their
 scales applied in fp32: a per-token K scale multiplies its logit column, a
@@ -29,7 +27,6 @@ import triton.language as tl
 from .common import (
     dot_dtype,
     k_tile_offset,
-    longest_first_partition,
     nvidia_device,
     shared_memory_per_program,
     v_tile_offset,
@@ -126,11 +123,6 @@ def _decode_tile(
     # K as [BLOCK_N, HEAD_SIZE]: X dims of a token are 16 contiguous bytes
     k_offs = block_id[:, None] * stride_k_block + k_tile_offset(in_block[:, None], dim[None, :], BLOCK_SIZE, X)
     k = _load(k_head_ptr + k_offs, token_ok[:, None], MASKED)
-    # V as [HEAD_SIZE, BLOCK_N]: X tokens of a dim are 16 contiguous bytes. Loaded with K, before
-    # the logits: issued after them, its copies waited for the softmax (no load crosses the dot's
-    # barriers), two DRAM round trips per tile instead of one
-    v_offs = block_id[None, :] * stride_v_block + v_tile_offset(n[None, :], dim[:, None], HEAD_SIZE, BLOCK_SIZE, X)
-    v_raw = _load(v_head_ptr + v_offs, block_ok[None, :], MASKED)
     s = tl.dot(q, tl.trans(_widen(k, DOT_DTYPE, FP8_VIA_FP32)))  # [M, BLOCK_N] fp32
     if SCALES == 2:
         s = s * _load(k_scale_head_ptr + block_id * stride_scale_block + in_block, token_ok, MASKED)[None, :]
@@ -143,10 +135,11 @@ def _decode_tile(
     alpha = tl.exp2(row_max - shift)
     row_sum = row_sum * alpha + tl.sum(p, axis=1)
 
-    v_t = _widen(v_raw, DOT_DTYPE, FP8_VIA_FP32)
+    # V as [HEAD_SIZE, BLOCK_N]: X tokens of a dim are 16 contiguous bytes
+    v_offs = block_id[None, :] * stride_v_block + v_tile_offset(n[None, :], dim[:, None], HEAD_SIZE, BLOCK_SIZE, X)
+    v_t = _widen(_load(v_head_ptr + v_offs, block_ok[None, :], MASKED), DOT_DTYPE, FP8_VIA_FP32)
     if MASKED:
         v_t = tl.where(token_ok[None, :], v_t, 0.0)
-
     if SCALES == 2:
         v_scale = _load(v_scale_head_ptr + block_id * stride_scale_block + in_block, token_ok, MASKED)
         if DOT_DTYPE == tl.float16:
@@ -170,8 +163,6 @@ def _paged_decode_kernel(
     block_tables_ptr,  # [num_seqs, max_blocks] int32
     context_lens_ptr,  # [num_seqs] int32
     qo_indptr_ptr,  # [num_seqs + 1] int32, read only when MAX_QLEN > 1
-    num_seqs,
-    num_kv_heads,
     max_seq_len,  # longer contexts count as this long: the table row and scratch cover no more
     sm_scale_log2,  # softmax scale * log2(e)
     stride_q_row,
@@ -199,25 +190,15 @@ def _paged_decode_kernel(
     SCALES: tl.constexpr,  # SCALE_NONE / SCALE_PER_TENSOR / SCALE_PER_TOKEN
     PARTITION: tl.constexpr,
     WRITE_OUT: tl.constexpr,  # one partition covers every context: write out, skip stage 2
-    LONGEST_FIRST: tl.constexpr,  # grid of common.longest_first_partition (never with WRITE_OUT)
-    TAIL_BUCKETS: tl.constexpr,
-    BLOCK_S: tl.constexpr,  # num_seqs padded to a power of 2 (LONGEST_FIRST)
     BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr,  # operand dtype of tl.dot (the query dtype on GPUs)
     FP8_VIA_FP32: tl.constexpr,  # widen e4m3 to bf16 through fp32 (NVIDIA GPUs, see _widen)
 ):
-    if LONGEST_FIRST:
-        # one grid dim: items of common.longest_first_partition, kv heads fastest
-        item = tl.program_id(0) // num_kv_heads
-        kv_head = tl.program_id(0) % num_kv_heads
-        seq, part, context_len = longest_first_partition(
-            context_lens_ptr, num_seqs, max_seq_len, item, PARTITION, TAIL_BUCKETS, BLOCK_S
-        )
-    else:
-        part = tl.program_id(0)
-        kv_head = tl.program_id(1)
-        seq = tl.program_id(2)
-        context_len = tl.minimum(tl.maximum(tl.load(context_lens_ptr + seq), 0), max_seq_len)
+    part = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = tl.program_id(2)
+
+    context_len = tl.minimum(tl.maximum(tl.load(context_lens_ptr + seq), 0), max_seq_len)
     start = part * PARTITION
     end = tl.minimum(start + PARTITION, context_len)
     if start < context_len:
@@ -328,16 +309,6 @@ SPARSE_GRID_SHARED_MEMORY = 144 * 1024
 136 KB, two tiles' K and V in flight); devices with less keep one stage on sparse grids too."""
 
 
-LONGEST_FIRST_MAX_SEQS = 1024
-"""Most sequences for the longest-first order of split stage-1 programs
-(``common.longest_first_partition``): each program reads all the lengths and scans them.
-Larger batches keep the (partition, kv head, sequence) grid."""
-
-LONGEST_FIRST_TAIL_BUCKETS = 8
-"""Length classes of the ragged last partitions in the longest-first order (at most one
-per tile of the partition): finer classes would cost each program a longer scan."""
-
-
 def decode_tile_config(
     head_size: int, block_size: int, kv_bytes: int, warp_size: int = 32, sparse_grid: bool = False
 ) -> tuple[int, int, int]:
@@ -404,11 +375,6 @@ def launch_paged_decode(
         head_size, block_size, K.element_size(), warp_size_of(Q.device), sparse_grid
     )
     write_out = num_partitions == 1
-    longest_first = not write_out and num_seqs <= LONGEST_FIRST_MAX_SEQS
-    if longest_first:
-        grid = (num_seqs * num_partitions * num_kv_heads,)
-    else:
-        grid = (num_partitions, num_kv_heads, num_seqs)
     # unused pointers still need a valid tensor
     k_scale = k_scale if k_scale is not None else context_lens
     v_scale = v_scale if v_scale is not None else context_lens
@@ -420,7 +386,7 @@ def launch_paged_decode(
         es, tmp = exp_sums, tmp_out
         es_strides = (exp_sums.stride(0), exp_sums.stride(1))
         tmp_strides = (tmp_out.stride(0), tmp_out.stride(1), tmp_out.stride(2))
-    _paged_decode_kernel[grid](
+    _paged_decode_kernel[(num_partitions, num_kv_heads, num_seqs)](
         out,
         es,
         max_logits if not write_out else context_lens,
@@ -433,8 +399,6 @@ def launch_paged_decode(
         block_tables,
         context_lens,
         qo_indptr if max_qlen > 1 else context_lens,
-        num_seqs,
-        num_kv_heads,
         max_seq_len,
         scale * LOG2E,
         Q.stride(0),
@@ -458,9 +422,6 @@ def launch_paged_decode(
         SCALES=scales_kind,
         PARTITION=partition_size,
         WRITE_OUT=write_out,
-        LONGEST_FIRST=longest_first,
-        TAIL_BUCKETS=max(1, min(LONGEST_FIRST_TAIL_BUCKETS, partition_size // block_n)),
-        BLOCK_S=triton.next_power_of_2(num_seqs) if longest_first else 1,
         BLOCK_N=block_n,
         DOT_DTYPE=dot_dtype(Q.dtype, K.dtype),
         FP8_VIA_FP32=nvidia_device(Q.device),
