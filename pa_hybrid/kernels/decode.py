@@ -198,36 +198,30 @@ def _paged_decode_kernel(
     kv_head = tl.program_id(1)
     seq = tl.program_id(2)
 
-    stored_len = tl.load(context_lens_ptr + seq)
-    # the query rows and the first tile's block ids do not depend on the context length: issued
-    # beside its load, the first tile's copies wait one round trip to memory instead of two
-    m_idx = tl.arange(0, M)
-    new_tok = m_idx // GQA
-    head = kv_head * GQA + m_idx % GQA
-    if MAX_QLEN > 1:
-        first_row = tl.load(qo_indptr_ptr + seq)
-        num_new = tl.load(qo_indptr_ptr + seq + 1) - first_row
-        row_ok = new_tok < num_new
-        row = first_row + new_tok
-    else:
-        row_ok = m_idx < GQA
-        row = tl.zeros([M], dtype=tl.int32) + seq
-    row = row.to(tl.int64)
-    dim = tl.arange(0, HEAD_SIZE)
-    q = tl.load(q_ptr + row[:, None] * stride_q_row + head[:, None] * stride_q_head + dim[None, :], mask=row_ok[:, None], other=0.0)
+    context_len = tl.minimum(tl.maximum(tl.load(context_lens_ptr + seq), 0), max_seq_len)
     start = part * PARTITION
-    block_ids_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
-    # the table covers max_seq_len (checked on the host); ids past the context are zeroed below
-    first_block_id = _tile_block_ids(block_ids_ptr, start, max_seq_len, BLOCK_SIZE, BLOCK_N)
-
-    context_len = tl.minimum(tl.maximum(stored_len, 0), max_seq_len)
     end = tl.minimum(start + PARTITION, context_len)
     if start < context_len:
+        m_idx = tl.arange(0, M)
+        new_tok = m_idx // GQA
+        head = kv_head * GQA + m_idx % GQA
         if MAX_QLEN > 1:
+            first_row = tl.load(qo_indptr_ptr + seq)
+            num_new = tl.load(qo_indptr_ptr + seq + 1) - first_row
+            row_ok = new_tok < num_new
             visible = tl.where(row_ok, visible_tokens(context_len, num_new, new_tok), 0)
+            row = first_row + new_tok
         else:
+            row_ok = m_idx < GQA
             visible = tl.where(row_ok, context_len, 0)
-        q = q.to(DOT_DTYPE)
+            row = tl.zeros([M], dtype=tl.int32) + seq
+        row = row.to(tl.int64)
+        dim = tl.arange(0, HEAD_SIZE)
+        q = tl.load(
+            q_ptr + row[:, None] * stride_q_row + head[:, None] * stride_q_head + dim[None, :],
+            mask=row_ok[:, None],
+            other=0.0,
+        ).to(DOT_DTYPE)
 
         qk_scale = sm_scale_log2
         if SCALES == 1:
@@ -236,14 +230,14 @@ def _paged_decode_kernel(
         v_head_ptr = v_ptr + kv_head.to(tl.int64) * stride_v_head
         k_scale_head_ptr = k_scale_ptr + kv_head * stride_scale_head
         v_scale_head_ptr = v_scale_ptr + kv_head * stride_scale_head
+        block_ids_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
 
         acc = tl.zeros([M, HEAD_SIZE], dtype=tl.float32)
         row_max = tl.full([M], float("-inf"), dtype=tl.float32)
         row_sum = tl.zeros([M], dtype=tl.float32)
         # whole tiles first, without masks (so that they pipeline), then the ragged end
         whole_end = start + (end - start) // BLOCK_N * BLOCK_N
-        first_tile = start + tl.arange(0, BLOCK_N)
-        block_id = tl.where(first_tile // BLOCK_SIZE < tl.cdiv(end, BLOCK_SIZE), first_block_id, 0)
+        block_id = _tile_block_ids(block_ids_ptr, start, end, BLOCK_SIZE, BLOCK_N)
         v_unit = 1.0
         if SCALES == 2 and DOT_DTYPE == tl.float16:  # see _decode_tile; 65504x past it would overflow
             n = tl.arange(0, BLOCK_N)
@@ -295,6 +289,17 @@ def _paged_decode_kernel(
         tl.store(out_ptr + o_offs, result.to(out_ptr.dtype.element_ty), mask=to_out[:, None])
     elif WRITE_OUT:
         # an empty context gives zeros; only partition 0 exists when WRITE_OUT
+        m_idx = tl.arange(0, M)
+        head = kv_head * GQA + m_idx % GQA
+        if MAX_QLEN > 1:
+            first_row = tl.load(qo_indptr_ptr + seq)
+            num_new = tl.load(qo_indptr_ptr + seq + 1) - first_row
+            row_ok = m_idx // GQA < num_new
+            row = (first_row + m_idx // GQA).to(tl.int64)
+        else:
+            row_ok = m_idx < GQA
+            row = tl.zeros([M], dtype=tl.int64) + seq
+        dim = tl.arange(0, HEAD_SIZE)
         o_offs = row[:, None] * stride_out_row + head[:, None] * stride_out_head + dim[None, :]
         tl.store(out_ptr + o_offs, tl.zeros([M, HEAD_SIZE], dtype=out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
