@@ -53,7 +53,7 @@ for step in "$@"; do
       ncu --clock-control none --kernel-name regex:'pa_decode|paged_decode' --launch-skip 2 --launch-count 1 \
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
         --section Occupancy --section SourceCounters --import-source no -f -o "$rep" \
-        python3 benchmarks/profile_one_call.py "$model" "$seqs" "$ctx" "$kv" "$backend" > "$rep.log" 2>&1 || status=1
+        python3 benchmarks/profile_one_call.py --workload "$workload" "$model" "$seqs" "$ctx" "$kv" "$backend" > "$rep.log" 2>&1 || status=1
       ncu --import "$rep.ncu-rep" --page details > "$rep.txt" 2>&1 && grep -E "Duration|DRAM Throughput|Issue Slots Busy|Achieved Occupancy|Stall" "$rep.txt" | head -20
       ncu --import "$rep.ncu-rep" --page source --print-source sass --csv > "$rep-sass.csv" 2>&1 \
         && python3 benchmarks/stall_hotspots.py "$rep-sass.csv" | tee "$rep-hotspots.txt" || status=1 ;;
