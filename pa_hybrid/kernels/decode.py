@@ -194,10 +194,8 @@ def _paged_decode_kernel(
     DOT_DTYPE: tl.constexpr,  # operand dtype of tl.dot (the query dtype on GPUs)
     FP8_VIA_FP32: tl.constexpr,  # widen e4m3 to bf16 through fp32 (NVIDIA GPUs, see _widen)
 ):
-    # kv heads fastest: programs launched together read the same blocks' heads, which lie
-    # next to each other in the cache
-    kv_head = tl.program_id(0)
-    part = tl.program_id(1)
+    part = tl.program_id(0)
+    kv_head = tl.program_id(1)
     seq = tl.program_id(2)
 
     context_len = tl.minimum(tl.maximum(tl.load(context_lens_ptr + seq), 0), max_seq_len)
@@ -388,7 +386,7 @@ def launch_paged_decode(
         es, tmp = exp_sums, tmp_out
         es_strides = (exp_sums.stride(0), exp_sums.stride(1))
         tmp_strides = (tmp_out.stride(0), tmp_out.stride(1), tmp_out.stride(2))
-    _paged_decode_kernel[(num_kv_heads, num_partitions, num_seqs)](
+    _paged_decode_kernel[(num_partitions, num_kv_heads, num_seqs)](
         out,
         es,
         max_logits if not write_out else context_lens,
