@@ -320,6 +320,10 @@ def decode_tile_config(
     registers). Timed on the H200 (RESULTS 24, geomean time over 21 grid cases against the
     kernel before 16-byte V loads): 16-bit 1.04x at 128x4x1, 1.08-1.16x with 2-3 stages or
     32-64-token tiles; fp8 / int8 0.74x / 0.81x at 128x4x3, 0.85x / 0.98x with one stage.
+    What bounds the 16-bit tile (H100, Nsight Compute, RESULTS 35): 237 registers leave 2
+    programs (8 warps) per SM, and most stalls are the stores of the loaded K and V into shared
+    memory for the MMAs waiting on their loads; the pipelined tiles skip that trip only in
+    part and stall on shared memory instead (7-15 points of the floor lower).
     ``sparse_grid`` (at most one program per two SMs: the call takes about one program's
     latency): 16-bit caches take 3 stages as well, so a program's tiles are all in flight
     at once (H100, RESULTS 28: 0.81-0.88x the time of one stage on the bf16 grid calls of
