@@ -21,6 +21,7 @@ from pa_hybrid.backends import base, hip
 from pa_hybrid.backends.hip import BACKEND as HIP
 from pa_hybrid.backends.triton import BACKEND as TRITON
 from pa_hybrid.call import build_call
+from pa_hybrid.kernels import reduce
 from pa_hybrid.layouts import PARTITION_SIZE, max_num_partitions
 from pa_hybrid.testing import make_decode_case
 
@@ -58,10 +59,12 @@ def _guarded_scratch(rows, num_heads, head_size, max_seq_len, device):
 SPLIT_KV = {"hip": HIP}
 
 
+@pytest.mark.parametrize("reduce_min_programs", [reduce.REDUCE_MIN_PROGRAMS, 0], ids=["reduce-grid-wide", "reduce-heads-merged"])
 @pytest.mark.parametrize("programs_per_head", [1, 3, 5, 40])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=_id)
 @pytest.mark.parametrize("backend", SPLIT_KV)
-def test_balanced_schedule_matches_reference(device, backend, cfg, programs_per_head):
+def test_balanced_schedule_matches_reference(device, backend, cfg, programs_per_head, reduce_min_programs, monkeypatch):
+    monkeypatch.setattr(reduce, "REDUCE_MIN_PROGRAMS", reduce_min_programs)  # a few rows; both reduce tiles
     kv, q, gqa, qlen, hs, bs, scales = cfg
     case = make_decode_case(
         RAGGED, num_heads=2 * gqa, num_kv_heads=2, head_size=hs, block_size=bs, kv_dtype=kv, q_dtype=q,

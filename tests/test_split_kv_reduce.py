@@ -2,9 +2,12 @@
 over the whole context. Partials are built here, in float64, from random logits
 and values, following the partial format of the module docstring."""
 
+from unittest import mock
+
 import pytest
 import torch
 
+from pa_hybrid.kernels import reduce
 from pa_hybrid.kernels.reduce import reduce_tile, split_kv_reduce
 from pa_hybrid.layouts import PARTITION_SIZE
 
@@ -38,8 +41,20 @@ def make_partials(visible, num_heads, head_size, max_parts, partition, tmp_dtype
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2, torch.float16: 2e-3}
 
 
+@pytest.fixture(params=["grid-wide", "heads-merged"])
+def heads_per_program(request):
+    """The reduce as the calls of these tests get it (few rows: a head per program), and with
+    heads merged by ``REDUCE_HEADS`` as larger batches get it."""
+    if request.param == "grid-wide":
+        yield
+    else:
+        with mock.patch.object(reduce, "REDUCE_MIN_PROGRAMS", 0):
+            yield
+
+
 @pytest.mark.parametrize("tmp_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.usefixtures("heads_per_program")
 def test_reduce_ragged_lengths(device, tmp_dtype, out_dtype):
     lens = [0, 1, 255, 256, 257, 1000, 3 * 256]
     max_parts = -(-max(lens) // PARTITION_SIZE)
@@ -53,13 +68,14 @@ def test_reduce_ragged_lengths(device, tmp_dtype, out_dtype):
 
 
 def test_reduce_heads_in_groups_with_a_partial_last_one(device):
-    # 6 heads: a program of 4 and one of 2 (2 lanes masked); more partials than a chunk
-    lens = [0, 300, 5 * 256 + 7, 17 * 256]
-    max_parts = -(-max(lens) // PARTITION_SIZE)
-    es, ml, tmp, expected = make_partials(lens, 6, 64, max_parts, PARTITION_SIZE, torch.float32, device)
-    out = torch.full((len(lens), 6, 64), float("nan"), dtype=torch.bfloat16, device=device)
-    split_kv_reduce(out, es, ml, tmp, torch.tensor(lens, dtype=torch.int32, device=device))
-    torch.testing.assert_close(out.double().cpu(), expected, rtol=1e-2, atol=1e-2)
+    # 6 heads merged 4 at a time: a program of 4 and one of 2 (2 lanes masked); more partials than a chunk
+    with mock.patch.object(reduce, "REDUCE_MIN_PROGRAMS", 0):
+        lens = [0, 300, 5 * 256 + 7, 17 * 256]
+        max_parts = -(-max(lens) // PARTITION_SIZE)
+        es, ml, tmp, expected = make_partials(lens, 6, 64, max_parts, PARTITION_SIZE, torch.float32, device)
+        out = torch.full((len(lens), 6, 64), float("nan"), dtype=torch.bfloat16, device=device)
+        split_kv_reduce(out, es, ml, tmp, torch.tensor(lens, dtype=torch.int32, device=device))
+        torch.testing.assert_close(out.double().cpu(), expected, rtol=1e-2, atol=1e-2)
 
 
 def test_reduce_many_partitions_and_large_partition_size(device):
@@ -77,23 +93,26 @@ def test_reduce_many_partitions_and_large_partition_size(device):
 
 
 @pytest.mark.parametrize(
-    "num_heads, scratch, partition, programs_per_head, tile",
+    "num_heads, rows, scratch, partition, programs_per_head, tile",
     [
-        (1, 64, 256, 0, (1, 64)),  # 16384 tokens in 256-token partitions: 64 partials
-        (1, 64, 1024, 0, (1, 16)),  # the same scratch, 1024-token partitions: 16
-        (1, 32, 1024, 0, (1, 8)),
-        (1, 3, 512, 0, (1, 2)),
-        (1, 151, 512, 0, (1, 64)),  # 76 partials: two chunks
-        (1, 64, 256, 264, (1, 64)),  # balanced: a piece per program, bounded by the scratch
-        (1, 64, 256, 8, (1, 8)),
-        (2, 64, 1024, 0, (2, 16)),  # two heads per program, each all its 16 partials
-        (3, 3, 512, 0, (4, 2)),  # heads padded to a power of 2
-        (4, 64, 1024, 0, (4, 8)),  # 4 heads: 8 partials at once each, 32 in all
-        (64, 64, 256, 264, (4, 8)),  # at most 4 heads per program
+        (1, 256, 64, 256, 0, (1, 64)),  # 16384 tokens in 256-token partitions: 64 partials
+        (1, 256, 64, 1024, 0, (1, 16)),  # the same scratch, 1024-token partitions: 16
+        (1, 256, 32, 1024, 0, (1, 8)),
+        (1, 256, 3, 512, 0, (1, 2)),
+        (1, 256, 151, 512, 0, (1, 64)),  # 76 partials: two chunks
+        (1, 256, 64, 256, 264, (1, 64)),  # balanced: a piece per program, bounded by the scratch
+        (1, 256, 64, 256, 8, (1, 8)),
+        (2, 256, 64, 1024, 0, (2, 16)),  # two heads per program, each all its 16 partials
+        (3, 256, 3, 512, 0, (4, 2)),  # heads padded to a power of 2
+        (4, 256, 64, 1024, 0, (4, 8)),  # 4 heads: 8 partials at once each, 32 in all
+        (64, 256, 64, 256, 264, (4, 8)),  # at most 4 heads per program
+        (16, 64, 64, 256, 0, (4, 8)),  # 256 programs of 4 heads
+        (16, 63, 64, 256, 0, (1, 64)),  # fewer: a head per program
+        (64, 1, 128, 256, 0, (1, 64)),  # one sequence, 64 heads: 64 programs, not 16
     ],
 )
-def test_reduce_tile_covers_the_partials_a_row_can_have(num_heads, scratch, partition, programs_per_head, tile):
-    assert reduce_tile(num_heads, scratch, partition, programs_per_head) == tile
+def test_reduce_tile_covers_the_partials_a_row_can_have(num_heads, rows, scratch, partition, programs_per_head, tile):
+    assert reduce_tile(num_heads, rows, scratch, partition, programs_per_head) == tile
 
 
 @pytest.mark.parametrize("partition_size", [1024, 2048])

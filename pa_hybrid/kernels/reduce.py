@@ -177,14 +177,25 @@ hip's and Triton's stage 1 (20 cases, RESULTS.md section 34): 4 lifted the one-k
 batch from 67.0 to 73.6% of the floor (hip's balanced reduce reads the lengths once for 4
 heads); 16 did as well on 256 sequences but lost up to 10% on 16 (16 programs in all)."""
 
+REDUCE_MIN_PROGRAMS = 256
+"""Heads are merged by ``REDUCE_HEADS`` only where the reduce's grid keeps at least this many
+programs; fewer rows take a head per program. On few-sequence calls each program walks many
+partials, so the grid's width is what hides their loads: behind hip on the H100 (RESULTS.md
+section 35) 4 heads per program took 1.53x the time of one on qwen3-235b-tp4 1 x 32768 (4
+programs against 16), 1.11x on 4 x 32768, 1.07x on llama3-8b 1 x 8192, and were even at 16
+sequences (64-128 programs) and 1-3% faster at 256 (1024 and more)."""
+
 REDUCE_TILE = 32
 """Partials (over all its heads) a program of several heads loads at once: as a 3D tile
 (heads x partials x head_size) 16 x 4 x 128 took 255 registers and spilled on sm_90a at 4
 warps, 184-194 at 8; 16 x 2 x 128 takes 117-121 at 8. One head alone loads up to 64."""
 
 
-def reduce_tile(num_heads: int, scratch_partitions: int, partition_size: int, programs_per_head: int = 0) -> tuple:
-    """(``HEADS``, ``BLOCK_P``): heads per program and partials per head loaded at once.
+def reduce_tile(
+    num_heads: int, rows: int, scratch_partitions: int, partition_size: int, programs_per_head: int = 0
+) -> tuple:
+    """(``HEADS``, ``BLOCK_P``): heads per program and partials per head loaded at once, for
+    ``rows`` query rows (``REDUCE_HEADS`` heads where that leaves ``REDUCE_MIN_PROGRAMS``).
     ``BLOCK_P``: as many as a row can have, at most ``REDUCE_TILE // HEADS`` (64 for one
     head). The scratch holds ``scratch_partitions`` 256-token partitions; a static stage 1
     with longer ones fills only a share of it, a balanced one (``programs_per_head > 0``) at
@@ -196,6 +207,8 @@ def reduce_tile(num_heads: int, scratch_partitions: int, partition_size: int, pr
     else:
         partials = triton.cdiv(scratch_partitions, partition_size // PARTITION_SIZE)
     heads = min(triton.next_power_of_2(num_heads), REDUCE_HEADS)
+    if rows * triton.cdiv(num_heads, heads) < REDUCE_MIN_PROGRAMS:
+        heads = 1
     return heads, min(triton.next_power_of_2(partials), 64 if heads == 1 else max(REDUCE_TILE // heads, 1))
 
 
@@ -211,7 +224,7 @@ def launch_split_kv_reduce(
     num_seqs = context_lens.shape[0]
     balanced = programs_per_head > 0
     _, num_heads, head_size = out.shape
-    heads, block_p = reduce_tile(num_heads, exp_sums.shape[2], partition_size, programs_per_head)
+    heads, block_p = reduce_tile(num_heads, num_seqs * max_qlen, exp_sums.shape[2], partition_size, programs_per_head)
     dependent = dependent_launch_ok(out.device)
     _split_kv_reduce_kernel[(num_seqs, triton.cdiv(num_heads, heads), max_qlen)](
         out,
