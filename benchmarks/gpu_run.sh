@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One GPU session's checks, in order: environment, the test suite on the GPU, then
 # the benchmarks named as arguments. Full logs go to $OUT (or ./gpu_out).
-#   bash benchmarks/gpu_run.sh tests tune cache schedule tiles decode:--backends\ hip\ asm\ triton\ auto qwen3:dense \
+#   GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_run.sh tests tune cache schedule tiles decode:--backends\ hip\ asm\ triton\ auto qwen3:dense \
 #        profile:llama3-8b,128,8192,fp8,asm ...
-# WORKLOAD (default ../shared/bench/workload.json) points at the shared grid.
+# WORKLOAD (default ../shared/bench/workload.json) points at the shared grid. GIT_COMMIT names the
+# commit in the logs and result files: set it where the tree is copied from (a copy's .git may be stale).
 set -uo pipefail
 out="${OUT:-gpu_out}"
 mkdir -p "$out"
