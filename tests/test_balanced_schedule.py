@@ -142,7 +142,8 @@ def test_balanced_ctas_per_sm_fit_shared_memory():
 @pytest.mark.parametrize(
     "lens, setting, expected",
     [
-        ([2048] * 32, "auto", 33),  # 256 sequences x kv heads >= 198: balanced
+        ([4096] * 32, "auto", 33),  # 256 sequences x kv heads >= 198: balanced
+        ([2048] * 32, "auto", 0),  # ... but the static schedule walks 2048 tokens whole (no reduce)
         ([2048] * 16, "auto", 0),  # 128 < 198: static
         ([2048] * 16, "balanced", 33),
         ([512] * 32, "auto", 0),  # the static schedule writes out (no reduce): static
@@ -220,23 +221,34 @@ def test_pieces_fit_the_scratch_and_own_distinct_slots():
 
 
 @pytest.mark.parametrize(
-    "num_seqs, kv_heads, max_len, whole_max, expected",
+    "num_seqs, kv_heads, max_len, whole_max, max_partition, expected",
     [
-        (256, 1, 2048, 1024, 1024),  # capped
-        (256, 1, 2048, 2048, 2048),  # 256 programs >= 132: one per context, no stage 2
-        (128, 1, 2048, 2048, 1024),  # 128 < 132: still split, so every SM gets one
-        (64, 4, 1500, 2048, 2048),  # a ragged batch whose longest context fits
-        (256, 1, 16384, 2048, 1024),  # longer contexts keep the cap (ragged batches, RESULTS 7)
-        (32, 8, 512, 1024, 512),  # a short context fits the cap anyway
-        (1, 1, 2048, 2048, 256),  # one sequence: split as finely as the scratch allows
+        (256, 1, 2048, 1024, 1024, 1024),  # capped
+        (256, 1, 2048, 2048, 1024, 2048),  # 256 programs >= 132: one per context, no stage 2
+        (256, 1, 2048, 1024, 2048, 2048),  # the same through a longer cap
+        (128, 1, 2048, 2048, 1024, 1024),  # 128 < 132: still split, so every SM gets one
+        (128, 1, 2048, 1024, 2048, 1024),  # the same under a longer cap
+        (64, 4, 1500, 2048, 1024, 2048),  # a ragged batch whose longest context fits
+        (256, 1, 16384, 2048, 1024, 1024),  # longer contexts keep the cap (ragged batches, RESULTS 7)
+        (256, 1, 16384, 1024, 2048, 2048),  # ... a longer one too
+        (16, 4, 32768, 1024, 2048, 2048),  # 64 x 16 programs: still >= 132 at 2048
+        (2, 4, 32768, 1024, 2048, 1024),  # 8 x 16 programs at 2048 would leave SMs idle
+        (32, 8, 512, 1024, 1024, 512),  # a short context fits the cap anyway
+        (1, 1, 2048, 2048, 1024, 256),  # one sequence: split as finely as the scratch allows
     ],
 )
-def test_static_partition_size(num_seqs, kv_heads, max_len, whole_max, expected):
-    assert base.split_kv_partition_size(num_seqs, kv_heads, max_len, 132, 1, whole_max) == expected
+def test_static_partition_size(num_seqs, kv_heads, max_len, whole_max, max_partition, expected):
+    assert base.split_kv_partition_size(num_seqs, kv_heads, max_len, 132, 1, whole_max, max_partition) == expected
 
 
-def test_triton_walks_2048_token_contexts_whole_and_hip_keeps_its_cap():
+def test_triton_and_hip_partition_caps():
+    # a 2048-token context: both walk it whole once 64 x 4 programs fill the SMs
     case = make_decode_case([2048] * 64, num_heads=16, num_kv_heads=4, head_size=128, device="cpu")
     call = build_call(**dict(case, exp_sums=None, max_logits=None, tmp_out=None))
     assert TRITON.partition_size(call, 132) == 2048
-    assert HIP.partition_size(call, 132) == 1024
+    assert HIP.partition_size(call, 132) == 2048
+    # longer contexts: hip splits them in 2048-token partitions, Triton in 1024
+    case = make_decode_case([6000] * 64, num_heads=16, num_kv_heads=4, head_size=128, device="cpu")
+    call = build_call(**dict(case, exp_sums=None, max_logits=None, tmp_out=None))
+    assert TRITON.partition_size(call, 132) == 1024
+    assert HIP.partition_size(call, 132) == 2048

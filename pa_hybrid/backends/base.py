@@ -132,18 +132,20 @@ def stream_evict_first(call: DecodeCall) -> bool:
 
 
 MAX_PARTITION_SIZE = 1024
-"""Longest split-KV partition: with ragged batches the partition is sized from
-``max_seq_len`` alone (no host sync), so long partitions would leave the few longest
-sequences' CTAs running alone (measured: the mixed-length bf16 case of qwen3-235b-tp4
-at 24% of the floor with 8192-token partitions on an H100)."""
+"""Longest split-KV partition by default (a backend may set its own ``max_partition``):
+with ragged batches the partition is sized from ``max_seq_len`` alone (no host sync), so
+long partitions would leave the few longest sequences' CTAs running alone (measured: the
+mixed-length bf16 case of qwen3-235b-tp4 at 24% of the floor with 8192-token partitions
+on an H100, and hip's fp8 case 1.40x slower with 4096-token partitions than with 1024,
+RESULTS.md section 37)."""
 
 
 def split_kv_partition_size(
     num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int, programs_per_sm: int,
-    whole_context_max: int = MAX_PARTITION_SIZE,
+    whole_context_max: int = MAX_PARTITION_SIZE, max_partition: int = MAX_PARTITION_SIZE,
 ) -> int:  # fmt: skip
     """Tokens per stage-1 CTA/program of a split-KV kernel: the longest multiple of 256
-    (doubling, at most ``MAX_PARTITION_SIZE``) that still gives every SM
+    (doubling, at most ``max_partition``) that still gives every SM
     ``programs_per_sm`` of them, so long walks amortize a pipeline's start when the
     batch alone fills the GPU, while short contexts or few sequences still split finely.
     Contexts of up to ``whole_context_max`` tokens are not split at all when one program
@@ -153,7 +155,7 @@ def split_kv_partition_size(
     partition = PARTITION_SIZE
     target = programs_per_sm * num_sms
     while (
-        partition < min(max_seq_len, MAX_PARTITION_SIZE)
+        partition < min(max_seq_len, max_partition)
         and num_seqs * num_kv_heads * triton.cdiv(max_seq_len, 2 * partition) >= target
     ):
         partition *= 2
@@ -214,6 +216,8 @@ class SplitKvBackend(Backend):
     programs_per_sm: int = 1
     whole_context_max: int = MAX_PARTITION_SIZE
     """Longest context a static-schedule program walks whole (see :func:`split_kv_partition_size`)."""
+    max_partition: int = MAX_PARTITION_SIZE
+    """Longest static-schedule partition of a longer context (:data:`MAX_PARTITION_SIZE`)."""
     balanced_programs_per_sm: tuple[int, int] = (2, 2)
     """Stage-1 programs per SM of the balanced schedule, for 16-bit and for 8-bit caches."""
     auto_balances_8bit: bool = True
@@ -257,8 +261,9 @@ class SplitKvBackend(Backend):
         """Tokens per stage-1 program under the static schedule."""
         key = call.key
         return split_kv_partition_size(
-            call.num_seqs, key.num_kv_heads, key.max_seq_len, num_sms, self.programs_per_sm, self.whole_context_max
-        )
+            call.num_seqs, key.num_kv_heads, key.max_seq_len, num_sms, self.programs_per_sm, self.whole_context_max,
+            self.max_partition,
+        )  # fmt: skip
 
     @abc.abstractmethod
     def launch(self, call: DecodeCall, num_sms: int, partition_size: int, programs_per_head: int = 0) -> None:

@@ -228,6 +228,11 @@ class HipBackend(SplitKvBackend):
     max_qlen = 16
     needs_alignment = True
     programs_per_sm = PROGRAMS_PER_SM
+    # 2048-token partitions (a 2048-token context whole, no reduce) where they still give
+    # every SM a CTA: 0.88-1.00x the time of 1024 (geomean 0.964) on the 70 uniform calls of
+    # 4-256 sequences whose partition it changed (bf16 and fp8, H100, RESULTS.md section 37);
+    # the ragged batches 0.98-1.03x, where 4096 would cost up to 1.40x
+    max_partition = 2048
     balanced_programs_per_sm = BALANCED_CTAS_PER_SM
     # 8-bit caches: static 1024-token partitions took 0.985x the balanced schedule's time on
     # uniform 2048/8192-token batches (0.927 .. 1.021) and 0.963x on the ragged ones, once the
