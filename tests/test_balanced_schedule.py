@@ -241,6 +241,33 @@ def test_static_partition_size(num_seqs, kv_heads, max_len, whole_max, max_parti
     assert base.split_kv_partition_size(num_seqs, kv_heads, max_len, 132, 1, whole_max, max_partition) == expected
 
 
+@pytest.mark.parametrize("cfg", CONFIGS, ids=_id)
+@pytest.mark.parametrize("backend", ["hip", "triton"])
+def test_static_schedule_at_its_longest_partition(device, backend, cfg, monkeypatch):
+    """The public call on a 4-SM device: partitions grow to the backend's cap (hip 2048,
+    Triton 1024 tokens), so sequences at and around it are written whole or merged by the
+    reduce from a scratch of 256-token slots."""
+    monkeypatch.setenv("PA_HYBRID_SPLIT_SCHEDULE", "static")
+    monkeypatch.setattr(base, "sm_count", lambda *_: 4)
+    kv, q, gqa, qlen, hs, bs, scales = cfg
+    lens = [0, 1, 1023, 1025, 2047, 2048, 2049, 4100]
+    case = make_decode_case(
+        lens, num_heads=2 * gqa, num_kv_heads=2, head_size=hs, block_size=bs, kv_dtype=kv, q_dtype=q,
+        max_qlen=qlen, scales=scales, strided_q=True, device=device,
+    )  # fmt: skip
+    skip_if_unsupported(backend, case)
+    instance, ran = {"hip": HIP, "triton": TRITON}[backend], []
+    launch = type(instance).launch
+    monkeypatch.setattr(instance, "launch", lambda call, *schedule: ran.append(schedule) or launch(instance, call, *schedule))
+    rows, num_heads, _ = case["Q"].shape
+    _, scratch = _guarded_scratch(rows, num_heads, hs, case["max_seq_len"], device)
+    out = torch.full_like(case["Q"], float("nan"))
+    paged_attention_common(exp_sums=scratch[0], max_logits=scratch[1], tmp_out=scratch[2], out_=out, backend=backend, **case)
+    assert ran == [(4, instance.max_partition)]
+    tol = 3e-2 * (2 if kv.itemsize == 1 else 1)
+    torch.testing.assert_close(out.float(), reference_paged_attention(**case), rtol=tol, atol=tol)
+
+
 def test_triton_and_hip_partition_caps():
     # a 2048-token context: both walk it whole once 64 x 4 programs fill the SMs
     case = make_decode_case([2048] * 64, num_heads=16, num_kv_heads=4, head_size=128, device="cpu")
