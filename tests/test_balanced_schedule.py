@@ -230,7 +230,7 @@ def test_pieces_fit_the_scratch_and_own_distinct_slots():
         (128, 1, 2048, 1024, 2048, 1024),  # the same under a longer cap
         (64, 4, 1500, 2048, 1024, 2048),  # a ragged batch whose longest context fits
         (256, 1, 16384, 2048, 1024, 1024),  # longer contexts keep the cap (ragged batches, RESULTS 7)
-        (256, 1, 16384, 1024, 2048, 2048),  # ... a longer one too
+        (256, 1, 16384, 1024, 2048, 2048),  # ... or a longer cap
         (16, 4, 32768, 1024, 2048, 2048),  # 64 x 16 programs: still >= 132 at 2048
         (2, 4, 32768, 1024, 2048, 1024),  # 8 x 16 programs at 2048 would leave SMs idle
         (32, 8, 512, 1024, 1024, 512),  # a short context fits the cap anyway
@@ -260,10 +260,12 @@ def test_static_schedule_at_its_longest_partition(device, backend, cfg, monkeypa
     launch = type(instance).launch
     monkeypatch.setattr(instance, "launch", lambda call, *schedule: ran.append(schedule) or launch(instance, call, *schedule))
     rows, num_heads, _ = case["Q"].shape
-    _, scratch = _guarded_scratch(rows, num_heads, hs, case["max_seq_len"], device)
+    full, scratch = _guarded_scratch(rows, num_heads, hs, case["max_seq_len"], device)
     out = torch.full_like(case["Q"], float("nan"))
     paged_attention_common(exp_sums=scratch[0], max_logits=scratch[1], tmp_out=scratch[2], out_=out, backend=backend, **case)
     assert ran == [(4, instance.max_partition)]
+    for t in full:
+        assert t[:, :, -1].isnan().all(), "a partial was written past the scratch callers allocate"
     tol = 3e-2 * (2 if kv.itemsize == 1 else 1)
     torch.testing.assert_close(out.float(), reference_paged_attention(**case), rtol=tol, atol=tol)
 
