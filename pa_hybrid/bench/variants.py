@@ -69,9 +69,11 @@ def variant_call(kwargs: dict, variant: Variant):
     return call
 
 
-def compare_variants(args: argparse.Namespace, variants: dict, meta: dict | None = None) -> list:
+def compare_variants(args: argparse.Namespace, variants: dict, meta: dict | None = None, inputs: dict | None = None) -> list:
     """Check and time every variant of ``variants`` (name -> :data:`Variant`) on the cases
-    ``args`` selects; print one line per case and write ``args.json`` (with ``meta``)."""
+    ``args`` selects; print one line per case and write ``args.json`` (with ``meta``).
+    ``inputs`` (name -> function of the call's arguments) gives a variant its own
+    arguments: the same problem stored otherwise, with an output of its own."""
     bandwidth = measure_read_bandwidth()
     print(f"read bandwidth {bandwidth / 1e12:.3f} TB/s; % of the floor per variant", flush=True)
     print(f"{'case':42s} " + " ".join(f"{name:>14s}" for name in variants), flush=True)
@@ -89,8 +91,9 @@ def compare_variants(args: argparse.Namespace, variants: dict, meta: dict | None
         )  # fmt: skip
         checked = {}
         for name, variant in variants.items():
+            own = (inputs or {}).get(name, lambda same: same)(kwargs)
             checked[name] = _check_call(
-                replace(template, backend=name), variant_call(kwargs, variant), kwargs["out_"], ref,
+                replace(template, backend=name), variant_call(own, variant), own["out_"], ref,
                 query_rows(case, sampled), tolerance_for(spec.kv_dtype),
             )  # fmt: skip
         timings = timer({name: call for name, (_, call) in checked.items() if call is not None})
@@ -106,7 +109,7 @@ def compare_variants(args: argparse.Namespace, variants: dict, meta: dict | None
             cells.append(f"{100 * floor_us / timing.median_us:14.1f}")
         print(f"{spec.label:42s} " + " ".join(cells), flush=True)
         rows.append(row)
-        del case, kwargs, ref, checked
+        del case, kwargs, own, ref, checked
         gc.collect()
         torch.cuda.empty_cache()
     if args.json:
