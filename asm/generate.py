@@ -23,6 +23,9 @@ HERE = Path(__file__).resolve().parent
 HEAD = 128  # head size
 BS = 16  # tokens per cache block
 Q_STRIDE = HEAD + 8  # query row pitch in shared memory (elements): the pad spreads ldmatrix rows over banks
+SM_SHARED_BYTES = 228 * 1024  # sm_90: shared memory per SM
+CTA_RESERVED_SHARED_BYTES = 1024  # of it, reserved by the system per resident CTA
+MAX_THREADS_PER_SM = 2048
 O_STRIDE = HEAD + 4  # merge row pitch (floats)
 NEG_INF = "0fFF800000"
 REF_FLOOR = "0f0D800000"  # 2^-100: the least largest weight of a row (8-bit kernels)
@@ -68,7 +71,7 @@ class Variant:
     q: str  # "bf16" | "f16"
     kv: str  # "bf16" | "f16" | "e4m3" | "s8"
     row_tiles: int  # 16-row MMA tiles of query rows (gqa * max_qlen <= 16 * row_tiles)
-    warps: int  # 16-bit: 4 (2 CTAs per SM) or 8 (1 per SM); 8-bit: 8 (2 CTAs per SM)
+    warps: int  # 16-bit: 4 (2 CTAs per SM) or 8 (1 per SM); 8-bit 16 rows: 4 (4 per SM) or 8 (2 per SM)
 
     @property
     def threads(self) -> int:
@@ -125,6 +128,19 @@ class Variant:
         return self.q_bytes + max(self.ring_bytes, self.merge_bytes)
 
     @property
+    def ctas_per_sm(self) -> int:
+        """CTAs that fit one SM's shared memory (228 KB on sm_90, 1 KB of it reserved per CTA)."""
+        return min(SM_SHARED_BYTES // (self.smem_bytes + CTA_RESERVED_SHARED_BYTES), MAX_THREADS_PER_SM // self.threads)
+
+    @property
+    def register_capped(self) -> bool:
+        """Whether the PTX asks ptxas for registers that let ``ctas_per_sm`` CTAs fit
+        (.minnctapersm). The 4-warp 8-bit kernels need it (fp16 queries over int8 took 138
+        registers without it: 3 CTAs per SM, not 4); the others fit without it, and the
+        directive changes ptxas's schedule, so they keep the code they were measured with."""
+        return self.eight_bit and self.warps == 4
+
+    @property
     def name(self) -> str:
         return f"pa_decode_q{self.q}_kv{self.kv}_rows{self.rows}_w{self.warps}"
 
@@ -138,7 +154,9 @@ VARIANTS = [
     for q in ("bf16", "f16")
     for kv in (q, "e4m3", "s8")
     for tiles in (1, 2)
-    for warps in ((4, 8) if kv == q else (8,))  # 8-bit: 8 warps measured faster on every grid
+    # 8-bit caches: 4 warps only for 16 rows (the 32-row kernels need 240 registers, so 4
+    # warps would leave 8 per SM)
+    for warps in ((4, 8) if kv == q or tiles == 1 else (8,))
 ]
 
 
@@ -264,6 +282,7 @@ class Kernel:
             f"    .param .align 8 .b8 args[{ARGS_BYTES}]",
             ")",
             f".maxntid {v.threads}, 1, 1",
+            *([f".minnctapersm {v.ctas_per_sm}"] if v.register_capped else []),
             "{",
             "    .reg .pred %p<8>;",
         ]
