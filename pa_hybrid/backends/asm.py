@@ -122,11 +122,24 @@ def manifest() -> tuple[AsmKernel, ...]:
     return tuple(sorted(kernels, key=lambda k: (k.max_rows, k.threads)))
 
 
+EIGHT_BIT_FOUR_WARPS_MAX_LEN = 1024
+"""8-bit caches run 4-warp CTAs (4 per SM) up to this ``max_seq_len`` on grids of at least
+one CTA per SM. Measured on the H100 (RESULTS.md section 38, 4 against 8 warps, same 16 warps
+per SM): 512-token calls 0.95-0.96x the time at 256-512 CTAs and 0.99x at 1024 and more;
+2048-token calls 1.00x; 8192 tokens and mixed lengths up to 1.01x and 1.27x (a long context's
+CTA walks with half the warps), fewer CTAs than SMs up to 1.43x. 1024 lies between the
+measured 512 and 2048."""
+
+
 def prefers_four_warps(key: CallKey, ctas: int, num_sms: int) -> bool:
     """16-bit caches with fewer CTAs than SMs run 4-warp CTAs (2-3% faster there on the
-    H100); larger grids, mixed lengths and every 8-bit cache run 8 warps (up to 14 points
-    of the floor faster). Measured: benchmarks/RESULTS.md, "asm: 4 or 8 warps"."""
-    return not key.kv_is_8bit and ctas < num_sms
+    H100); larger grids and mixed lengths run 8 warps (up to 14 points of the floor faster).
+    8-bit caches run 4 warps on short contexts with at least one CTA per SM
+    (:data:`EIGHT_BIT_FOUR_WARPS_MAX_LEN`), else 8. Measured: benchmarks/RESULTS.md, "asm: 4
+    or 8 warps" (section 9) and section 38."""
+    if key.kv_is_8bit:
+        return key.max_seq_len <= EIGHT_BIT_FOUR_WARPS_MAX_LEN and ctas >= num_sms
+    return ctas < num_sms
 
 
 @functools.lru_cache(maxsize=4096)
