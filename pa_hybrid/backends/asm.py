@@ -122,24 +122,26 @@ def manifest() -> tuple[AsmKernel, ...]:
     return tuple(sorted(kernels, key=lambda k: (k.max_rows, k.threads)))
 
 
-EIGHT_BIT_FOUR_WARPS_MAX_LEN = 1024
-"""8-bit caches run 4-warp CTAs (4 per SM) up to this ``max_seq_len`` on grids of at least
-one CTA per SM. Measured on the H100 (RESULTS.md section 38, 4 against 8 warps, same 16 warps
-per SM): 512-token calls 0.95-0.96x the time at 256-512 CTAs and 0.99x at 1024 and more;
-2048-token calls 1.00x; 8192 tokens and mixed lengths up to 1.01x and 1.27x (a long context's
-CTA walks with half the warps), fewer CTAs than SMs up to 1.43x. 1024 lies between the
-measured 512 and 2048."""
+FOUR_WARPS_MAX_LEN = 2048
+"""Longest ``max_seq_len`` that runs 4-warp CTAs (16-bit: 2 per SM, 8-bit: 4 per SM) instead of
+8-warp ones (16-bit: 1 per SM, 8-bit: 2), on grids of at least :data:`FOUR_WARPS_MIN_CTAS_PER_SM`.
+Measured on the H100 (RESULTS.md section 38, 4 against 8 warps, time ratio): 16-bit 512-token
+calls of 33 to 512 CTAs 0.93-1.00x, of 1024+ CTAs 0.99x; 2048-token calls 0.96-1.00x; longer
+contexts 0.95-1.01x, so no rule gains there, and mixed lengths (a long context's CTA walking
+with half the warps) 1.01-1.21x. 8-bit: 512 tokens 0.93-0.99x from 128 CTAs on, 2048 tokens
+0.98-1.02x, 8192 tokens 0.99-1.02x, mixed lengths 1.04-1.27x."""
+
+FOUR_WARPS_MIN_CTAS_PER_SM = {False: 0.25, True: 0.5}
+"""By ``kv_is_8bit``: the fewest CTAs per SM for 4-warp CTAs. Below, one 8-warp CTA per SM
+keeps twice the copies in flight: 16-bit calls of at most 32 CTAs took 1.14-1.20x the time with
+4 warps at 2048 tokens (0.98-1.05x at 512), 8-bit 64-CTA ones 1.16x at 2048 tokens (RESULTS.md
+section 38)."""
 
 
 def prefers_four_warps(key: CallKey, ctas: int, num_sms: int) -> bool:
-    """16-bit caches with fewer CTAs than SMs run 4-warp CTAs (2-3% faster there on the
-    H100); larger grids and mixed lengths run 8 warps (up to 14 points of the floor faster).
-    8-bit caches run 4 warps on short contexts with at least one CTA per SM
-    (:data:`EIGHT_BIT_FOUR_WARPS_MAX_LEN`), else 8. Measured: benchmarks/RESULTS.md, "asm: 4
-    or 8 warps" (section 9) and section 38."""
-    if key.kv_is_8bit:
-        return key.max_seq_len <= EIGHT_BIT_FOUR_WARPS_MAX_LEN and ctas >= num_sms
-    return ctas < num_sms
+    """Whether the call runs 4-warp CTAs: contexts of at most :data:`FOUR_WARPS_MAX_LEN` tokens
+    on grids of at least :data:`FOUR_WARPS_MIN_CTAS_PER_SM` CTAs per SM; 8 warps otherwise."""
+    return key.max_seq_len <= FOUR_WARPS_MAX_LEN and ctas >= FOUR_WARPS_MIN_CTAS_PER_SM[key.kv_is_8bit] * num_sms
 
 
 @functools.lru_cache(maxsize=4096)
