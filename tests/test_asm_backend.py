@@ -172,18 +172,19 @@ def test_supports_states_what_the_kernels_cover():
 @pytest.mark.parametrize(
     "change,ctas,entry",
     [
-        # 4 warps for contexts of at most 2048 tokens on grids of at least 1/4 (16-bit) or
-        # 1/2 (8-bit) CTA per SM; 8 for longer contexts and for smaller grids
+        # 4 warps on grids of at least 1/4 (16-bit) or 1/2 (8-bit) CTA per SM and fewer than
+        # one per SM, or more with contexts of at most 2048 tokens; 8 warps otherwise
         (dict(), 1024, "pa_decode_qbf16_kvbf16_rows16_w8"),
         (dict(max_seq_len=2048), 1024, "pa_decode_qbf16_kvbf16_rows16_w4"),
         (dict(max_seq_len=512), 33, "pa_decode_qbf16_kvbf16_rows16_w4"),
         (dict(max_seq_len=512), 32, "pa_decode_qbf16_kvbf16_rows16_w8"),
-        (dict(max_seq_len=2049), 128, "pa_decode_qbf16_kvbf16_rows16_w8"),
+        (dict(max_seq_len=2049), 132, "pa_decode_qbf16_kvbf16_rows16_w8"),
+        (dict(max_seq_len=32768), 131, "pa_decode_qbf16_kvbf16_rows16_w4"),
         (dict(), None, "pa_decode_qbf16_kvbf16_rows16_w8"),
         (dict(gqa=16, max_seq_len=512), 1024, "pa_decode_qbf16_kvbf16_rows16_w4"),
         (dict(gqa=8, max_qlen=2, max_seq_len=512), 100, "pa_decode_qbf16_kvbf16_rows16_w4"),
         (dict(gqa=5, max_qlen=4, max_seq_len=512), 64, "pa_decode_qbf16_kvbf16_rows32_w4"),
-        (dict(gqa=5, max_qlen=4), 64, "pa_decode_qbf16_kvbf16_rows32_w8"),
+        (dict(gqa=5, max_qlen=4), 256, "pa_decode_qbf16_kvbf16_rows32_w8"),
         (dict(q_dtype=torch.float16, kv_dtype=torch.int8, scales="per_token"), 64, "pa_decode_qf16_kvs8_rows16_w8"),
         (dict(kv_dtype=torch.float8_e4m3fn, scales="per_tensor", max_seq_len=512), 66, "pa_decode_qbf16_kve4m3_rows16_w4"),
         (dict(kv_dtype=torch.int8, scales="per_token", max_seq_len=2048), 132, "pa_decode_qbf16_kvs8_rows16_w4"),

@@ -122,26 +122,30 @@ def manifest() -> tuple[AsmKernel, ...]:
     return tuple(sorted(kernels, key=lambda k: (k.max_rows, k.threads)))
 
 
-FOUR_WARPS_MAX_LEN = 2048
-"""Longest ``max_seq_len`` that runs 4-warp CTAs (16-bit: 2 per SM, 8-bit: 4 per SM) instead of
-8-warp ones (16-bit: 1 per SM, 8-bit: 2), on grids of at least :data:`FOUR_WARPS_MIN_CTAS_PER_SM`.
-Measured on the H100 (RESULTS.md section 38, 4 against 8 warps, time ratio): 16-bit 512-token
-calls of 33 to 512 CTAs 0.93-1.00x, of 1024+ CTAs 0.99x; 2048-token calls 0.96-1.00x; longer
-contexts 0.95-1.01x, so no rule gains there, and mixed lengths (a long context's CTA walking
-with half the warps) 1.01-1.21x. 8-bit: 512 tokens 0.93-0.99x from 128 CTAs on, 2048 tokens
-0.98-1.02x, 8192 tokens 0.99-1.02x, mixed lengths 1.04-1.27x."""
-
 FOUR_WARPS_MIN_CTAS_PER_SM = {False: 0.25, True: 0.5}
-"""By ``kv_is_8bit``: the fewest CTAs per SM for 4-warp CTAs. Below, one 8-warp CTA per SM
-keeps twice the copies in flight: 16-bit calls of at most 32 CTAs took 1.14-1.20x the time with
-4 warps at 2048 tokens (0.98-1.05x at 512), 8-bit 64-CTA ones 1.16x at 2048 tokens (RESULTS.md
-section 38)."""
+"""By ``kv_is_8bit``: the fewest CTAs per SM for 4-warp CTAs (16-bit: 2 per SM, 8-bit: 4 per
+SM) instead of 8-warp ones (16-bit: 1 per SM, 8-bit: 2). Below, one 8-warp CTA per SM keeps
+twice the copies in flight: 16-bit calls of at most 32 CTAs took 1.14-1.20x the time with 4
+warps at 2048 tokens and 1.27-1.47x from 8192 on, 8-bit 64-CTA ones 1.16x at 2048 tokens
+(H100, RESULTS.md section 38)."""
+
+FOUR_WARPS_MAX_LEN = 2048
+"""Longest ``max_seq_len`` that runs 4-warp CTAs on grids of at least one CTA per SM. Measured
+(H100, RESULTS.md section 38, 4 against 8 warps, time ratio): 16-bit 512-token calls of 256
+to 512 CTAs 0.93-0.98x, of 1024+ CTAs 0.99x; 2048-token calls 0.96-1.00x; longer contexts
+0.99-1.01x, and mixed lengths (a long context's CTA walking with half the warps) 1.01-1.21x.
+8-bit: 512 tokens 0.93-0.99x, 2048 tokens 0.98-1.02x, longer and mixed 1.00-1.27x. On
+smaller grids 4 warps are as fast or faster at every length (16-bit 64 CTAs: 0.95x)."""
 
 
 def prefers_four_warps(key: CallKey, ctas: int, num_sms: int) -> bool:
-    """Whether the call runs 4-warp CTAs: contexts of at most :data:`FOUR_WARPS_MAX_LEN` tokens
-    on grids of at least :data:`FOUR_WARPS_MIN_CTAS_PER_SM` CTAs per SM; 8 warps otherwise."""
-    return key.max_seq_len <= FOUR_WARPS_MAX_LEN and ctas >= FOUR_WARPS_MIN_CTAS_PER_SM[key.kv_is_8bit] * num_sms
+    """Whether the call runs 4-warp CTAs: on grids of at least :data:`FOUR_WARPS_MIN_CTAS_PER_SM`
+    CTAs per SM and fewer than one per SM, or more with contexts of at most
+    :data:`FOUR_WARPS_MAX_LEN` tokens; 8 warps otherwise (the rule within 0.1-0.2% of the
+    faster width per call over the grid's 144 measured calls, 2.2% at worst)."""
+    if ctas < FOUR_WARPS_MIN_CTAS_PER_SM[key.kv_is_8bit] * num_sms:
+        return False
+    return ctas < num_sms or key.max_seq_len <= FOUR_WARPS_MAX_LEN
 
 
 @functools.lru_cache(maxsize=4096)
