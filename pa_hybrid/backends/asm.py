@@ -136,7 +136,7 @@ to 512 CTAs 0.93-0.98x, of 1024+ CTAs 0.99x; 2048-token calls 0.96-1.00x; longer
 0.99-1.01x, and mixed lengths (a long context's CTA walking with half the warps) 1.01-1.21x.
 8-bit: 512 tokens 0.93-0.99x, 2048 tokens 0.98-1.02x, longer and mixed 1.00-1.27x. Between
 :data:`FOUR_WARPS_MIN_CTAS_PER_SM` and one CTA per SM, 4 warps are as fast or faster at every
-length (16-bit 64 CTAs: 0.95-1.00x, 128 CTAs: 0.99-1.01x)."""
+length (16-bit 64 CTAs: 0.95-1.00x, 128 CTAs: 0.98-1.01x)."""
 
 
 def prefers_four_warps(key: CallKey, ctas: int, num_sms: int) -> bool:
