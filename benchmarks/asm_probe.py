@@ -36,7 +36,7 @@ for (name, kw), w in itertools.product(cases, (4, 8)):
         kn = f"pa_decode_q{SHORT[case['Q'].dtype]}_kv{SHORT[kw.get('kv_dtype', torch.bfloat16)]}_rows{rows}_w{w}"
         name = f"{name} w{w}"
         if kn not in ENTRIES:
-            continue  # 8-bit caches have 8-warp kernels only
+            continue  # no such width for these dtypes and rows (8-bit 32-row kernels: 8 warps only)
         out = torch.full_like(case["Q"], float("nan"))
         paged_attention_common(exp_sums=None, max_logits=None, tmp_out=None, out_=out, backend="asm", kernelName=kn, **case)
         torch.cuda.synchronize()
