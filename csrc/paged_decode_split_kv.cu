@@ -83,10 +83,14 @@ struct SplitKvParams {
   int stream_evict_first;  // 1: read K/V under an L2 evict-first policy, 0: the normal one
 };
 
+// The merge's floats per row of O: the pad of 8 puts the rows that a warp's lanes store
+// (8 rows, 4 dim pairs each) on distinct banks; unpadded, its stores were 8-way conflicts.
+constexpr int merge_stride(int head) { return head + 8; }
+
 // A CTA's shared memory: 16 query rows (padded), then each warp's ring, which the merge
-// reuses for O, max and sum per warp and row, and each row's output offset.
+// reuses for O, max and sum per warp and row.
 constexpr int split_kv_smem_bytes(int warps, int ring_per_warp, int head) {
-  const int q = 16 * (head + 8) * 2, ring = warps * ring_per_warp, merge = warps * 16 * (head + 2) * 4 + 16 * 8;
+  const int q = 16 * (head + 8) * 2, ring = warps * ring_per_warp, merge = warps * 16 * (merge_stride(head) + 2) * 4;
   return q + (ring > merge ? ring : merge);
 }
 constexpr int split_kv_fit_warps(int warps, int ring_per_warp, int head) {
@@ -107,6 +111,7 @@ struct SplitKvConfig {  // restated by hip.py's kernel_config; the same test che
   static constexpr int STAGES = !ASYNC_COPIES ? 1 : 2 * KV_TILE <= 8192 ? 3 : 2;
   static constexpr int Q_STRIDE = HEAD + 8;  // elements; the pad spreads ldmatrix rows over banks
   static constexpr int Q_BYTES = 16 * Q_STRIDE * 2;  // as split_kv_smem_bytes counts it
+  static constexpr int MERGE_STRIDE = merge_stride(HEAD);
   // 2 CTAs per SM within sm_90's 227 KB: fewer warps for big tiles (WIDE: one CTA, twice
   // the warps); then halved while the tiles exceed one CTA's shared memory (gfx942: 64 KB).
   static constexpr int WARPS = split_kv_fit_warps((2 * KV_TILE >= 32768 ? 2 : 4) * (WIDE ? 2 : 1), STAGES * STAGE, HEAD);
@@ -243,21 +248,25 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
 
   // The query rows of the group go to shared memory in the first copy group, behind the
   // first K/V copies (rows past ROWS are zero-filled); loaded one after another, 16 rows
-  // cost 16 memory round trips. 4-byte copies: Q rows need only be 4-byte aligned.
+  // cost 16 memory round trips. 4-byte copies: Q rows need only be 4-byte aligned. Each
+  // thread copies words of one row, so the row's source is worked out once (per word, the
+  // division by the run-time gqa made the copy loop a fifth of a small call's instructions).
   // Copy groups: one per ring stage, committed by every thread (empty or not), so stage j
   // is complete once at most STAGES - 1 newer groups are pending.
+  constexpr int Q_WORDS = HEAD / 2, Q_ROW_THREADS = C::THREADS / 16;
+  static_assert(C::THREADS % 16 == 0 && Q_WORDS % Q_ROW_THREADS == 0, "threads per query row");
+  const int q_row = threadIdx.x / Q_ROW_THREADS, q_new = q_row / gqa;
+  const bool q_valid = q_row < rows && q_new < num_new;
+  const qt* q_src = static_cast<const qt*>(p.q);
+  if (q_valid) q_src += (first_row + q_new) * p.stride_q_row + (kv_head * gqa + q_row % gqa) * p.stride_q_head;
 #pragma unroll
   for (int j = 0; j < C::STAGES; ++j) {
     if (j < mine) issue(j, first_blocks[j]);
     if (j == 0) {
-      constexpr int Q_WORDS = HEAD / 2;
-      for (int idx = threadIdx.x; idx < 16 * Q_WORDS; idx += C::THREADS) {
-        const int m = idx / Q_WORDS, w = idx % Q_WORDS, i = m / gqa;
-        const bool valid = m < rows && i < num_new;
-        const qt* q = static_cast<const qt*>(p.q);
-        if (valid) q += (first_row + i) * p.stride_q_row + (kv_head * gqa + m % gqa) * p.stride_q_head + 2 * w;
-        const int slot = C::PERMUTED_K ? q_word_slot(w) : w;
-        cp_async_4_or_zero(q_s + m * C::Q_STRIDE + 2 * slot, q, valid);
+#pragma unroll
+      for (int k = 0; k < Q_WORDS / Q_ROW_THREADS; ++k) {  // (a zero-filled row reads nothing of Q's first row)
+        const int w = threadIdx.x % Q_ROW_THREADS + k * Q_ROW_THREADS, slot = C::PERMUTED_K ? q_word_slot(w) : w;
+        cp_async_4_or_zero(q_s + q_row * C::Q_STRIDE + 2 * slot, q_src + 2 * w, q_valid);
       }
     }
     cp_async_commit();
@@ -445,10 +454,9 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
   sum1 += shfl_xor(sum1, 1);
   sum1 += shfl_xor(sum1, 2);
   __syncthreads();  // the ring is free: reuse it
-  float* merge_o = reinterpret_cast<float*>(ring);  // [WARPS][16][HEAD]
-  float* merge_max = merge_o + C::WARPS * 16 * HEAD;  // [WARPS][16]
+  float* merge_o = reinterpret_cast<float*>(ring);                     // [WARPS][16][MERGE_STRIDE]
+  float* merge_max = merge_o + C::WARPS * 16 * C::MERGE_STRIDE;  // [WARPS][16]
   float* merge_sum = merge_max + C::WARPS * 16;
-  i64* row_offset = reinterpret_cast<i64*>(merge_sum + C::WARPS * 16);  // [16], -1: row not stored
   if (lane % 4 == 0) {
     merge_max[warp * 16 + row0] = max0;
     merge_max[warp * 16 + row1] = max1;
@@ -459,8 +467,8 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
 #pragma unroll
   for (int dt = 0; dt < HEAD / 8; ++dt) {
     const int d = dt * 8 + (lane % 4) * 2;
-    float* r0 = merge_o + (warp * 16 + row0) * HEAD + d;
-    float* r1 = merge_o + (warp * 16 + row1) * HEAD + d;
+    float* r0 = merge_o + (warp * 16 + row0) * C::MERGE_STRIDE + d;
+    float* r1 = merge_o + (warp * 16 + row1) * C::MERGE_STRIDE + d;
     r0[0] = o[dt][0] * o_unit;
     r0[1] = o[dt][1] * o_unit;
     r1[0] = o[dt][2] * o_unit;
@@ -468,51 +476,46 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
   }
   __syncthreads();
 
-  // per row: the merged max and sum, the partial stats, each warp's weight
-  // exp2(max_w - max) / sum (with the V scale), written over merge_max, and where the row goes
-  if (threadIdx.x < 16) {
-    const int m = threadIdx.x, i = m / gqa;
-    const i64 row = first_row + i;
-    const int head = kv_head * gqa + m % gqa;
-    row_offset[m] = m >= rows || i >= num_new ? -1
-                    : write_out ? row * p.stride_out_row + head * p.stride_out_head
-                                  : row * p.stride_tmp_row + head * p.stride_tmp_head + part * p.stride_tmp_part;
+  // Each thread merges dims of the query row it copied in: it works out the row's merged max
+  // and sum and each warp's weight exp2(max_w - max) / sum (with the V scale) itself, so no
+  // thread waits at a barrier while 16 others do it (that wait was 7% of a small call).
+  if (!q_valid) return;
+  float row_max = PA_NEG_INF;
+#pragma unroll
+  for (int w = 0; w < C::WARPS; ++w) row_max = fmaxf(row_max, merge_max[w * 16 + q_row]);
+  const float shift = row_max == PA_NEG_INF ? 0.f : row_max;
+  float weight[C::WARPS], total = 0.f;
+#pragma unroll
+  for (int w = 0; w < C::WARPS; ++w) {
+    weight[w] = fast_exp2(merge_max[w * 16 + q_row] - shift);
+    total += merge_sum[w * 16 + q_row] * weight[w];
   }
-  if (threadIdx.x < rows) {
-    const int m = threadIdx.x, i = m / gqa;
-    float row_max = PA_NEG_INF;
-#pragma unroll
-    for (int w = 0; w < C::WARPS; ++w) row_max = fmaxf(row_max, merge_max[w * 16 + m]);
-    const float shift = row_max == PA_NEG_INF ? 0.f : row_max;
-    float total = 0.f;
-#pragma unroll
-    for (int w = 0; w < C::WARPS; ++w) total += merge_sum[w * 16 + m] * fast_exp2(merge_max[w * 16 + m] - shift);
-    // total >= 1 for a row that saw a token here; rows that saw none stay 0
-    const float norm = v_scale / fmaxf(total, 1e-30f);
-#pragma unroll
-    for (int w = 0; w < C::WARPS; ++w) merge_max[w * 16 + m] = fast_exp2(merge_max[w * 16 + m] - shift) * norm;
-    if (!write_out && i < num_new) {
-      const i64 e = (first_row + i) * p.stride_es_row + (kv_head * gqa + m % gqa) * p.stride_es_head + part;
-      p.exp_sums[e] = total;
-      p.max_logits[e] = row_max * LN2;  // natural-log units, as the partial format says
-    }
+  // total >= 1 for a row that saw a token here; rows that saw none stay 0
+  const float norm = v_scale / fmaxf(total, 1e-30f);
+  const i64 row = first_row + q_new;
+  const int head = kv_head * gqa + q_row % gqa;
+  if (!write_out && threadIdx.x % Q_ROW_THREADS == 0) {
+    const i64 e = row * p.stride_es_row + head * p.stride_es_head + part;
+    p.exp_sums[e] = total;
+    p.max_logits[e] = row_max * LN2;  // natural-log units, as the partial format says
   }
-  __syncthreads();
+  const i64 base = write_out ? row * p.stride_out_row + head * p.stride_out_head
+                             : row * p.stride_tmp_row + head * p.stride_tmp_head + part * p.stride_tmp_part;
   // two dims per step: float2 reads of the partial O, one 4-byte store of out (its rows are
   // 4-byte aligned); tmp_out (any caller's scratch) is stored one element at a time
-  const float* merge_weight = merge_max;
-  for (int idx = threadIdx.x; idx < rows * HEAD / 2; idx += C::THREADS) {
-    const int m = idx / (HEAD / 2), d = 2 * (idx % (HEAD / 2));
-    if (row_offset[m] < 0) continue;  // the row is not stored
-    const i64 at = row_offset[m] + d;
+#pragma unroll
+  for (int k = 0; k < Q_WORDS / Q_ROW_THREADS; ++k) {
+    const int d = 2 * (threadIdx.x % Q_ROW_THREADS + k * Q_ROW_THREADS);
     float r0 = 0.f, r1 = 0.f;
 #pragma unroll
     for (int w = 0; w < C::WARPS; ++w) {
-      const float2 part_o = *reinterpret_cast<const float2*>(merge_o + (w * 16 + m) * HEAD + d);
-      const float weight = merge_weight[w * 16 + m];
-      r0 += part_o.x * weight;
-      r1 += part_o.y * weight;
+      const float2 part_o = *reinterpret_cast<const float2*>(merge_o + (w * 16 + q_row) * C::MERGE_STRIDE + d);
+      r0 += part_o.x * weight[w];
+      r1 += part_o.y * weight[w];
     }
+    r0 *= norm;
+    r1 *= norm;
+    const i64 at = base + d;
     if (write_out) {
       *reinterpret_cast<typename Q::t2*>(static_cast<qt*>(p.out) + at) = Q::from_floats(r0, r1);
     } else if (p.tmp_kind == 0) {

@@ -125,7 +125,7 @@ def kernel_config(head_size: int, block_size: int, kv_bytes: int, wide: bool = F
     stages = (3 if 2 * kv_tile <= 8192 else 2) if target.async_copies else 1
 
     def smem_bytes(warps: int) -> int:
-        merge = warps * 16 * (head_size + 2) * 4 + 16 * 8  # + each row's output offset
+        merge = warps * 16 * (head_size + 8 + 2) * 4  # O rows padded by 8 floats, then max and sum
         return 16 * (head_size + 8) * 2 + max(warps * stages * stage, merge)
 
     warps = (2 if 2 * kv_tile >= 32768 else 4) * (2 if wide else 1)
