@@ -26,7 +26,7 @@ Q_STRIDE = HEAD + 8  # query row pitch in shared memory (elements): the pad spre
 SM_SHARED_BYTES = 228 * 1024  # sm_90: shared memory per SM
 CTA_RESERVED_SHARED_BYTES = 1024  # of it, reserved by the system per resident CTA
 MAX_THREADS_PER_SM = 2048
-O_STRIDE = HEAD + 4  # merge row pitch (floats)
+O_STRIDE = HEAD + 8  # merge row pitch (floats): the 8 rows x 4 dim pairs a warp stores per step on distinct banks
 NEG_INF = "0fFF800000"
 REF_FLOOR = "0f0D800000"  # 2^-100: the least largest weight of a row (8-bit kernels)
 
@@ -136,9 +136,11 @@ class Variant:
     def register_capped(self) -> bool:
         """Whether the PTX asks ptxas for registers that let ``ctas_per_sm`` CTAs fit
         (.minnctapersm). The 4-warp 8-bit kernels need it (fp16 queries over int8 took 138
-        registers without it: 3 CTAs per SM, not 4); the others fit without it, and the
-        directive changes ptxas's schedule, so they keep the code they were measured with."""
-        return self.eight_bit and self.warps == 4
+        registers without it: 3 CTAs per SM, not 4). The others fit without it, but the
+        directive changes ptxas's schedule: the 8-warp e4m3 kernels' took 0.97x the time on
+        20-100 us fp8 calls and up to 0.92x on long contexts of few CTAs (H100, RESULTS.md
+        section 39); the rest keep the code they were measured with."""
+        return self.eight_bit and (self.warps == 4 or (self.kv == "e4m3" and self.rows == 16))
 
     @property
     def name(self) -> str:
