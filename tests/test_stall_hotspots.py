@@ -1,5 +1,7 @@
 """benchmarks/stall_hotspots.py on a source-page CSV laid out as Nsight Compute writes it."""
 
+import gzip
+
 import pytest
 
 from conftest import load_script
@@ -68,3 +70,23 @@ def test_older_csv_has_no_reasons_or_excess(script, tmp_path):
     path = tmp_path / "sass.csv"
     path.write_text(CSV)
     assert script.stall_reasons(str(path)) == {} and script.shared_excess(str(path)) == []
+
+
+def test_regions_sum_runs_of_instructions_in_program_order(script, tmp_path, capsys):
+    path = tmp_path / "sass.csv"
+    path.write_text(CSV_WITH_REASONS)
+    found = script.regions(str(path), 2)
+    assert [(start, samples, first) for start, samples, _, _, first in found] == [
+        (0, 80, "LDGSTS.E.BYPASS.128 desc[UR16][R14.64], !P2, [R91]"),
+        (2, 20, "@P0 STS.128 [R204+UR5+0x100], R92"),
+    ]
+    assert found[0][3] == {"long_sb": 60, "wait": 20}  # not the Not-Issued copy
+    assert found[0][2] == 0  # no "Instructions Executed" column
+    path = tmp_path / "sass.csv.gz"
+    with gzip.open(path, "wt") as f:  # as benchmarks/data keeps them
+        f.write(CSV)
+    assert [most for _, _, most, _, _ in script.regions(str(path), 3)] == [8192, 4096]
+    assert script.main([str(path), "--top", "1", "--regions", "3"]) == 0
+    assert "x8192" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="at least 1"):
+        script.regions(str(path), 0)
