@@ -10,7 +10,8 @@ Calibrated by the same pair of 4-byte fills (the cost of a graph's second node).
 
 A case is MODEL:NUM_SEQS:CTX:KV of the grid. Prints, per case and backend, microseconds:
 the call alone, what a second call on other data adds, what one on the same data adds,
-and the fill alone and what a second fill adds. ``--json`` keeps every median.
+and the fill alone and what a second fill adds, after the GPU's read bandwidth (measured
+first, for the record). ``--json`` keeps every median.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 from pa_hybrid import paged_attention_common
 from pa_hybrid.bench.decode import _call_kwargs, enumerate_cases, load_workload
-from pa_hybrid.bench.timing import InterleavedTimer
+from pa_hybrid.bench.timing import InterleavedTimer, measure_read_bandwidth
 
 
 def case_spec(workload: dict, text: str):
@@ -68,6 +69,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     workload = load_workload(args.workload)
     timer = InterleavedTimer(samples=args.samples)
+    bandwidth = measure_read_bandwidth()
+    print(f"read bandwidth {bandwidth / 1e12:.3f} TB/s")
     found = []
     print(f"{'case':34s} {'backend':8s} {'alone':>7s} {'+other':>7s} {'+same':>7s} {'fill':>6s} {'+fill':>6s}  (us, medians)")
     for text in args.cases:
@@ -83,7 +86,7 @@ def main(argv=None) -> None:
             )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(found, f, indent=1)
+            json.dump({"read_bandwidth": bandwidth, "rows": found}, f, indent=1)
 
 
 if __name__ == "__main__":
