@@ -18,7 +18,7 @@ import torch
 
 import pa_hybrid
 from pa_hybrid.bench.decode import _call_kwargs, add_grid_options, enumerate_cases, load_workload, split_grid_options
-from pa_hybrid.bench.timing import InterleavedTimer
+from pa_hybrid.bench.timing import InterleavedTimer, configure_allocator
 
 FLAG = "PA_HYBRID_DEPENDENT_LAUNCH"
 
@@ -46,6 +46,7 @@ def main(argv=None) -> int:
     add_grid_options(p, "default: hip triton")
     p.add_argument("--samples", type=int, default=40)
     args = split_grid_options(p.parse_args(argv))
+    configure_allocator()
     cases = enumerate_cases(load_workload(args.workload), models=args.models, kv_dtypes=args.kv_dtypes,
                             num_seqs=args.num_seqs, ctx=args.ctx)  # fmt: skip
     device = torch.device("cuda", torch.cuda.current_device())

@@ -23,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from pa_hybrid.api import paged_attention_common
 from pa_hybrid.bench.decode import _call_kwargs, decode_bytes
-from pa_hybrid.bench.timing import FLUSH_BYTES, measure_read_bandwidth
+from pa_hybrid.bench.timing import FLUSH_BYTES, configure_allocator, measure_read_bandwidth
 from pa_hybrid.bench.variants import add_case_options, selected_cases
 
 
@@ -55,6 +55,7 @@ def main(argv=None) -> None:
     add_case_options(parser, num_seqs=(256,), ctx=("8192", "mixed"))
     parser.add_argument("--backends", nargs="+", default=["hip", "triton", "asm"])
     args = parser.parse_args(argv)
+    configure_allocator()
     bandwidth = measure_read_bandwidth()
     print(f"read bandwidth {bandwidth / 1e12:.3f} TB/s; per kernel: mean us per call (launches per call)")
     for spec in selected_cases(args):

@@ -13,7 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from pa_hybrid.bench.timing import FLUSH_BYTES, _interleaved_samples, capture_graph, measure_read_bandwidth, streaming_reads
+from pa_hybrid.bench.timing import (
+    FLUSH_BYTES, _interleaved_samples, capture_graph, configure_allocator, measure_read_bandwidth, streaming_reads,
+)
 
 
 @triton.jit
@@ -49,6 +51,7 @@ def gather_kernel(src, table, out, CHUNK: tl.constexpr, ROWS: tl.constexpr, STEP
 
 def main():
     torch.manual_seed(0)
+    configure_allocator()
     bw = measure_read_bandwidth()
     print(f"read bandwidth {bw / 1e12:.3f} TB/s")
     dirty_buf = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")

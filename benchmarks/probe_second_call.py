@@ -23,7 +23,7 @@ import torch
 
 from pa_hybrid import paged_attention_common
 from pa_hybrid.bench.decode import _call_kwargs, enumerate_cases, load_workload
-from pa_hybrid.bench.timing import InterleavedTimer, measure_read_bandwidth
+from pa_hybrid.bench.timing import InterleavedTimer, configure_allocator, measure_read_bandwidth
 
 
 def case_spec(workload: dict, text: str):
@@ -67,6 +67,7 @@ def main(argv=None) -> None:
     p.add_argument("--samples", type=int, default=30)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    configure_allocator()
     workload = load_workload(args.workload)
     timer = InterleavedTimer(samples=args.samples)
     bandwidth = measure_read_bandwidth()

@@ -19,6 +19,7 @@ import torch
 
 import pa_hybrid
 from pa_hybrid.bench.decode import _call_kwargs, enumerate_cases, load_workload
+from pa_hybrid.bench.timing import configure_allocator
 from bench_triton_tiles import decode_tile, tile_name  # the script's own folder
 
 
@@ -32,6 +33,7 @@ def main() -> None:
     p.add_argument("--workload", default=None)
     p.add_argument("--triton-tile", type=tile_name, default=None, help="TOKENSxWARPSxSTAGES of Triton's stage 1")
     args = p.parse_args()
+    configure_allocator()  # the benchmark's placement of the case's tensors
     specs = enumerate_cases(
         load_workload(args.workload), models=[args.model], kv_dtypes=[args.kv], num_seqs=[args.num_seqs], ctx=[args.ctx]
     )

@@ -138,6 +138,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("pa_hybrid.tune needs a CUDA GPU: there is nothing to measure on this machine.", file=sys.stderr)
         return 2
+    allocator_conf = timing.configure_allocator()
     workload = decode.load_workload(args.workload)
     try:
         extra = shape_models(args.shapes)
@@ -163,7 +164,8 @@ def main(argv=None) -> int:
         return 2
     gpu = torch.cuda.get_device_name(device)
     capability = torch.cuda.get_device_capability(device)
-    print(f"{gpu} (sm_{capability[0]}{capability[1]}): {len(cases)} cases x {', '.join(backends)}, median of {args.samples}")
+    print(f"{gpu} (sm_{capability[0]}{capability[1]}): {len(cases)} cases x {', '.join(backends)}, median of {args.samples}; "
+          f"allocator {allocator_conf!r}")  # fmt: skip
 
     timer = timing.InterleavedTimer(graphs=True, samples=args.samples, warmup=args.warmup)
     try:

@@ -245,6 +245,45 @@ def test_read_bandwidth_by_config_times_each_checked_read(monkeypatch):
         timing.read_bandwidth_by_config(DEVICE, 100, configs=configs)
 
 
+def test_configure_allocator_asks_for_expandable_segments_unless_the_caller_chose(monkeypatch):
+    from pa_hybrid.bench import timing
+
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "")  # restored after the test
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    assert timing.configure_allocator() == "expandable_segments:True"
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "garbage_collection_threshold:0.6")
+    assert timing.configure_allocator() == "garbage_collection_threshold:0.6"
+
+
+@pytest.mark.parametrize(
+    "segments, expected",
+    [([], None), ([{"is_expandable": True}] * 2, True), ([{"is_expandable": True}, {"is_expandable": False}], False),
+     ([{"total_size": 1}], None)],
+)  # fmt: skip
+def test_expandable_segments_in_use_reads_the_snapshot(monkeypatch, segments, expected):
+    from pa_hybrid.bench import timing
+
+    monkeypatch.setattr(timing.torch.cuda, "memory_snapshot", lambda: segments)
+    assert timing.expandable_segments_in_use() is expected
+
+
+@requires_gpu
+def test_configure_allocator_takes_effect_after_the_package_is_imported():
+    # a fresh process, as `python -m pa_hybrid.bench` is: torch is imported, CUDA not yet used
+    code = (
+        "import os, torch, pa_hybrid\n"
+        "from pa_hybrid.bench import timing\n"
+        "timing.configure_allocator()\n"
+        "x = torch.empty(64 << 20, dtype=torch.uint8, device='cuda')\n"
+        "print(timing.expandable_segments_in_use())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == "True"
+
+
 def _case_results(model, ctx, times, chosen):
     """Timed results of one case: ``times`` {backend: us}, "auto" choosing ``chosen``."""
     base = dict(model=model, kv="bf16", num_seqs=4, ctx=ctx, mbytes=1.0, floor_bytes=1000, floor_us=1.0, status="ok")
@@ -320,8 +359,9 @@ def test_module_entry_point_turns_on_the_interpreter():
 
 
 @requires_gpu
-def test_main_on_gpu_two_cases(tmp_path):
+def test_main_on_gpu_two_cases(tmp_path, monkeypatch):
     _api_or_skip()
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # main's own; not left behind
     workload = tmp_path / "workload.json"
     workload.write_text(json.dumps(SMALL_WORKLOAD))
     argv = ["--workload", str(workload), "--models", "a", "--num-seqs", "4", "--ctx", "512"]
@@ -334,6 +374,8 @@ def test_main_on_gpu_two_cases(tmp_path):
     assert all(r["status"] in ("ok", "n/a") for r in rows)
     assert all(float(r["us"]) > float(r["floor_us"]) for r in rows if r["status"] == "ok")
     assert all(float(r["pct_of_read"]) > 0 for r in rows if r["status"] == "ok" and r["backend"] != "read")
+    (json_path,) = tmp_path.glob("decode-*.json")
+    assert json.loads(json_path.read_text())["allocator"]["conf"] == "expandable_segments:True"
 
 
 @requires_gpu

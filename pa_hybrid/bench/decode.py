@@ -843,6 +843,7 @@ def main(argv=None) -> int:
 
     from . import timing
 
+    allocator_conf = timing.configure_allocator()
     workload = load_workload(args.workload)
     if args.quick:
         args.models = args.models or [next(iter(workload["models"]))]
@@ -876,10 +877,12 @@ def main(argv=None) -> int:
     gpu = torch.cuda.get_device_name(device)
     table, _ = policy_for(device.type, device.index)
     dispatch_table = table.source if table is not None else None
+    expandable = timing.expandable_segments_in_use()
     print(
         f"{gpu}: read bandwidth {read_bandwidth / 1e12:.3f} TB/s "
         f"(best streaming-read kernel over {args.bandwidth_gb:g} GiB); "
-        f"auto dispatches by {dispatch_table or 'the fallback rule (no dispatch table for this GPU)'}"
+        f"auto dispatches by {dispatch_table or 'the fallback rule (no dispatch table for this GPU)'}; "
+        f"allocator {allocator_conf!r} (expandable segments: {expandable})"
     )
     print(f"{len(cases)} cases x backends {', '.join(backends)}"
           + (f" and peers {', '.join(p.name for p in peers)}" if peers else "")
@@ -940,6 +943,7 @@ def main(argv=None) -> int:
         workload=str(Path(args.workload) if args.workload else DEFAULT_WORKLOAD),
         timing=dict(method=args.timing, samples=args.samples, warmup=args.warmup, flush_bytes=timing.FLUSH_BYTES),
         read_bandwidth_bytes_per_s=read_bandwidth,
+        allocator=dict(conf=allocator_conf, expandable_segments=expandable),
         dispatch_table=dispatch_table,
         read_bandwidth_by_config=bandwidth_by_config,
         tolerance=dict(kv_16bit=TOLERANCE_16BIT, kv_8bit=TOLERANCE_8BIT, checked_sequences=CHECKED_SEQUENCES,

@@ -14,6 +14,8 @@
   overhead included), for comparison.
 * :class:`InterleavedTimer`: several calls of one problem timed in alternation
   (graph or eager), so drift over a run does not favour one of them.
+* :func:`configure_allocator`: the CUDA caching allocator's settings for a timing
+  run (memory mapped in 2 MB granules), set before the run's first allocation.
 
 All of these need a CUDA device.
 """
@@ -21,12 +23,23 @@ All of these need a CUDA device.
 from __future__ import annotations
 
 import functools
+import os
 import statistics
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+ALLOCATOR_CONF = "expandable_segments:True"
+"""``PYTORCH_CUDA_ALLOC_CONF`` of every timing run that does not set its own. With the default
+allocator, where a case's tensors land depends on what the process allocated and freed before,
+and some placements read slower: on an H100 the same 537 MB streaming read took 184.7 us or
+209.5 us (no L2 flush: 174 or 203 us), and a case built right after one of tens of GB took
+12-14% longer for every kernel and for its read row alike (llama3-8b bf16 256x512, the case
+after the grid's 17 GB one). Expandable segments map memory in 2 MB granules: 184.4-185.0 us
+in every allocator state tried (benchmarks/RESULTS.md section 40). Engines allocate their KV
+cache once, not after freeing tens of GB, so the benchmark times kernels in the fast placement."""
 
 FLUSH_BYTES = 256 << 20
 """Bytes overwritten before each sample: several times the L2 of current GPUs (50 MB on an H100)."""
@@ -81,6 +94,21 @@ class Timing:
     @property
     def min_us(self) -> float:
         return min(self.samples_us)
+
+
+def configure_allocator() -> str:
+    """Give the CUDA caching allocator :data:`ALLOCATOR_CONF` unless ``PYTORCH_CUDA_ALLOC_CONF``
+    is set; returns the setting in effect. Call it before the process's first CUDA
+    allocation: torch reads the variable when its allocator starts."""
+    return os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOCATOR_CONF)
+
+
+def expandable_segments_in_use() -> bool | None:
+    """Whether the allocator's segments are expandable (None: no segment yet, or this
+    torch does not say), from its memory snapshot: what :func:`configure_allocator` asked
+    for, checked."""
+    flags = {segment.get("is_expandable") for segment in torch.cuda.memory_snapshot()}
+    return None if not flags or None in flags else all(flags)
 
 
 def read_bandwidth_by_config(

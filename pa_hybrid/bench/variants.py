@@ -35,7 +35,7 @@ from .decode import (
     spread_indices,
     tolerance_for,
 )
-from .timing import InterleavedTimer, measure_read_bandwidth
+from .timing import InterleavedTimer, configure_allocator, measure_read_bandwidth
 
 Variant = tuple[str, Callable[[], contextlib.AbstractContextManager]]
 """(backend, setting): ``setting()`` is entered around every call of the variant."""
@@ -74,8 +74,9 @@ def compare_variants(args: argparse.Namespace, variants: dict, meta: dict | None
     ``args`` selects; print one line per case and write ``args.json`` (with ``meta``).
     ``inputs`` (name -> function of the call's arguments) gives a variant its own
     arguments: the same problem stored otherwise, with an output of its own."""
+    allocator_conf = configure_allocator()
     bandwidth = measure_read_bandwidth()
-    print(f"read bandwidth {bandwidth / 1e12:.3f} TB/s; % of the floor per variant", flush=True)
+    print(f"read bandwidth {bandwidth / 1e12:.3f} TB/s; allocator {allocator_conf!r}; % of the floor per variant", flush=True)
     print(f"{'case':42s} " + " ".join(f"{name:>14s}" for name in variants), flush=True)
     timer = InterleavedTimer(samples=args.samples)
     rows = []
@@ -114,5 +115,5 @@ def compare_variants(args: argparse.Namespace, variants: dict, meta: dict | None
         torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(read_bandwidth=bandwidth, **(meta or {}), rows=rows), f, indent=1)
+            json.dump(dict(read_bandwidth=bandwidth, allocator=allocator_conf, **(meta or {}), rows=rows), f, indent=1)
     return rows
