@@ -6,19 +6,7 @@ import json
 import pytest
 
 from conftest import REPO_ROOT, load_script
-
-
-WORKLOAD = {
-    "head_size": 64,
-    "block_size": 16,
-    "query_dtype": "bfloat16",
-    "models": {"one-head": {"num_heads": 16, "num_kv_heads": 1}},
-    "kv_dtypes": ["bfloat16"],
-    "num_seqs": [1, 2],
-    "context_lens": [100, 300],
-    "max_tokens_per_case": 600,
-    "mixed_lengths": {"num_seqs": 2, "min_len": 16, "max_len": 300, "seed": 0},
-}
+from test_probe_second_call import WORKLOAD  # a one-kv-head grid at test sizes
 
 
 @pytest.fixture(scope="module")
