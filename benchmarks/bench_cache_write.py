@@ -153,6 +153,9 @@ def main(argv=None):
         print("bench_cache_write: needs a CUDA GPU (none found); nothing measured.")
         return 0
 
+    from pa_hybrid.bench.timing import configure_allocator
+
+    configure_allocator()
     bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: device copy bandwidth {bw / 1e9:.0f} GB/s (read + written)")
     print(f"{args.tokens} tokens x {args.heads} kv heads x {args.head_size} dims, block size {args.block_size}")
