@@ -248,12 +248,17 @@ def test_read_bandwidth_by_config_times_each_checked_read(monkeypatch):
 def test_configure_allocator_asks_for_expandable_segments_unless_the_caller_chose(monkeypatch):
     from pa_hybrid.bench import timing
 
-    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "")  # restored after the test
-    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+        monkeypatch.setenv(name, "")  # restored after the test
+        monkeypatch.delenv(name)
     assert timing.configure_allocator() == "expandable_segments:True"
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "garbage_collection_threshold:0.6")
     assert timing.configure_allocator() == "garbage_collection_threshold:0.6"
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "expandable_segments:False")  # the newer name counts too
+    assert timing.configure_allocator() == "expandable_segments:False"
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
 
 
 @pytest.mark.parametrize(
@@ -278,7 +283,7 @@ def test_configure_allocator_takes_effect_after_the_package_is_imported():
         "x = torch.empty(64 << 20, dtype=torch.uint8, device='cuda')\n"
         "print(timing.expandable_segments_in_use())\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[-1] == "True"

@@ -96,11 +96,19 @@ class Timing:
         return min(self.samples_us)
 
 
+ALLOCATOR_ENV = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+"""The variables torch reads its allocator's settings from (the first is the newer, device-generic name)."""
+
+
 def configure_allocator() -> str:
-    """Give the CUDA caching allocator :data:`ALLOCATOR_CONF` unless ``PYTORCH_CUDA_ALLOC_CONF``
-    is set; returns the setting in effect. Call it before the process's first CUDA
-    allocation: torch reads the variable when its allocator starts."""
-    return os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", ALLOCATOR_CONF)
+    """Give the CUDA caching allocator :data:`ALLOCATOR_CONF` unless the caller set either of
+    :data:`ALLOCATOR_ENV`; returns the setting in effect. Call it before the process's first
+    CUDA allocation: torch reads the variables when its allocator starts."""
+    for name in ALLOCATOR_ENV:
+        if os.environ.get(name):
+            return os.environ[name]
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ALLOCATOR_CONF
+    return ALLOCATOR_CONF
 
 
 def expandable_segments_in_use() -> bool | None:
