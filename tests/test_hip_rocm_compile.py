@@ -87,6 +87,7 @@ SIMULATED_VARIANTS = [  # (q dtype, kv dtype, head, block, wide, scales, gqa, ql
     (torch.bfloat16, torch.bfloat16, 128, 16, False, "none", 16, 1, 1.0),
     (torch.float16, torch.float8_e4m3fn, 64, 32, True, "per_token", 5, 3, 2.0**-12),
     (torch.bfloat16, torch.int8, 128, 16, False, "per_tensor", 3, 1, 1.0),
+    (torch.float16, torch.int8, 64, 32, False, "per_token", 4, 1, 1.0),  # int8 K rows of n-tiles 2 and 3
     (torch.bfloat16, torch.float8_e4m3fn, 128, 16, False, "per_token", 8, 2, 1.0),
 ]
 
