@@ -503,14 +503,20 @@ class Kernel:
             p(f"add.s64 {base}, {base}, {lane16}")
             self.bases[name] = (base, self.arg(name + "_block_bytes"))
         # the lane's destination inside a stage: K chunk (dim chunk c, token tok) of a 16-bit
-        # cache lands as stored; of an 8-bit cache on row k_ring_slot(tok) of its chunk (see
-        # the header: bank-conflict free for these copies and for ldmatrix)
+        # cache lands as stored; for 8-bit caches token tok lands on row 8 * (tok / 2 % 2) +
+        # 2 * (tok / 4) + tok % 2 so that each n-tile's (permuted) tokens are 8 adjacent rows
         self.lane_tok = self.tmp("u32", "lane_token")  # the token of every K chunk this lane copies
         p(f"and.b32 {self.lane_tok}, {self.lane}, 15")
         self.k_dst = self.tmp("u32", "k_dst_lane")
         if v.eight_bit:
             t, row = self.tmp("u32", "kd_t"), self.tmp("u32", "kd_row")
-            self.k_ring_slot(row, self.lane_tok, t)
+            p(f"bfe.u32 {row}, {self.lane_tok}, 1, 1")
+            p(f"shl.b32 {row}, {row}, 3")
+            p(f"shr.u32 {t}, {self.lane_tok}, 2")
+            p(f"shl.b32 {t}, {t}, 1")
+            p(f"add.u32 {row}, {row}, {t}")
+            p(f"and.b32 {t}, {self.lane_tok}, 1")
+            p(f"add.u32 {row}, {row}, {t}")
             p(f"shr.u32 {t}, {self.lane}, 4")  # dim chunk of this lane's first K copy
             p(f"shl.b32 {t}, {t}, 4")
             p(f"add.u32 {row}, {row}, {t}")
@@ -719,12 +725,9 @@ class Kernel:
         p(f"and.b32 {row}, {self.lane}, 7")
         self.k_lds, self.v_lds = self.tmp("u32", "k_ldsm_lane"), self.tmp("u32", "v_ldsm_lane")
         if v.eight_bit:
-            # K: matrix mat = (k-step ks + mat / 2, n-tile nt = mat % 2): its row `row` is ring
-            # row 8 nt + (row ^ 4 nt) of chunk ks + mat / 2 (the placement of k_ring_slot)
+            # K: matrix mat = (k-step ks + mat / 2, n-tile mat % 2): row 8 * (mat % 2) + row of chunk ks + mat / 2
             p(f"and.b32 {t}, {mat}, 1")
-            p(f"shl.b32 {t}, {t}, 2")
-            p(f"xor.b32 {self.k_lds}, {row}, {t}")
-            p(f"mad.lo.u32 {self.k_lds}, {t}, 2, {self.k_lds}")
+            p(f"mad.lo.u32 {self.k_lds}, {t}, 8, {row}")
             p(f"shr.u32 {t}, {mat}, 1")
             p(f"mad.lo.u32 {self.k_lds}, {t}, 16, {self.k_lds}")
             p(f"shl.b32 {self.k_lds}, {self.k_lds}, 4")
@@ -750,19 +753,6 @@ class Kernel:
         # 8-bit -> 4 quad_col + 2 nt + e
         self.col_token = self.tmp("s32", "col_token_lane")
         p(f"shl.b32 {self.col_token}, {self.quad_col}, {2 if v.eight_bit else 1}")
-
-    def k_ring_slot(self, dst: str, tok: str, scratch: str):
-        """8-bit caches: ``dst`` = the ring row of token ``tok`` (0..15) in its K chunk: with
-        n-tile nt = tok / 2 % 2 and its column g = 2 (tok / 4) + tok % 2, row 8 nt + (g ^ 4 nt)."""
-        p = self.p
-        p(f"shr.u32 {dst}, {tok}, 2")  # g
-        p(f"shl.b32 {dst}, {dst}, 1")
-        p(f"and.b32 {scratch}, {tok}, 1")
-        p(f"add.u32 {dst}, {dst}, {scratch}")
-        p(f"bfe.u32 {scratch}, {tok}, 1, 1")  # nt
-        p(f"shl.b32 {scratch}, {scratch}, 2")
-        p(f"xor.b32 {dst}, {dst}, {scratch}")
-        p(f"mad.lo.u32 {dst}, {scratch}, 2, {dst}")
 
     def column_offset(self, nt: int, e: int) -> int:
         return (2 * nt + e) if self.v.eight_bit else (8 * nt + e)
@@ -1077,12 +1067,11 @@ Layouts feed ldmatrix without transposes:
   hold elements 4t, 4t+1 and slots (2t+8, 2t+9) hold 4t+2, 4t+3. The same permutation
   is applied to the other operand: Q's dims within each 16-dim chunk are stored
   permuted in shared memory, and K's tokens are placed so that S's n-tile 0 columns
-  (2t, 2t+1) are tokens 4t, 4t+1 and n-tile 1's are 4t+2, 4t+3: n-tile nt's tokens fill
-  rows 8 nt .. 8 nt + 7 of their chunk, column g on row 8 nt + (g ^ 4 nt) (k_ring_slot).
-  So the 8 rows of one ldmatrix matrix are on 8 distinct bank groups, and so are the 8
-  tokens of a 128-byte line of the cache that one copy writes (with column g on row
-  8 nt + g, every K copy took 4x its shared-memory wavefronts: rows 8 apart share
-  banks). P's A fragments then match V's B fragments.
+  (2t, 2t+1) are tokens 4t, 4t+1 and n-tile 1's are 4t+2, 4t+3 (token tok is copied to
+  row 8 (tok/2 % 2) + 2 (tok/4) + tok % 2 of its chunk: each n-tile's rows are adjacent,
+  so ldmatrix is free of bank conflicts; the K copies are not, at 4x their ideal
+  shared-memory wavefronts, but a placement free of both was no faster: RESULTS.md
+  section 41). P's A fragments then match V's B fragments.
   Scales: per-token (K_QScale_asm/V_QScale_asm [num_blocks, num_kv_heads, 16] fp32) or
   per-tensor (per_token_scales = 0: K's scale multiplies the logit scale, V's the final
   weights). high_precision 0, 1 and 2 all run this kernel: nothing is computed in

@@ -125,25 +125,11 @@ struct SplitKvConfig {  // restated by hip.py's kernel_config; the same test che
   static_assert(SMEM_BYTES <= SMEM_PER_CTA, "more shared memory than one CTA may have");
 };
 
-// int8 caches: S's column pair (2t, 2t+1) of n-tile 2h + s holds tokens 16 h + 4t + 2s and
-// +1 (column_token in decode_span), so B fragment column g (lane / 4) of n-tile nt is token:
-constexpr int b_token(int nt, int g) { return (nt / 2) * 16 + 4 * (g / 2) + 2 * (nt % 2) + g % 2; }
-// The ring row of token u of a K tile's dim chunk: n-tile nt's tokens fill rows nt * 8 ..
-// nt * 8 + 7, column g on row nt * 8 + (g ^ 4 (nt % 2)). So the 8 rows an n-tile's fragments
-// read are on 8 distinct bank groups, and so are the 8 tokens of a 128-byte line of the
-// cache that one copy writes (with column g on row nt * 8 + g, those copies took 4x their
-// shared-memory wavefronts: rows 8 apart share banks).
-constexpr int k_ring_row(int u) {
-  const int s = (u >> 1) & 1;
-  return (u & ~15) + 8 * s + ((2 * ((u & 15) >> 2) + (u & 1)) ^ (4 * s));
-}
-constexpr bool k_rows_as_read() {
-  for (int nt = 0; nt < 4; ++nt)
-    for (int g = 0; g < 8; ++g)
-      if (k_ring_row(b_token(nt, g)) != nt * 8 + (g ^ (4 * (nt % 2)))) return false;
-  return true;
-}
-static_assert(k_rows_as_read(), "decode_span reads column g of n-tile nt from row nt * 8 + (g ^ 4 (nt % 2))");
+// int8 caches: the ring row of token u of a K tile's dim chunk (rows of a 16-token group
+// stay in the group), so that column pair (2t, 2t+1) of S's n-tile 2h + s holds tokens
+// 16 h + 4t + 2s and +1 (column_token in decode_span). The copies of a 128-byte line then
+// write rows 8 apart, which share banks; rows free of that conflict were no faster (RESULTS 41).
+constexpr int k_ring_row(int u) { return (u & ~15) + 8 * ((u >> 1) & 1) + 2 * ((u & 15) >> 2) + (u & 1); }
 // int8 caches: the shared-memory word (2 dims) of the query's word w (dims 2w, 2w + 1): in
 // each 16-dim chunk, dims 4t, 4t+1 go to word t and dims 4t+2, 4t+3 to word 4 + t.
 constexpr int q_word_slot(int w) { return (w & ~7) + ((w & 1) ? 4 : 0) + ((w & 7) >> 1); }
@@ -349,8 +335,7 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
       } else {
 #pragma unroll
         for (int nt = 0; nt < C::NT; ++nt) {
-          const int g = lane / 4, token_row = nt * 8 + (C::PERMUTED_K ? g ^ (4 * (nt % 2)) : g);  // k_ring_row
-          const unsigned char* row = ks + (kstep * BS + token_row) * 16;
+          const unsigned char* row = ks + (kstep * BS + nt * 8 + lane / 4) * 16;
           unsigned b0, b1;
           widened_pair<C, KV_KIND, IS_BF16>(row, lane, b0, b1);
           mma_16816<IS_BF16>(s[nt], a, b0, b1);
