@@ -89,7 +89,6 @@ PA_DEVICE void allow_dependent_launch() {
 template <int N> PA_DEVICE void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 PA_DEVICE float shfl_xor(float v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
-PA_DEVICE unsigned shfl(unsigned v, int src_lane) { return __shfl_sync(0xffffffffu, v, src_lane); }
 PA_DEVICE void warp_sync() { __syncwarp(); }
 PA_DEVICE float fast_exp2(float x) { return exp2f(x); }
 

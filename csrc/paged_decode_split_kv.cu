@@ -190,14 +190,6 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
     const int idx = block_begin + warp + j * C::WARPS;
     first_blocks[j] = idx < p.table_width ? table[idx] : 0;
   }
-  // The entries of the blocks after those, 32 at a time: lane l holds that of the warp's
-  // block 32 c + l of chunk c, read a chunk ahead, so that a ring stage's refill waits on no
-  // load of its own (its table entry was a quarter of the 8-bit kernel's stall samples).
-  auto table_chunk = [&](int c) {
-    const int idx = block_begin + warp + (32 * c + lane) * C::WARPS;
-    return idx < p.table_width ? table[idx] : 0;
-  };
-  int entries = table_chunk(0);
   // decided here, after the table reads are on their way (they are in bounds either way)
   if (skip_empty && start >= end) return;
 
@@ -223,7 +215,6 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
   // ---- phase 1: this warp's blocks through its cp.async ring ----
   const int num_blocks = (end + BS - 1) / BS - block_begin;
   const int mine = warp < num_blocks ? (num_blocks - warp + C::WARPS - 1) / C::WARPS : 0;
-  int entries_ahead = mine > 32 ? table_chunk(1) : 0;
   unsigned char* my_ring = ring + warp * C::STAGES * C::STAGE;
   const unsigned char* k_head = static_cast<const unsigned char*>(p.k) + kv_head * p.stride_k_head * C::KV_BYTES;
   const unsigned char* v_head = static_cast<const unsigned char*>(p.v) + kv_head * p.stride_v_head * C::KV_BYTES;
@@ -446,13 +437,7 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
     }
     warp_sync();  // every lane is done with this stage before it is refilled
     const int next = j + C::STAGES;
-    if (next < mine) {  // (uniform in the warp)
-      if (next % 32 == 0) {
-        entries = entries_ahead;
-        if (next + 32 < mine) entries_ahead = table_chunk(next / 32 + 1);
-      }
-      issue(next, int(shfl(unsigned(entries), next % 32)));
-    }
+    if (next < mine) issue(next, table[block_begin + warp + next * C::WARPS]);
     cp_async_commit();
   }
   cp_async_wait<0>();
