@@ -126,9 +126,10 @@ class DecodeCase:
             max_seq_len=max(self.context_lens),
         )
 
-    def build(self, device, seed: int = 0) -> dict:
+    def build(self, device, seed: int = 0, scales: str = "per_token") -> dict:
         """The keyword arguments of ``paged_attention_common`` on random data (8-bit
-        caches with per-token scales, the layout the asm kernels serve)."""
+        caches with per-token scales, the layout the asm kernels serve, unless ``scales``
+        says otherwise: see ``make_decode_case``)."""
         return make_decode_case(
             list(self.context_lens),
             num_heads=self.num_heads,
@@ -137,7 +138,7 @@ class DecodeCase:
             block_size=self.block_size,
             q_dtype=self.q_dtype,
             kv_dtype=self.kv_dtype,
-            scales="per_token",
+            scales=scales,
             device=device,
             seed=seed,
         )
