@@ -150,7 +150,8 @@ def use_wide_variant(
 ) -> bool:
     """The wide variant when the grid is tiny (at most one CTA per 16 SMs: the call is one
     CTA's latency) and its tiles fit. Measured on the H100 (RESULTS.md section 16): 0.4-0.9 us
-    faster with 2-8 CTAs, even at 16-32, slower from 64 on."""
+    faster with 2-8 CTAs, even at 16-32, slower from 64 on; up to one CTA per SM no faster
+    (section 39); on one-wave 8-bit grids of up to 2 CTAs per SM 4% slower (section 42)."""
     return 16 * ctas <= num_sms and wide_fits(head_size, block_size, kv_bytes, smem_per_cta, target)
 
 
