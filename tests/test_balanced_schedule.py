@@ -56,7 +56,7 @@ def _guarded_scratch(rows, num_heads, head_size, max_seq_len, device):
     return full, (full[0][..., :parts], full[1][..., :parts], full[2][..., :parts, :])
 
 
-SPLIT_KV = {"hip": HIP}
+SPLIT_KV = {"hip": HIP, "triton": TRITON}
 
 
 @pytest.mark.parametrize("reduce_min_programs", [reduce.REDUCE_MIN_PROGRAMS, 0], ids=["reduce-grid-wide", "reduce-heads-merged"])
@@ -182,20 +182,6 @@ def test_split_schedule_setting(monkeypatch, setting):
             base.split_schedule()
     else:
         assert base.split_schedule() == (setting or "auto")
-
-
-def test_triton_backend_stays_static(device, monkeypatch):
-    monkeypatch.setenv("PA_HYBRID_SPLIT_SCHEDULE", "balanced")
-    case = make_decode_case([40, 600, 0, 2000], num_heads=8, num_kv_heads=2, device=device)
-    skip_if_unsupported("triton", case)
-    ran = []
-    launch = type(TRITON).launch
-    monkeypatch.setattr(TRITON, "launch", lambda call, *schedule: ran.append(schedule) or launch(TRITON, call, *schedule))
-    out = paged_attention_common(exp_sums=None, max_logits=None, tmp_out=None, backend="triton", **case)
-    assert len(ran) == 1 and ran[0][2:] in ((), (0,))  # (num_sms, partition[, programs per head])
-    torch.testing.assert_close(out.float(), reference_paged_attention(**case), rtol=3e-2, atol=3e-2)
-    with pytest.raises(ValueError, match="triton: the balanced schedule is not offered"):
-        TRITON.launch(build_call(**dict(case, exp_sums=None, max_logits=None, tmp_out=None)), 132, PARTITION_SIZE, 4)
 
 
 def test_pieces_fit_the_scratch_and_own_distinct_slots():

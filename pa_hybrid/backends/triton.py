@@ -12,7 +12,7 @@ from ..call import SCALES_PER_TENSOR, SCALES_PER_TOKEN, DecodeCall
 from ..kernels.decode import SCALE_NONE, SCALE_PER_TENSOR, SCALE_PER_TOKEN, launch_paged_decode
 from ..kernels.reduce import launch_split_kv_reduce
 from ..layouts import KV_DTYPES, x_for
-from .base import SplitKvBackend, cuda_device_ok
+from .base import SplitKvBackend, cuda_device_ok, split_schedule
 
 PROGRAMS_PER_SM = 1
 """Measured on an H100 (benchmarks/RESULTS.md): 1 or 2 programs per SM were best for bulk
@@ -42,12 +42,14 @@ class TritonBackend(SplitKvBackend):
             return None
         return cuda_device_ok(device_index)
 
+    def offers_balanced(self, call: DecodeCall) -> bool:
+        return True
+
+    def balanced_programs(self, call: DecodeCall, num_sms: int, static_partition: int) -> int:
+        # an experiment: only when asked for (PA_HYBRID_SPLIT_SCHEDULE=balanced), never by auto
+        return super().balanced_programs(call, num_sms, static_partition) if split_schedule() == "balanced" else 0
+
     def launch(self, call: DecodeCall, num_sms: int, partition_size: int, programs_per_head: int = 0) -> None:
-        # only the static schedule: with the balanced one's loop around its tiles, 128-token
-        # tiles spilled under Triton 3.6 or 3.9, and the 64-token tiles that do not spill
-        # took 15-18% more time than the static schedule (H200, RESULTS.md section 20)
-        if programs_per_head:
-            raise ValueError(f"{self.name}: the balanced schedule is not offered (programs_per_head={programs_per_head})")
         key = call.key
         common = dict(
             scale=call.scale,
@@ -60,17 +62,17 @@ class TritonBackend(SplitKvBackend):
             gqa=key.gqa,
             num_sms=num_sms,
         )
-        split = partition_size < key.max_seq_len
+        split = programs_per_head > 0 or partition_size < key.max_seq_len
         exp_sums, max_logits, tmp_out = call.scratch() if split else (None, None, None)
         launch_paged_decode(
             call.out, exp_sums, max_logits, tmp_out, call.Q, call.K, call.V, call.k_scale, call.v_scale,
             _SCALE_KINDS.get(key.scales, SCALE_NONE), call.block_tables, call.context_lens, call.qo_indptr,
-            **common,
+            programs_per_head=programs_per_head, **common,
         )  # fmt: skip
         if split:
             launch_split_kv_reduce(
                 call.out, exp_sums, max_logits, tmp_out, call.context_lens, call.qo_indptr, key.max_qlen,
-                partition_size, key.max_seq_len, whole_written=True,
+                partition_size, key.max_seq_len, programs_per_head=programs_per_head, whole_written=True,
             )  # fmt: skip
 
 

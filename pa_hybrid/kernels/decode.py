@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .common import (
+    balanced_schedule,
     dot_dtype,
     k_tile_offset,
     nvidia_device,
@@ -150,6 +151,142 @@ def _decode_tile(
 
 
 @triton.jit
+def _decode_span(
+    out_ptr,
+    exp_sums_ptr,
+    max_logits_ptr,
+    tmp_out_ptr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
+    block_tables_ptr,
+    qo_indptr_ptr,
+    seq,
+    kv_head,
+    context_len,  # clamped to max_seq_len
+    start,  # the span: tokens [start, end) of the sequence, start a multiple of BLOCK_N
+    end,
+    part,  # its slot in the partials
+    whole,  # the span holds the sequence whole: it writes out, no partials
+    sm_scale_log2,
+    stride_q_row,
+    stride_q_head,
+    stride_out_row,
+    stride_out_head,
+    stride_es_row,
+    stride_es_head,
+    stride_tmp_row,
+    stride_tmp_head,
+    stride_tmp_part,
+    stride_k_block,
+    stride_k_head,
+    stride_v_block,
+    stride_v_head,
+    stride_scale_block,
+    stride_scale_head,
+    stride_bt_seq,
+    GQA: tl.constexpr,
+    MAX_QLEN: tl.constexpr,
+    M: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    X: tl.constexpr,
+    SCALES: tl.constexpr,
+    WRITE_OUT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    FP8_VIA_FP32: tl.constexpr,
+):
+    """One (sequence, kv head) span of stage 1: every query row of the group over tokens
+    ``[start, end)``, written to ``out`` (``whole``, or ``WRITE_OUT``) or as partial ``part``."""
+    m_idx = tl.arange(0, M)
+    new_tok = m_idx // GQA
+    head = kv_head * GQA + m_idx % GQA
+    if MAX_QLEN > 1:
+        first_row = tl.load(qo_indptr_ptr + seq)
+        num_new = tl.load(qo_indptr_ptr + seq + 1) - first_row
+        row_ok = new_tok < num_new
+        visible = tl.where(row_ok, visible_tokens(context_len, num_new, new_tok), 0)
+        row = first_row + new_tok
+    else:
+        row_ok = m_idx < GQA
+        visible = tl.where(row_ok, context_len, 0)
+        row = tl.zeros([M], dtype=tl.int32) + seq
+    row = row.to(tl.int64)
+    dim = tl.arange(0, HEAD_SIZE)
+    q = tl.load(
+        q_ptr + row[:, None] * stride_q_row + head[:, None] * stride_q_head + dim[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    ).to(DOT_DTYPE)
+
+    qk_scale = sm_scale_log2
+    if SCALES == 1:
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
+    k_head_ptr = k_ptr + kv_head.to(tl.int64) * stride_k_head
+    v_head_ptr = v_ptr + kv_head.to(tl.int64) * stride_v_head
+    k_scale_head_ptr = k_scale_ptr + kv_head * stride_scale_head
+    v_scale_head_ptr = v_scale_ptr + kv_head * stride_scale_head
+    block_ids_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
+
+    acc = tl.zeros([M, HEAD_SIZE], dtype=tl.float32)
+    row_max = tl.full([M], float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros([M], dtype=tl.float32)
+    # whole tiles first, without masks (so that they pipeline), then the ragged end
+    whole_end = start + (end - start) // BLOCK_N * BLOCK_N
+    block_id = _tile_block_ids(block_ids_ptr, start, end, BLOCK_SIZE, BLOCK_N)
+    v_unit = 1.0
+    if SCALES == 2 and DOT_DTYPE == tl.float16:  # see _decode_tile; 65504x past it would overflow
+        n = tl.arange(0, BLOCK_N)
+        first = tl.load(v_scale_head_ptr + block_id * stride_scale_block + n % BLOCK_SIZE, mask=start + n < end, other=0.0)
+        largest = tl.max(first, axis=0)
+        v_unit = tl.where(largest > 0, largest, 1.0)  # scales of 0 (an all-zero V): as if no unit
+    for tile_start in range(start, whole_end, BLOCK_N):
+        # the next tile's block ids are read a tile ahead
+        next_block_id = _tile_block_ids(block_ids_ptr, tile_start + BLOCK_N, end, BLOCK_SIZE, BLOCK_N)
+        acc, row_max, row_sum = _decode_tile(
+            q, acc, row_max, row_sum, v_unit, tile_start,
+            block_id, k_head_ptr, v_head_ptr, k_scale_head_ptr, v_scale_head_ptr,
+            stride_k_block, stride_v_block, stride_scale_block,
+            end, visible, qk_scale,
+            HEAD_SIZE, BLOCK_SIZE, BLOCK_N, X, SCALES, DOT_DTYPE, FP8_VIA_FP32, False,
+        )  # fmt: skip
+        block_id = next_block_id
+    # the ragged end as a plain branch: as a second loop, Triton pipelines it too, with its
+    # own buffers (55-88 KB of shared memory instead of 39-70: 2 programs per SM, not 3)
+    if whole_end < end:
+        acc, row_max, row_sum = _decode_tile(
+            q, acc, row_max, row_sum, v_unit, whole_end,
+            block_id, k_head_ptr, v_head_ptr, k_scale_head_ptr, v_scale_head_ptr,
+            stride_k_block, stride_v_block, stride_scale_block,
+            end, visible, qk_scale,
+            HEAD_SIZE, BLOCK_SIZE, BLOCK_N, X, SCALES, DOT_DTYPE, FP8_VIA_FP32, True,
+        )  # fmt: skip
+
+    if SCALES == 1:
+        acc = acc * tl.load(v_scale_ptr)
+    if SCALES == 2 and DOT_DTYPE == tl.float16:
+        acc = acc * v_unit
+    # row_sum >= 1 for a row that saw a token; rows that saw none stay 0
+    result = acc / tl.maximum(row_sum, 1e-30)[:, None]
+    # a sequence that this span holds whole goes to out; the reduce skips it
+    # (tl.where: the interpreter's stores reject a row mask `&` a scalar one)
+    to_out = row_ok if WRITE_OUT else tl.where(whole, row_ok, False)
+    if not WRITE_OUT:
+        to_partials = tl.where(whole, False, row_ok)
+        es_offs = row * stride_es_row + head * stride_es_head + part
+        tl.store(exp_sums_ptr + es_offs, row_sum, mask=to_partials)
+        # natural-log units, as the partial format says
+        tl.store(max_logits_ptr + es_offs, row_max / 1.4426950408889634, mask=to_partials)
+        t_offs = row[:, None] * stride_tmp_row + head[:, None] * stride_tmp_head + part * stride_tmp_part
+        tl.store(tmp_out_ptr + t_offs + dim[None, :], result.to(tmp_out_ptr.dtype.element_ty), mask=to_partials[:, None])
+    o_offs = row[:, None] * stride_out_row + head[:, None] * stride_out_head + dim[None, :]
+    tl.store(out_ptr + o_offs, result.to(out_ptr.dtype.element_ty), mask=to_out[:, None])
+
+
+@triton.jit
 def _paged_decode_kernel(
     out_ptr,  # [rows, num_heads, HEAD_SIZE]
     exp_sums_ptr,  # [rows, num_heads, max_partitions] fp32
@@ -202,91 +339,54 @@ def _paged_decode_kernel(
     start = part * PARTITION
     end = tl.minimum(start + PARTITION, context_len)
     if start < context_len:
-        m_idx = tl.arange(0, M)
-        new_tok = m_idx // GQA
-        head = kv_head * GQA + m_idx % GQA
-        if MAX_QLEN > 1:
-            first_row = tl.load(qo_indptr_ptr + seq)
-            num_new = tl.load(qo_indptr_ptr + seq + 1) - first_row
-            row_ok = new_tok < num_new
-            visible = tl.where(row_ok, visible_tokens(context_len, num_new, new_tok), 0)
-            row = first_row + new_tok
-        else:
-            row_ok = m_idx < GQA
-            visible = tl.where(row_ok, context_len, 0)
-            row = tl.zeros([M], dtype=tl.int32) + seq
-        row = row.to(tl.int64)
-        dim = tl.arange(0, HEAD_SIZE)
-        q = tl.load(
-            q_ptr + row[:, None] * stride_q_row + head[:, None] * stride_q_head + dim[None, :],
-            mask=row_ok[:, None],
-            other=0.0,
-        ).to(DOT_DTYPE)
-
-        qk_scale = sm_scale_log2
-        if SCALES == 1:
-            qk_scale = qk_scale * tl.load(k_scale_ptr)
-        k_head_ptr = k_ptr + kv_head.to(tl.int64) * stride_k_head
-        v_head_ptr = v_ptr + kv_head.to(tl.int64) * stride_v_head
-        k_scale_head_ptr = k_scale_ptr + kv_head * stride_scale_head
-        v_scale_head_ptr = v_scale_ptr + kv_head * stride_scale_head
-        block_ids_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
-
-        acc = tl.zeros([M, HEAD_SIZE], dtype=tl.float32)
-        row_max = tl.full([M], float("-inf"), dtype=tl.float32)
-        row_sum = tl.zeros([M], dtype=tl.float32)
-        # whole tiles first, without masks (so that they pipeline), then the ragged end
-        whole_end = start + (end - start) // BLOCK_N * BLOCK_N
-        block_id = _tile_block_ids(block_ids_ptr, start, end, BLOCK_SIZE, BLOCK_N)
-        v_unit = 1.0
-        if SCALES == 2 and DOT_DTYPE == tl.float16:  # see _decode_tile; 65504x past it would overflow
-            n = tl.arange(0, BLOCK_N)
-            first = tl.load(v_scale_head_ptr + block_id * stride_scale_block + n % BLOCK_SIZE, mask=start + n < end, other=0.0)
-            largest = tl.max(first, axis=0)
-            v_unit = tl.where(largest > 0, largest, 1.0)  # scales of 0 (an all-zero V): as if no unit
-        for tile_start in range(start, whole_end, BLOCK_N):
-            # the next tile's block ids are read a tile ahead
-            next_block_id = _tile_block_ids(block_ids_ptr, tile_start + BLOCK_N, end, BLOCK_SIZE, BLOCK_N)
-            acc, row_max, row_sum = _decode_tile(
-                q, acc, row_max, row_sum, v_unit, tile_start,
-                block_id, k_head_ptr, v_head_ptr, k_scale_head_ptr, v_scale_head_ptr,
-                stride_k_block, stride_v_block, stride_scale_block,
-                end, visible, qk_scale,
-                HEAD_SIZE, BLOCK_SIZE, BLOCK_N, X, SCALES, DOT_DTYPE, FP8_VIA_FP32, False,
-            )  # fmt: skip
-            block_id = next_block_id
-        # the ragged end as a plain branch: as a second loop, Triton pipelines it too, with its
-        # own buffers (55-88 KB of shared memory instead of 39-70: 2 programs per SM, not 3)
-        if whole_end < end:
-            acc, row_max, row_sum = _decode_tile(
-                q, acc, row_max, row_sum, v_unit, whole_end,
-                block_id, k_head_ptr, v_head_ptr, k_scale_head_ptr, v_scale_head_ptr,
-                stride_k_block, stride_v_block, stride_scale_block,
-                end, visible, qk_scale,
-                HEAD_SIZE, BLOCK_SIZE, BLOCK_N, X, SCALES, DOT_DTYPE, FP8_VIA_FP32, True,
-            )  # fmt: skip
-
-        if SCALES == 1:
-            acc = acc * tl.load(v_scale_ptr)
-        if SCALES == 2 and DOT_DTYPE == tl.float16:
-            acc = acc * v_unit
-        # row_sum >= 1 for a row that saw a token; rows that saw none stay 0
-        result = acc / tl.maximum(row_sum, 1e-30)[:, None]
-        # a sequence that this partition (its first) holds whole goes to out; the reduce skips it
-        # (tl.where: the interpreter's stores reject a row mask `&` a scalar one)
-        to_out = row_ok if WRITE_OUT else tl.where(context_len <= PARTITION, row_ok, False)
-        if not WRITE_OUT:
-            to_partials = tl.where(context_len > PARTITION, row_ok, False)
-            es_offs = row * stride_es_row + head * stride_es_head + part
-            tl.store(exp_sums_ptr + es_offs, row_sum, mask=to_partials)
-            # natural-log units, as the partial format says
-            tl.store(max_logits_ptr + es_offs, row_max / 1.4426950408889634, mask=to_partials)
-            t_offs = row[:, None] * stride_tmp_row + head[:, None] * stride_tmp_head + part * stride_tmp_part
-            tl.store(
-                tmp_out_ptr + t_offs + dim[None, :], result.to(tmp_out_ptr.dtype.element_ty), mask=to_partials[:, None]
-            )
-        o_offs = row[:, None] * stride_out_row + head[:, None] * stride_out_head + dim[None, :]
-        tl.store(out_ptr + o_offs, result.to(out_ptr.dtype.element_ty), mask=to_out[:, None])
+        _decode_span(
+            out_ptr,
+            exp_sums_ptr,
+            max_logits_ptr,
+            tmp_out_ptr,
+            q_ptr,
+            k_ptr,
+            v_ptr,
+            k_scale_ptr,
+            v_scale_ptr,
+            block_tables_ptr,
+            qo_indptr_ptr,
+            seq,
+            kv_head,
+            context_len,
+            start,
+            end,
+            part,
+            context_len <= PARTITION,
+            sm_scale_log2,
+            stride_q_row,
+            stride_q_head,
+            stride_out_row,
+            stride_out_head,
+            stride_es_row,
+            stride_es_head,
+            stride_tmp_row,
+            stride_tmp_head,
+            stride_tmp_part,
+            stride_k_block,
+            stride_k_head,
+            stride_v_block,
+            stride_v_head,
+            stride_scale_block,
+            stride_scale_head,
+            stride_bt_seq,
+            GQA,
+            MAX_QLEN,
+            M,
+            HEAD_SIZE,
+            BLOCK_SIZE,
+            X,
+            SCALES,
+            WRITE_OUT,
+            BLOCK_N,
+            DOT_DTYPE,
+            FP8_VIA_FP32,
+        )
     elif WRITE_OUT:
         # an empty context gives zeros; only partition 0 exists when WRITE_OUT
         m_idx = tl.arange(0, M)
@@ -302,6 +402,126 @@ def _paged_decode_kernel(
         dim = tl.arange(0, HEAD_SIZE)
         o_offs = row[:, None] * stride_out_row + head[:, None] * stride_out_head + dim[None, :]
         tl.store(out_ptr + o_offs, tl.zeros([M, HEAD_SIZE], dtype=out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _paged_decode_balanced_kernel(
+    out_ptr,  # [rows, num_heads, HEAD_SIZE]
+    exp_sums_ptr,  # [rows, num_heads, max_partitions] fp32
+    max_logits_ptr,
+    tmp_out_ptr,  # [rows, num_heads, max_partitions, HEAD_SIZE]
+    q_ptr,  # [rows, num_heads, HEAD_SIZE], last dim contiguous
+    k_ptr,  # [num_blocks, num_kv_heads, HEAD_SIZE // X, BLOCK_SIZE, X]
+    v_ptr,  # [num_blocks, num_kv_heads, BLOCK_SIZE // X, HEAD_SIZE, X]
+    k_scale_ptr,  # per-tensor [1] or per-token [num_blocks, num_kv_heads, BLOCK_SIZE] fp32
+    v_scale_ptr,
+    block_tables_ptr,  # [num_seqs, max_blocks] int32
+    context_lens_ptr,  # [num_seqs] int32
+    qo_indptr_ptr,  # [num_seqs + 1] int32, read only when MAX_QLEN > 1
+    num_seqs,
+    programs_per_head,  # programs per kv head (grid axis 0)
+    max_seq_len,  # longer contexts count as this long: the table row and scratch cover no more
+    sm_scale_log2,  # softmax scale * log2(e)
+    stride_q_row,
+    stride_q_head,
+    stride_out_row,
+    stride_out_head,
+    stride_es_row,
+    stride_es_head,
+    stride_tmp_row,
+    stride_tmp_head,
+    stride_tmp_part,
+    stride_k_block,
+    stride_k_head,
+    stride_v_block,
+    stride_v_head,
+    stride_scale_block,
+    stride_scale_head,
+    stride_bt_seq,
+    GQA: tl.constexpr,
+    MAX_QLEN: tl.constexpr,
+    M: tl.constexpr,  # rows per program: MAX_QLEN * GQA padded to a power of 2 >= 16
+    HEAD_SIZE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    X: tl.constexpr,
+    SCALES: tl.constexpr,  # SCALE_NONE / SCALE_PER_TENSOR / SCALE_PER_TOKEN
+    PARTITION: tl.constexpr,  # the page of common.balanced_schedule
+    BLOCK_N: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,  # operand dtype of tl.dot (the query dtype on GPUs)
+    FP8_VIA_FP32: tl.constexpr,  # widen e4m3 to bf16 through fp32 (NVIDIA GPUs, see _widen)
+    BLOCK_S: tl.constexpr,  # num_seqs padded to a power of 2
+):
+    """Stage 1 under the balanced schedule (``common.balanced_schedule``, as hip's): program
+    ``program`` of a kv head walks its share of the pages, one span per sequence it touches,
+    and writes each as the sequence's partial ``program - first_program_of_the_sequence`` (or
+    ``out``, when it holds the sequence whole); the reduce derives the same schedule."""
+    program = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    page_ends, total_pages, pages_per_program = balanced_schedule(
+        context_lens_ptr, num_seqs, max_seq_len, programs_per_head, PARTITION, BLOCK_S
+    )
+    page = program * pages_per_program
+    last_page = tl.minimum(page + pages_per_program, total_pages)
+    seq = tl.sum((page_ends <= page).to(tl.int32), axis=0)  # the sequence holding page `page`
+    while page < last_page:
+        end_page_of_seq = tl.sum(tl.where(tl.arange(0, BLOCK_S) == seq, page_ends, 0), axis=0)
+        context_len = tl.minimum(tl.maximum(tl.load(context_lens_ptr + seq), 0), max_seq_len)
+        first_page_of_seq = end_page_of_seq - tl.cdiv(context_len, PARTITION)
+        pieces = (end_page_of_seq - 1) // pages_per_program - first_page_of_seq // pages_per_program + 1
+        stop_page = tl.minimum(last_page, end_page_of_seq)
+        start = (page - first_page_of_seq) * PARTITION
+        end = tl.minimum((stop_page - first_page_of_seq) * PARTITION, context_len)
+        if start < end:  # a sequence of no pages has nothing here: the reduce writes its zeros
+            _decode_span(
+                out_ptr,
+                exp_sums_ptr,
+                max_logits_ptr,
+                tmp_out_ptr,
+                q_ptr,
+                k_ptr,
+                v_ptr,
+                k_scale_ptr,
+                v_scale_ptr,
+                block_tables_ptr,
+                qo_indptr_ptr,
+                seq,
+                kv_head,
+                context_len,
+                start,
+                end,
+                program - first_page_of_seq // pages_per_program,
+                pieces == 1,
+                sm_scale_log2,
+                stride_q_row,
+                stride_q_head,
+                stride_out_row,
+                stride_out_head,
+                stride_es_row,
+                stride_es_head,
+                stride_tmp_row,
+                stride_tmp_head,
+                stride_tmp_part,
+                stride_k_block,
+                stride_k_head,
+                stride_v_block,
+                stride_v_head,
+                stride_scale_block,
+                stride_scale_head,
+                stride_bt_seq,
+                GQA,
+                MAX_QLEN,
+                M,
+                HEAD_SIZE,
+                BLOCK_SIZE,
+                X,
+                SCALES,
+                False,
+                BLOCK_N,
+                DOT_DTYPE,
+                FP8_VIA_FP32,
+            )
+        page = tl.maximum(stop_page, page)
+        seq += 1
 
 
 SPARSE_GRID_SHARED_MEMORY = 144 * 1024
@@ -361,24 +581,27 @@ def launch_paged_decode(
     x: int,
     gqa: int,
     num_sms: int,
+    programs_per_head: int = 0,
 ):
     """Launch stage 1 with partitions of ``partition_size`` tokens (a multiple of 256);
     when one partition covers ``max_seq_len`` it writes ``out`` and no stage 2 is needed.
     Otherwise it writes ``out`` for the sequences that one partition holds whole and
     partials for the others: stage 2 is the reduce with ``whole_written``.
-    ``num_sms``: the device's SMs (CUs), which pick the tile's pipeline depth."""
-    num_partitions = triton.cdiv(max_seq_len, partition_size)
+    ``num_sms``: the device's SMs (CUs), which pick the tile's pipeline depth. With
+    ``programs_per_head``, the balanced schedule instead (pages of ``partition_size``):
+    stage 2 is the reduce with the same ``programs_per_head``."""
+    num_partitions = programs_per_head or triton.cdiv(max_seq_len, partition_size)
     num_seqs = context_lens.shape[0]
     num_kv_heads = K.shape[1]
     rows = max(16, triton.next_power_of_2(max_qlen * gqa))
     sparse_grid = (
-        2 * num_partitions * num_kv_heads * num_seqs <= num_sms
+        2 * num_partitions * num_kv_heads * (1 if programs_per_head else num_seqs) <= num_sms
         and shared_memory_per_program(Q.device) >= SPARSE_GRID_SHARED_MEMORY
     )
     block_n, num_warps, num_stages = decode_tile_config(
         head_size, block_size, K.element_size(), warp_size_of(Q.device), sparse_grid
     )
-    write_out = num_partitions == 1
+    write_out = num_partitions == 1 and not programs_per_head
     # unused pointers still need a valid tensor
     k_scale = k_scale if k_scale is not None else context_lens
     v_scale = v_scale if v_scale is not None else context_lens
@@ -390,45 +613,23 @@ def launch_paged_decode(
         es, tmp = exp_sums, tmp_out
         es_strides = (exp_sums.stride(0), exp_sums.stride(1))
         tmp_strides = (tmp_out.stride(0), tmp_out.stride(1), tmp_out.stride(2))
-    _paged_decode_kernel[(num_partitions, num_kv_heads, num_seqs)](
-        out,
-        es,
-        max_logits if not write_out else context_lens,
-        tmp,
-        Q,
-        K,
-        V,
-        k_scale,
-        v_scale,
-        block_tables,
-        context_lens,
-        qo_indptr if max_qlen > 1 else context_lens,
-        max_seq_len,
-        scale * LOG2E,
-        Q.stride(0),
-        Q.stride(1),
-        out.stride(0),
-        out.stride(1),
-        *es_strides,
-        *tmp_strides,
-        K.stride(0),
-        K.stride(1),
-        V.stride(0),
-        V.stride(1),
-        *scale_strides,
-        block_tables.stride(0),
-        GQA=gqa,
-        MAX_QLEN=max_qlen,
-        M=rows,
-        HEAD_SIZE=head_size,
-        BLOCK_SIZE=block_size,
-        X=x,
-        SCALES=scales_kind,
-        PARTITION=partition_size,
-        WRITE_OUT=write_out,
-        BLOCK_N=block_n,
-        DOT_DTYPE=dot_dtype(Q.dtype, K.dtype),
-        FP8_VIA_FP32=nvidia_device(Q.device),
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )
+    pointers = (out, es, max_logits if not write_out else context_lens, tmp, Q, K, V, k_scale, v_scale, block_tables, context_lens)
+    qo = qo_indptr if max_qlen > 1 else context_lens
+    strides = (
+        Q.stride(0), Q.stride(1), out.stride(0), out.stride(1), *es_strides, *tmp_strides,
+        K.stride(0), K.stride(1), V.stride(0), V.stride(1), *scale_strides, block_tables.stride(0),
+    )  # fmt: skip
+    constexprs = dict(
+        GQA=gqa, MAX_QLEN=max_qlen, M=rows, HEAD_SIZE=head_size, BLOCK_SIZE=block_size, X=x, SCALES=scales_kind,
+        PARTITION=partition_size, BLOCK_N=block_n, DOT_DTYPE=dot_dtype(Q.dtype, K.dtype), FP8_VIA_FP32=nvidia_device(Q.device),
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    if programs_per_head:
+        _paged_decode_balanced_kernel[(programs_per_head, num_kv_heads)](
+            *pointers, qo, num_seqs, programs_per_head, max_seq_len, scale * LOG2E, *strides,
+            BLOCK_S=triton.next_power_of_2(num_seqs), **constexprs,
+        )  # fmt: skip
+    else:
+        _paged_decode_kernel[(num_partitions, num_kv_heads, num_seqs)](
+            *pointers, qo, max_seq_len, scale * LOG2E, *strides, WRITE_OUT=write_out, **constexprs
+        )
