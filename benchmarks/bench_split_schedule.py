@@ -1,7 +1,7 @@
 """The hip backend under its split-KV schedules (``PA_HYBRID_SPLIT_SCHEDULE``): static,
 auto (balanced where ``BALANCED_MIN_FILL`` says it pays) and balanced wherever it applies
 (``pa_hybrid/kernels/common.py``, ``balanced_schedule``), the balanced one at the backend's
-own CTAs per SM or at 1, 2 or 4, the static one with its own partition size
+own CTAs per SM or at 1, 2, 4 or 8, the static one with its own partition size
 (``split_kv_partition_size``) or a fixed one of 256 .. 8192 tokens; timed against each
 other on each case (CUDA-graph replays, L2 flushed, interleaved, median), every variant's
 output first checked against the reference: % of the floor, with the read bandwidth
@@ -10,7 +10,7 @@ sections 19 and 20).
 
     python benchmarks/bench_split_schedule.py [--workload W] [--models ...] [--kv-dtypes bf16 fp8]
         [--num-seqs 16 64 256] [--ctx 2048 8192 mixed] [--backends hip triton]
-        [--schedules static auto balanced balanced-1 balanced-2 balanced-4 static-256 .. static-8192]
+        [--schedules static auto balanced balanced-1 .. balanced-8 static-256 .. static-8192]
         [--json out.json]
 """
 
@@ -27,7 +27,7 @@ SCHEDULES = {
     "static": ("static", None, None),
     "auto": ("auto", None, None),
     "balanced": ("balanced", None, None),
-    **{f"balanced-{n}": ("balanced", n, None) for n in (1, 2, 4)},
+    **{f"balanced-{n}": ("balanced", n, None) for n in (1, 2, 4, 8)},
     **{f"static-{n}": ("static", None, n) for n in (256, 512, 1024, 2048, 4096, 8192)},
 }
 """Name -> (``PA_HYBRID_SPLIT_SCHEDULE``, balanced programs per SM, static partition in

@@ -12,7 +12,7 @@ from ..call import SCALES_PER_TENSOR, SCALES_PER_TOKEN, DecodeCall
 from ..kernels.decode import SCALE_NONE, SCALE_PER_TENSOR, SCALE_PER_TOKEN, launch_paged_decode
 from ..kernels.reduce import launch_split_kv_reduce
 from ..layouts import KV_DTYPES, x_for
-from .base import SplitKvBackend, cuda_device_ok, split_schedule
+from .base import SplitKvBackend, cuda_device_ok
 
 PROGRAMS_PER_SM = 1
 """Measured on an H100 (benchmarks/RESULTS.md): 1 or 2 programs per SM were best for bulk
@@ -42,12 +42,10 @@ class TritonBackend(SplitKvBackend):
             return None
         return cuda_device_ok(device_index)
 
+    auto_balances_8bit = False
+
     def offers_balanced(self, call: DecodeCall) -> bool:
         return True
-
-    def balanced_programs(self, call: DecodeCall, num_sms: int, static_partition: int) -> int:
-        # an experiment: only when asked for (PA_HYBRID_SPLIT_SCHEDULE=balanced), never by auto
-        return super().balanced_programs(call, num_sms, static_partition) if split_schedule() == "balanced" else 0
 
     def launch(self, call: DecodeCall, num_sms: int, partition_size: int, programs_per_head: int = 0) -> None:
         key = call.key
