@@ -199,9 +199,11 @@ def _device_answers(target: Target, sms: int, dependent: bool):
     """What the launchers ask about the device (meta tensors have none), answered for a
     GPU of ``target`` with ``sms`` SMs."""
     from .backends import base
+    from .backends import triton as triton_backend
     from .kernels import decode, reduce
 
     with mock.patch.object(base, "sm_count", lambda *_: sms), \
+         mock.patch.object(triton_backend, "nvidia_device", lambda _: target.backend == "cuda"), \
          mock.patch.object(reduce, "dependent_launch_ok", lambda _: dependent), \
          mock.patch.object(decode, "warp_size_of", lambda _: target.warp_size), \
          mock.patch.object(decode, "shared_memory_per_program", lambda _: target.shared_memory), \
@@ -224,7 +226,11 @@ def _run_launch_paths(target: Target, workload: dict) -> None:
             for sms in target.sm_counts:
                 for dependent in target.dependent_launch:
                     with _device_answers(target, sms, dependent):
-                        triton_backend.BACKEND.run(call)
+                        # Triton's stage 1 under auto and under balanced (a superset of auto's
+                        # balanced launches: its 8-bit ones too)
+                        for schedule in ("auto", "balanced"):
+                            with mock.patch.dict(os.environ, PA_HYBRID_SPLIT_SCHEDULE=schedule):
+                                triton_backend.BACKEND.run(call)
                         # the hip backend's stage 2 (backends/hip.py): the same reduce on its
                         # partitions, or on its pages under the balanced schedule (where it
                         # applies at all: PA_HYBRID_SPLIT_SCHEDULE=balanced, a superset of auto)
