@@ -1,8 +1,8 @@
 """The balanced split-KV schedule (``kernels/common.py``, ``balanced_schedule``) of the
-hip backend (on a GPU; tests/test_hip_rocm_compile.py runs its kernel on the CPU): stage-1
-CTAs share a kv head's pages whatever the mix of lengths, and the Triton reduce rebuilds
-the same schedule from ``context_lens``. Which calls take it (``PA_HYBRID_SPLIT_SCHEDULE``,
-``auto`` by default), and that the Triton backend never does.
+hip backend (on a GPU; tests/test_hip_rocm_compile.py runs its kernel on the CPU) and of
+the Triton backend (here under the interpreter): stage-1 programs share a kv head's pages
+whatever the mix of lengths, and the Triton reduce rebuilds the same schedule from
+``context_lens``. Which calls take it (``PA_HYBRID_SPLIT_SCHEDULE``, ``auto`` by default).
 
 Checked against the reference for stage-1 grids that hold every sequence whole in
 one program, give one program several sequences, split one sequence over several
@@ -151,24 +151,31 @@ def test_balanced_ctas_per_sm_fit_shared_memory():
         ([2048] * 32, "static", 0),
     ],
 )
-def test_which_calls_take_the_balanced_schedule(monkeypatch, lens, setting, expected):
-    """hip's choice on an H100/H200-sized GPU (132 SMs), 8 kv heads, 16-bit cache."""
+@pytest.mark.parametrize("backend", SPLIT_KV)
+def test_which_calls_take_the_balanced_schedule(monkeypatch, backend, lens, setting, expected):
+    """The choice on an H100/H200-sized GPU (132 SMs), 8 kv heads, 16-bit cache: the same
+    for hip and Triton."""
     monkeypatch.setenv("PA_HYBRID_SPLIT_SCHEDULE", setting)
-    monkeypatch.setattr(HIP, "offers_balanced", lambda call: True)  # (on NVIDIA GPUs)
+    split_kv = SPLIT_KV[backend]
+    monkeypatch.setattr(split_kv, "offers_balanced", lambda call: True)  # (on NVIDIA GPUs)
     case = make_decode_case(lens, num_heads=32, num_kv_heads=8, head_size=128, device="cpu")
     call = build_call(**dict(case, exp_sums=None, max_logits=None, tmp_out=None))
-    assert HIP.balanced_programs(call, 132, HIP.partition_size(call, 132)) == expected
+    assert split_kv.balanced_programs(call, 132, split_kv.partition_size(call, 132)) == expected
 
 
-@pytest.mark.parametrize("setting, expected", [("auto", 0), ("balanced", 66)])
+@pytest.mark.parametrize("setting", ["auto", "balanced"])
 @pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.int8], ids=["fp8", "int8"])
-def test_auto_keeps_8bit_caches_static_on_hip(monkeypatch, kv_dtype, setting, expected):
-    # 256 sequences x 8 kv heads fill the grid, as 16-bit caches that take the balanced schedule
+@pytest.mark.parametrize("backend, balanced_programs", [("hip", 66), ("triton", 33)])
+def test_auto_keeps_8bit_caches_static(monkeypatch, backend, balanced_programs, kv_dtype, setting):
+    # 32 sequences x 8 kv heads of 4096 tokens: the 16-bit call that auto balances
+    # (test_which_calls_take_the_balanced_schedule); hip fits 4 CTAs per SM of 8-bit caches
     monkeypatch.setenv("PA_HYBRID_SPLIT_SCHEDULE", setting)
-    monkeypatch.setattr(HIP, "offers_balanced", lambda call: True)
-    case = make_decode_case([2048] * 256, num_heads=32, num_kv_heads=8, kv_dtype=kv_dtype, scales="per_token", device="cpu")
+    split_kv = SPLIT_KV[backend]
+    monkeypatch.setattr(split_kv, "offers_balanced", lambda call: True)
+    case = make_decode_case([4096] * 32, num_heads=32, num_kv_heads=8, kv_dtype=kv_dtype, scales="per_token", device="cpu")
     call = build_call(**dict(case, exp_sums=None, max_logits=None, tmp_out=None))
-    assert HIP.balanced_programs(call, 132, HIP.partition_size(call, 132)) == expected
+    expected = balanced_programs if setting == "balanced" else 0
+    assert split_kv.balanced_programs(call, 132, split_kv.partition_size(call, 132)) == expected
 
 
 @pytest.mark.parametrize("setting", [None, "auto", "static", "balanced", "fast"])
