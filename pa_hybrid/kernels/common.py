@@ -125,7 +125,7 @@ def visible_tokens(context_len, num_new_tokens, new_token_index):
 @triton.jit
 def balanced_schedule(context_lens_ptr, num_seqs, max_seq_len, programs_per_head, PAGE: tl.constexpr, BLOCK_S: tl.constexpr):
     """The balanced split-KV schedule of the hip backend's stage 1 (restated in
-    csrc/paged_decode_split_kv.cu) and of Triton's (``decode._paged_decode_balanced_kernel``),
+    csrc/paged_decode_split_kv.cu) and of Triton's (``decode._paged_decode_kernel``, ``BALANCED``),
     as the reduce derives it again from ``context_lens`` alone (no host sync, nothing stored
     between the two).
 

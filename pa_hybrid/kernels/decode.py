@@ -300,6 +300,8 @@ def _paged_decode_kernel(
     block_tables_ptr,  # [num_seqs, max_blocks] int32
     context_lens_ptr,  # [num_seqs] int32
     qo_indptr_ptr,  # [num_seqs + 1] int32, read only when MAX_QLEN > 1
+    num_seqs,  # BALANCED only (0 otherwise: one compiled variant for every batch)
+    programs_per_head,  # BALANCED only: programs per kv head (grid axis 0)
     max_seq_len,  # longer contexts count as this long: the table row and scratch cover no more
     sm_scale_log2,  # softmax scale * log2(e)
     stride_q_row,
@@ -325,153 +327,98 @@ def _paged_decode_kernel(
     BLOCK_SIZE: tl.constexpr,
     X: tl.constexpr,
     SCALES: tl.constexpr,  # SCALE_NONE / SCALE_PER_TENSOR / SCALE_PER_TOKEN
-    PARTITION: tl.constexpr,
+    PARTITION: tl.constexpr,  # tokens per partition, or per page of the balanced schedule
     WRITE_OUT: tl.constexpr,  # one partition covers every context: write out, skip stage 2
     BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr,  # operand dtype of tl.dot (the query dtype on GPUs)
     FP8_VIA_FP32: tl.constexpr,  # widen e4m3 to bf16 through fp32 (NVIDIA GPUs, see _widen)
+    BALANCED: tl.constexpr,  # the balanced schedule (common.balanced_schedule) instead of partitions
+    BLOCK_S: tl.constexpr,  # BALANCED: num_seqs padded to a power of 2
 ):
-    part = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    seq = tl.program_id(2)
-
-    context_len = tl.minimum(tl.maximum(tl.load(context_lens_ptr + seq), 0), max_seq_len)
-    start = part * PARTITION
-    end = tl.minimum(start + PARTITION, context_len)
-    if start < context_len:
-        _decode_span(
-            out_ptr,
-            exp_sums_ptr,
-            max_logits_ptr,
-            tmp_out_ptr,
-            q_ptr,
-            k_ptr,
-            v_ptr,
-            k_scale_ptr,
-            v_scale_ptr,
-            block_tables_ptr,
-            qo_indptr_ptr,
-            seq,
-            kv_head,
-            context_len,
-            start,
-            end,
-            part,
-            context_len <= PARTITION,
-            sm_scale_log2,
-            stride_q_row,
-            stride_q_head,
-            stride_out_row,
-            stride_out_head,
-            stride_es_row,
-            stride_es_head,
-            stride_tmp_row,
-            stride_tmp_head,
-            stride_tmp_part,
-            stride_k_block,
-            stride_k_head,
-            stride_v_block,
-            stride_v_head,
-            stride_scale_block,
-            stride_scale_head,
-            stride_bt_seq,
-            GQA,
-            MAX_QLEN,
-            M,
-            HEAD_SIZE,
-            BLOCK_SIZE,
-            X,
-            SCALES,
-            WRITE_OUT,
-            BLOCK_N,
-            DOT_DTYPE,
-            FP8_VIA_FP32,
+    """Stage 1. Static schedule (grid: partitions, kv heads, sequences): program (part,
+    kv_head, seq) walks tokens ``[part PARTITION, (part + 1) PARTITION)`` of its sequence
+    and writes ``out`` when that is the whole context, else partial ``part``. Balanced
+    schedule (grid: ``programs_per_head``, kv heads; as hip's): each program walks its share
+    of the kv head's pages, one span per sequence it touches, and writes each as the
+    sequence's partial ``program - first_program_of_the_sequence`` (or ``out``, when it holds
+    the sequence whole); the reduce derives the same schedule."""
+    if BALANCED:
+        program = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        page_ends, total_pages, pages_per_program = balanced_schedule(
+            context_lens_ptr, num_seqs, max_seq_len, programs_per_head, PARTITION, BLOCK_S
         )
-    elif WRITE_OUT:
-        # an empty context gives zeros; only partition 0 exists when WRITE_OUT
-        m_idx = tl.arange(0, M)
-        head = kv_head * GQA + m_idx % GQA
-        if MAX_QLEN > 1:
-            first_row = tl.load(qo_indptr_ptr + seq)
-            num_new = tl.load(qo_indptr_ptr + seq + 1) - first_row
-            row_ok = m_idx // GQA < num_new
-            row = (first_row + m_idx // GQA).to(tl.int64)
-        else:
-            row_ok = m_idx < GQA
-            row = tl.zeros([M], dtype=tl.int64) + seq
-        dim = tl.arange(0, HEAD_SIZE)
-        o_offs = row[:, None] * stride_out_row + head[:, None] * stride_out_head + dim[None, :]
-        tl.store(out_ptr + o_offs, tl.zeros([M, HEAD_SIZE], dtype=out_ptr.dtype.element_ty), mask=row_ok[:, None])
+        page = program * pages_per_program
+        last_page = tl.minimum(page + pages_per_program, total_pages)
+        seq = tl.sum((page_ends <= page).to(tl.int32), axis=0)  # the sequence holding page `page`
+        while page < last_page:
+            end_page_of_seq = tl.sum(tl.where(tl.arange(0, BLOCK_S) == seq, page_ends, 0), axis=0)
+            context_len = tl.minimum(tl.maximum(tl.load(context_lens_ptr + seq), 0), max_seq_len)
+            first_page_of_seq = end_page_of_seq - tl.cdiv(context_len, PARTITION)
+            pieces = (end_page_of_seq - 1) // pages_per_program - first_page_of_seq // pages_per_program + 1
+            stop_page = tl.minimum(last_page, end_page_of_seq)
+            start = (page - first_page_of_seq) * PARTITION
+            end = tl.minimum((stop_page - first_page_of_seq) * PARTITION, context_len)
+            if start < end:  # a sequence of no pages has nothing here: the reduce writes its zeros
+                _decode_span(
+                    out_ptr,
+                    exp_sums_ptr,
+                    max_logits_ptr,
+                    tmp_out_ptr,
+                    q_ptr,
+                    k_ptr,
+                    v_ptr,
+                    k_scale_ptr,
+                    v_scale_ptr,
+                    block_tables_ptr,
+                    qo_indptr_ptr,
+                    seq,
+                    kv_head,
+                    context_len,
+                    start,
+                    end,
+                    program - first_page_of_seq // pages_per_program,
+                    pieces == 1,
+                    sm_scale_log2,
+                    stride_q_row,
+                    stride_q_head,
+                    stride_out_row,
+                    stride_out_head,
+                    stride_es_row,
+                    stride_es_head,
+                    stride_tmp_row,
+                    stride_tmp_head,
+                    stride_tmp_part,
+                    stride_k_block,
+                    stride_k_head,
+                    stride_v_block,
+                    stride_v_head,
+                    stride_scale_block,
+                    stride_scale_head,
+                    stride_bt_seq,
+                    GQA,
+                    MAX_QLEN,
+                    M,
+                    HEAD_SIZE,
+                    BLOCK_SIZE,
+                    X,
+                    SCALES,
+                    False,
+                    BLOCK_N,
+                    DOT_DTYPE,
+                    FP8_VIA_FP32,
+                )
+            page = tl.maximum(stop_page, page)
+            seq += 1
+    else:
+        part = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        seq = tl.program_id(2)
 
-
-@triton.jit
-def _paged_decode_balanced_kernel(
-    out_ptr,  # [rows, num_heads, HEAD_SIZE]
-    exp_sums_ptr,  # [rows, num_heads, max_partitions] fp32
-    max_logits_ptr,
-    tmp_out_ptr,  # [rows, num_heads, max_partitions, HEAD_SIZE]
-    q_ptr,  # [rows, num_heads, HEAD_SIZE], last dim contiguous
-    k_ptr,  # [num_blocks, num_kv_heads, HEAD_SIZE // X, BLOCK_SIZE, X]
-    v_ptr,  # [num_blocks, num_kv_heads, BLOCK_SIZE // X, HEAD_SIZE, X]
-    k_scale_ptr,  # per-tensor [1] or per-token [num_blocks, num_kv_heads, BLOCK_SIZE] fp32
-    v_scale_ptr,
-    block_tables_ptr,  # [num_seqs, max_blocks] int32
-    context_lens_ptr,  # [num_seqs] int32
-    qo_indptr_ptr,  # [num_seqs + 1] int32, read only when MAX_QLEN > 1
-    num_seqs,
-    programs_per_head,  # programs per kv head (grid axis 0)
-    max_seq_len,  # longer contexts count as this long: the table row and scratch cover no more
-    sm_scale_log2,  # softmax scale * log2(e)
-    stride_q_row,
-    stride_q_head,
-    stride_out_row,
-    stride_out_head,
-    stride_es_row,
-    stride_es_head,
-    stride_tmp_row,
-    stride_tmp_head,
-    stride_tmp_part,
-    stride_k_block,
-    stride_k_head,
-    stride_v_block,
-    stride_v_head,
-    stride_scale_block,
-    stride_scale_head,
-    stride_bt_seq,
-    GQA: tl.constexpr,
-    MAX_QLEN: tl.constexpr,
-    M: tl.constexpr,  # rows per program: MAX_QLEN * GQA padded to a power of 2 >= 16
-    HEAD_SIZE: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-    X: tl.constexpr,
-    SCALES: tl.constexpr,  # SCALE_NONE / SCALE_PER_TENSOR / SCALE_PER_TOKEN
-    PARTITION: tl.constexpr,  # the page of common.balanced_schedule
-    BLOCK_N: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,  # operand dtype of tl.dot (the query dtype on GPUs)
-    FP8_VIA_FP32: tl.constexpr,  # widen e4m3 to bf16 through fp32 (NVIDIA GPUs, see _widen)
-    BLOCK_S: tl.constexpr,  # num_seqs padded to a power of 2
-):
-    """Stage 1 under the balanced schedule (``common.balanced_schedule``, as hip's): program
-    ``program`` of a kv head walks its share of the pages, one span per sequence it touches,
-    and writes each as the sequence's partial ``program - first_program_of_the_sequence`` (or
-    ``out``, when it holds the sequence whole); the reduce derives the same schedule."""
-    program = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    page_ends, total_pages, pages_per_program = balanced_schedule(
-        context_lens_ptr, num_seqs, max_seq_len, programs_per_head, PARTITION, BLOCK_S
-    )
-    page = program * pages_per_program
-    last_page = tl.minimum(page + pages_per_program, total_pages)
-    seq = tl.sum((page_ends <= page).to(tl.int32), axis=0)  # the sequence holding page `page`
-    while page < last_page:
-        end_page_of_seq = tl.sum(tl.where(tl.arange(0, BLOCK_S) == seq, page_ends, 0), axis=0)
         context_len = tl.minimum(tl.maximum(tl.load(context_lens_ptr + seq), 0), max_seq_len)
-        first_page_of_seq = end_page_of_seq - tl.cdiv(context_len, PARTITION)
-        pieces = (end_page_of_seq - 1) // pages_per_program - first_page_of_seq // pages_per_program + 1
-        stop_page = tl.minimum(last_page, end_page_of_seq)
-        start = (page - first_page_of_seq) * PARTITION
-        end = tl.minimum((stop_page - first_page_of_seq) * PARTITION, context_len)
-        if start < end:  # a sequence of no pages has nothing here: the reduce writes its zeros
+        start = part * PARTITION
+        end = tl.minimum(start + PARTITION, context_len)
+        if start < context_len:
             _decode_span(
                 out_ptr,
                 exp_sums_ptr,
@@ -489,8 +436,8 @@ def _paged_decode_balanced_kernel(
                 context_len,
                 start,
                 end,
-                program - first_page_of_seq // pages_per_program,
-                pieces == 1,
+                part,
+                context_len <= PARTITION,
                 sm_scale_log2,
                 stride_q_row,
                 stride_q_head,
@@ -515,13 +462,26 @@ def _paged_decode_balanced_kernel(
                 BLOCK_SIZE,
                 X,
                 SCALES,
-                False,
+                WRITE_OUT,
                 BLOCK_N,
                 DOT_DTYPE,
                 FP8_VIA_FP32,
             )
-        page = tl.maximum(stop_page, page)
-        seq += 1
+        elif WRITE_OUT:
+            # an empty context gives zeros; only partition 0 exists when WRITE_OUT
+            m_idx = tl.arange(0, M)
+            head = kv_head * GQA + m_idx % GQA
+            if MAX_QLEN > 1:
+                first_row = tl.load(qo_indptr_ptr + seq)
+                num_new = tl.load(qo_indptr_ptr + seq + 1) - first_row
+                row_ok = m_idx // GQA < num_new
+                row = (first_row + m_idx // GQA).to(tl.int64)
+            else:
+                row_ok = m_idx < GQA
+                row = tl.zeros([M], dtype=tl.int64) + seq
+            dim = tl.arange(0, HEAD_SIZE)
+            o_offs = row[:, None] * stride_out_row + head[:, None] * stride_out_head + dim[None, :]
+            tl.store(out_ptr + o_offs, tl.zeros([M, HEAD_SIZE], dtype=out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 SPARSE_GRID_SHARED_MEMORY = 144 * 1024
@@ -624,12 +584,9 @@ def launch_paged_decode(
         PARTITION=partition_size, BLOCK_N=block_n, DOT_DTYPE=dot_dtype(Q.dtype, K.dtype), FP8_VIA_FP32=nvidia_device(Q.device),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    if programs_per_head:
-        _paged_decode_balanced_kernel[(programs_per_head, num_kv_heads)](
-            *pointers, qo, num_seqs, programs_per_head, max_seq_len, scale * LOG2E, *strides,
-            BLOCK_S=triton.next_power_of_2(num_seqs), **constexprs,
-        )  # fmt: skip
-    else:
-        _paged_decode_kernel[(num_partitions, num_kv_heads, num_seqs)](
-            *pointers, qo, max_seq_len, scale * LOG2E, *strides, WRITE_OUT=write_out, **constexprs
-        )
+    balanced = programs_per_head > 0
+    grid = (programs_per_head, num_kv_heads) if balanced else (num_partitions, num_kv_heads, num_seqs)
+    _paged_decode_kernel[grid](
+        *pointers, qo, num_seqs if balanced else 0, programs_per_head, max_seq_len, scale * LOG2E, *strides,
+        WRITE_OUT=write_out, BALANCED=balanced, BLOCK_S=triton.next_power_of_2(num_seqs) if balanced else 1, **constexprs,
+    )  # fmt: skip
