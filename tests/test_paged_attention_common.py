@@ -177,6 +177,53 @@ def test_8bit_scales_and_queries_far_from_one(device, backend, magnitudes, kv_dt
     check_rows_against_reference(case, backend, REL_TOL[1])  # the bound of the plain case
 
 
+def scale_logits_along_context(case, factor_of_position):
+    """Multiplies the logits of each sequence's token at position t by factor_of_position(t / len),
+    through K (16-bit caches) or its per-token scales (8-bit)."""
+    table, lens = case["block_tables"].tolist(), case["context_lens"].tolist()
+    per_token = "K_QScale_asm" in case
+    shape = case["K_QScale_asm"].shape if per_token else case["K"].shape
+    num_blocks, block_size = shape[0], shape[-1] if per_token else shape[3]
+    factor = torch.ones(num_blocks, block_size, dtype=torch.float64)
+    for row, n in zip(table, lens):
+        for t in range(n):
+            factor[row[t // block_size], t % block_size] = factor_of_position(t / n)
+    factor = factor.to(case["Q"].device)
+    if per_token:
+        case["K_QScale_asm"] = (case["K_QScale_asm"] * factor[:, None, :]).float()
+    else:
+        case["K"] = (case["K"].double() * factor[:, None, None, :, None]).to(case["K"].dtype)
+
+
+# Logits whose running max climbs along the context: slowly (every block a little above the
+# last) and at once (one stretch 8x the rest, then back): kernels that keep a stale max for a
+# while (hip, by up to 2^8 in the weights) must rescale when it is passed by more.
+LOGIT_PROFILES = {
+    "ramp": lambda x: 2.0 ** (2 * x - 1),
+    "spike": lambda x: 8.0 if 0.45 < x < 0.55 else 1.0,
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("profile", LOGIT_PROFILES)
+@pytest.mark.parametrize(
+    "kv_dtype,q_dtype",
+    [
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float16, torch.float16),
+        (torch.float8_e4m3fn, torch.bfloat16),
+        (torch.float8_e4m3fn, torch.float16),  # fp16 weights in V units (hip): no stale max there
+        (torch.int8, torch.bfloat16),
+    ],
+    ids=lambda d: str(d)[6:],
+)
+def test_logits_whose_max_climbs_along_the_context(device, backend, profile, kv_dtype, q_dtype):
+    case = make_decode_case([3000, 700, 1, 4100], num_heads=8, num_kv_heads=2, q_dtype=q_dtype, kv_dtype=kv_dtype, device=device)
+    skip_if_unsupported(backend, case)
+    scale_logits_along_context(case, LOGIT_PROFILES[profile])
+    check_rows_against_reference(case, backend, REL_TOL[kv_dtype.itemsize])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fp8_cache_stored_as_uint8(device, backend):
     case = make_decode_case([70, 300], num_heads=8, num_kv_heads=2, head_size=64, kv_dtype=torch.float8_e4m3fn, device=device)
