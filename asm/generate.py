@@ -29,11 +29,6 @@ MAX_THREADS_PER_SM = 2048
 O_STRIDE = HEAD + 8  # merge row pitch (floats): the 8 rows x 4 dim pairs a warp stores per step on distinct banks
 NEG_INF = "0fFF800000"
 REF_FLOOR = "0f0D800000"  # 2^-100: the least largest weight of a row (8-bit kernels)
-# How far (log2 units) a row's logits may pass its running max, and its largest weight its
-# reference, before either moves and O is rescaled: weights stay below 2^8, which fp16 holds.
-LAZY_LOG2 = 8.0
-LAZY_LOG2_F32 = "0f41000000"  # 8.0
-LAZY_FACTOR_F32 = "0f43800000"  # 2^8
 
 # The packed argument block: (name, PTX type, byte offset). Mirrored by
 # pa_hybrid/backends/asm.py (AsmParams); tests/test_asm_backend.py checks they agree.
@@ -766,9 +761,8 @@ class Kernel:
         """8-bit caches: a row's probabilities p -> fp16-safe weights p * v_scale / ref.
         ``ref`` is the row's largest p * v_scale so far (in units of the current max, so a
         moved max scales it by ``alpha``, and O, kept in units of ref, does not move).
-        ``ref`` moves only when a block's largest passes it 2^8-fold (LAZY_LOG2), so weights stay
-        below 2^8, whatever the scales; O is rescaled only when ``ref`` moves: ``alpha`` becomes
-        that factor."""
+        Weights are then at most 1 with the largest exactly representable, whatever the
+        scales; O is rescaled only when ``ref`` grows: ``alpha`` becomes that factor."""
         p = self.p
         wmax, tmpf, cur = self.tmp("f32", "w_max"), self.tmp("f32", "shfl_tmp"), self.tmp("f32", "ref_cur")
         for i, c in enumerate(cols):  # column (nt, e) = i is token 4 quad_col + i
@@ -780,9 +774,7 @@ class Kernel:
             p(f"shfl.sync.bfly.b32 {tmpf}, {wmax}, {lane_mask}, 31, 0xffffffff")
             p(f"max.f32 {wmax}, {wmax}, {tmpf}")
         p(f"mul.f32 {cur}, {ref}, {alpha}")
-        p(f"mul.f32 {tmpf}, {cur}, {LAZY_FACTOR_F32}")  # ref moves only when passed 2^8-fold (see LAZY_LOG2)
-        p(f"setp.gt.f32 %p3, {wmax}, {tmpf}")
-        p(f"selp.f32 {ref}, {wmax}, {cur}, %p3")
+        p(f"max.f32 {ref}, {cur}, {wmax}")
         p(f"max.f32 {ref}, {ref}, {REF_FLOOR}")  # a row that has seen nothing divides by 2^-100, not 0
         p(f"setp.eq.f32 %p3, {ref}, {cur}")
         p(f"rcp.approx.ftz.f32 {wmax}, {ref}")
@@ -851,12 +843,12 @@ class Kernel:
                         p(f"setp.lt.s32 %p3, {tok_e}, {self.limit[mt, h]}")
                         p(f"mul.f32 {r}, {r}, {factor[nt, e]}")
                         p(f"selp.f32 {r}, {r}, {NEG_INF}, %p3")
-        bmaxes, tmpf = [self.tmp("f32", f"block_max{h}") for h in range(2)], self.tmp("f32", "shfl_tmp")
-        shift, lazy = self.tmp("f32", "shift"), self.tmp("f32", "lazy_max")
+        bmax, tmpf = self.tmp("f32", "block_max"), self.tmp("f32", "shfl_tmp")
+        shift = self.tmp("f32", "shift")
         alphas = [self.tmp("f32", f"alpha{h}") for h in range(2)]
         for mt in range(v.row_tiles):
             for h in range(2):
-                bmax = bmaxes[h]
+                alpha = alphas[h]
                 cols = [s[mt, nt][2 * h + e] for nt in range(2) for e in range(2)]
                 p(f"max.f32 {bmax}, {cols[0]}, {cols[1]}")
                 p(f"max.f32 {bmax}, {bmax}, {cols[2]}")
@@ -864,18 +856,8 @@ class Kernel:
                 for lane_mask in (1, 2):
                     p(f"shfl.sync.bfly.b32 {tmpf}, {bmax}, {lane_mask}, 31, 0xffffffff")
                     p(f"max.f32 {bmax}, {bmax}, {tmpf}")
-            p.comment(f"the running max moves only when a row's block max passes it by more than {LAZY_LOG2:g}")
-            p.comment(f"(log2 units) in some row of the warp: weights then stay below 2^{LAZY_LOG2:g}, and most blocks keep O")
-            for h in range(2):
-                p(f"add.f32 {lazy}, {self.row_max[mt, h]}, {LAZY_LOG2_F32}")
-                p(f"setp.gt.{'or.' if h else ''}f32 %p4, {bmaxes[h]}, {lazy}{', %p4' if h else ''}")
-            p("vote.sync.any.pred %p4, %p4, 0xffffffff")
-            for h in range(2):
-                alpha, bmax = alphas[h], bmaxes[h]
-                cols = [s[mt, nt][2 * h + e] for nt in range(2) for e in range(2)]
                 mx, sm = self.row_max[mt, h], self.row_sum[mt, h]
                 p(f"max.f32 {bmax}, {bmax}, {mx}")
-                p(f"selp.f32 {bmax}, {bmax}, {mx}, %p4")
                 p.comment("a row that has seen nothing keeps -inf: shift by 0 so exp2 gives 0, not NaN")
                 p(f"setp.eq.f32 %p3, {bmax}, {NEG_INF}")
                 p(f"selp.f32 {shift}, 0f00000000, {bmax}, %p3")
@@ -1062,8 +1044,7 @@ and never stored). No scratch, one launch.
        S = Q K^T        ldmatrix.x4 of Q (A) and K (B) fragments, {HEAD // 16} k-steps x 2 n-tiles
        softmax          S * scale*log2(e) (x per-token K scale), masked past each row's
                         visible length (causal with max_qlen > 1), running max/sum per
-                        row in base 2; the max moves only when a row's block max passes it
-                        by more than 8 (so most blocks skip O's rescale by exp2(old - new))
+                        row in base 2, O rescaled by exp2(old max - new max)
        O += P V         P packed to {DTYPE_NAMES[v.mma_type]} from S's accumulators (its A fragments),
                         V's B fragments by ldmatrix.x4{P_WEIGHTS if eight else ""}
      Each warp's first {v.stages - 1} copies are issued before step 2, so they overlap it.
@@ -1098,9 +1079,8 @@ Layouts feed ldmatrix without transposes:
   number 1024) and both MMAs run in fp16 with fp32 accumulators, whatever the query
   dtype: bf16 queries are stored as fp16 after one power-of-two scale per CTA that puts
   the largest |q| in [2^14, 2^15) (the logit scale takes its inverse), and the weights
-  p * v_scale are divided by a running reference, their row's largest one until one
-  passes it 2^8-fold, so they stay below 2^8 and none that matters is subnormal in
-  fp16 for any scales."""
+  p * v_scale are divided by their row's running largest one, so they are at most 1
+  and none that matters is subnormal in fp16 for any scales."""
     regs = f"""
 
 Registers per lane: O {v.row_tiles} x 16 dim tiles x 4 f32, S {v.row_tiles} x 2 n-tiles x 4 f32, running

@@ -17,7 +17,6 @@
 //   cp_async_4_or_zero     a 4-byte copy, or 4 zero bytes (nothing read) when !valid
 //   cp_async_commit/wait   group bookkeeping of those copies
 //   shfl_xor(v, m)         butterfly exchange inside a warp
-//   warp_any(p)            whether p holds on any lane of the warp
 //   warp_sync()            a warp's shared-memory writes are visible to the whole warp
 //   fast_exp2(x)           2^x
 //   allow_dependent_launch()  lets a kernel launched after this one with programmatic

@@ -89,7 +89,6 @@ PA_DEVICE void allow_dependent_launch() {
 template <int N> PA_DEVICE void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 PA_DEVICE float shfl_xor(float v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
-PA_DEVICE bool warp_any(bool pred) { return __any_sync(0xffffffffu, pred); }
 PA_DEVICE void warp_sync() { __syncwarp(); }
 PA_DEVICE float fast_exp2(float x) { return exp2f(x); }
 

@@ -57,7 +57,6 @@ template <> struct q16<false> {
 PA_DEVICE float shfl_xor(float v, int mask) { return __shfl_xor(v, mask, 32); }
 PA_DEVICE unsigned shfl(unsigned v, int src_lane) { return __shfl(v, src_lane, 32); }  // src in this half
 PA_DEVICE unsigned lane_id() { return __lane_id() % 32; }
-PA_DEVICE bool warp_any(bool pred) { return (__ballot(pred) >> (__lane_id() & 32)) & 0xffffffffull; }  // this half's lanes
 
 // A wave's lanes run in lockstep; the fences keep the compiler from moving LDS accesses
 // across this point and wait for this lane's LDS writes to complete.

@@ -379,29 +379,15 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
     block_max0 = fmaxf(block_max0, shfl_xor(block_max0, 2));
     block_max1 = fmaxf(block_max1, shfl_xor(block_max1, 1));
     block_max1 = fmaxf(block_max1, shfl_xor(block_max1, 2));
-    // The running max moves only when a row's block max passes it by more than LAZY_LOG2,
-    // so most blocks skip the rescale of O and sum (a warp-uniform branch; rows that did not
-    // move get alpha 1). The weights then reach 2^LAZY_LOG2, which P's 16-bit type holds;
-    // fp16 weights in v_unit have no such margin to give: there the max moves whenever it grows.
-    constexpr float LAZY_LOG2 = V_UNIT ? 0.f : 8.f;
+    const float new_max0 = fmaxf(max0, block_max0), new_max1 = fmaxf(max1, block_max1);
     // rows that have seen nothing keep -inf: shift by 0 so exp2 gives 0, not NaN
-    auto shift_of = [](float row_max) { return row_max == PA_NEG_INF ? 0.f : row_max; };
-    if (warp_any(block_max0 > max0 + LAZY_LOG2 || block_max1 > max1 + LAZY_LOG2)) {
-      const float new_max0 = fmaxf(max0, block_max0), new_max1 = fmaxf(max1, block_max1);
-      const float alpha0 = fast_exp2(max0 - shift_of(new_max0)), alpha1 = fast_exp2(max1 - shift_of(new_max1));
-      max0 = new_max0;
-      max1 = new_max1;
-      sum0 *= alpha0;
-      sum1 *= alpha1;
-#pragma unroll
-      for (int dt = 0; dt < HEAD / 8; ++dt) {
-        o[dt][0] *= alpha0;
-        o[dt][1] *= alpha0;
-        o[dt][2] *= alpha1;
-        o[dt][3] *= alpha1;
-      }
-    }
-    const float shift0 = shift_of(max0), shift1 = shift_of(max1);
+    const float shift0 = new_max0 == PA_NEG_INF ? 0.f : new_max0;
+    const float shift1 = new_max1 == PA_NEG_INF ? 0.f : new_max1;
+    const float alpha0 = fast_exp2(max0 - shift0), alpha1 = fast_exp2(max1 - shift1);
+    max0 = new_max0;
+    max1 = new_max1;
+    sum0 *= alpha0;
+    sum1 *= alpha1;
 #pragma unroll
     for (int nt = 0; nt < C::NT; ++nt) {
       s[nt][0] = fast_exp2(s[nt][0] - shift0);
@@ -410,6 +396,13 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
       s[nt][3] = fast_exp2(s[nt][3] - shift1);
       sum0 += s[nt][0] + s[nt][1];
       sum1 += s[nt][2] + s[nt][3];
+    }
+#pragma unroll
+    for (int dt = 0; dt < HEAD / 8; ++dt) {
+      o[dt][0] *= alpha0;
+      o[dt][1] *= alpha0;
+      o[dt][2] *= alpha1;
+      o[dt][3] *= alpha1;
     }
 
     // O += P V, 16 tokens per k-step; S's accumulator fragments are P's A fragments

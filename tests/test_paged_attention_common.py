@@ -196,8 +196,8 @@ def scale_logits_along_context(case, factor_of_position):
 
 
 # Logits whose running max climbs along the context: slowly (every block a little above the
-# last) and at once (one stretch 6x the rest, then back): kernels that keep a stale max for a
-# while (hip, by up to 2^8 in the weights) must rescale when it is passed by more.
+# last) and at once (one stretch 6x the rest, then back: its largest weights are 2^10 to 2^24
+# times the earlier max's, often past fp16's range for a kernel that rescaled late or never).
 LOGIT_PROFILES = {
     "ramp": lambda x: 2.0 ** (2 * x - 1),
     "spike": lambda x: 6.0 if 0.45 < x < 0.55 else 1.0,

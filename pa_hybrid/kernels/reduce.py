@@ -6,10 +6,7 @@ row sees, ``P`` the partition size: 256, or a multiple of it when a stage 1 walk
 longer stretches; the scratch is always sized for 256), with logits
 ``s_j = scale * q . k_j``:
 
-* ``max_logits[r, h, p] = m_p``, the partition's reference logit: ``max_j s_j``, or a
-  little less (the hip stage 1 keeps its running max lazily, up to ``8 ln 2`` behind); the
-  merge is the same for any ``m_p`` that the two below use, so long as ``exp(s_j - m_p)``
-  stays finite
+* ``max_logits[r, h, p] = m_p = max_j s_j``
 * ``exp_sums[r, h, p]   = l_p = sum_j exp(s_j - m_p)``
 * ``tmp_out[r, h, p, :] = sum_j exp(s_j - m_p) v_j / l_p``
 

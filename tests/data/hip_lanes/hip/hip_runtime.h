@@ -125,17 +125,6 @@ inline float __shfl(float v, int src, int width) {
 inline float __shfl_xor(float v, int mask, int width) {
   return std::bit_cast<float>(sim::exchange(std::bit_cast<unsigned>(v), __lane_id() ^ mask));
 }
-// The predicate bits of this thread's half, in their wave64 places; the other half's read as 0
-// (compat_hip.cuh reads only its own half's, and the halves may diverge).
-inline unsigned long long __ballot(int pred) {
-  const int half_base = threadIdx.x / sim::HALF * sim::HALF;
-  sim::block->slots[threadIdx.x] = pred != 0;
-  sim::my_half().arrive_and_wait();
-  unsigned long long bits = 0;
-  for (int l = 0; l < sim::HALF && half_base + l < sim::MAX_THREADS; ++l) bits |= (unsigned long long)(sim::block->slots[half_base + l] & 1) << l;
-  sim::my_half().arrive_and_wait();
-  return bits << (__lane_id() & sim::HALF);
-}
 
 #define __builtin_amdgcn_mfma_f32_4x4x4bf16_1k(a, b, c, cbsz, abid, blgp) sim::mfma_4x4x4(a, b, c, sim::bf16_to_float)
 #define __builtin_amdgcn_mfma_f32_4x4x4f16(a, b, c, cbsz, abid, blgp) sim::mfma_4x4x4(a, b, c, sim::f16_to_float)
