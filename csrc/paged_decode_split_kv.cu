@@ -275,21 +275,14 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
 
   // fp16 MMAs over a per-token scaled 8-bit cache: weights p * v_scale under 2^-14 would be
   // fp16 subnormals (bits lost for V scales that small), so they are p * v_scale / v_unit,
-  // v_unit the largest V scale of the warp's first block, and O counts in v_unit (the merge
-  // takes it back; a scale 65504x past it would overflow). bf16 has the range: no unit.
-  // (hip.py builds no balanced kernel for these: at 4 CTAs per SM it has no register for it.)
+  // and O counts in v_unit (the merge takes it back). v_unit starts at 2^-126 and moves up to
+  // a block's largest V scale whenever that is more than V_UNIT_HEADROOM times it (so first at
+  // the warp's first block, unless its scales are all 0): no weight passes 256 (fp16 ends at
+  // 65504), whatever the scales. bf16 has the range: no unit. (hip.py builds no balanced
+  // kernel for these: at 4 CTAs per SM it has no register for it.)
   constexpr bool V_UNIT = !IS_BF16 && C::SCALES > 0;
-  float v_unit_inv = 1.f;
-  if constexpr (V_UNIT) {
-    if (per_token && mine > 0) {  // read while the first copies are in flight
-      const int t = lane % BS;
-      float largest = (block_begin + warp) * BS + t < end
-                          ? p.v_scale[first_blocks[0] * p.stride_scale_block + scale_head + t]
-                          : 0.f;
-      for (int m = 16; m >= 1; m /= 2) largest = fmaxf(largest, shfl_xor(largest, m));
-      if (largest > 0.f) v_unit_inv = 1.f / largest;  // scales of 0 (an all-zero V): no unit
-    }
-  }
+  constexpr float V_UNIT_HEADROOM = 256.f;
+  float v_unit_inv = per_token ? 0x1p126f : 1.f;
 
   cp_async_wait<C::STAGES - 1>();  // the first group: this thread's query copies
   __syncthreads();                 // and everyone's, before any warp reads q_s
@@ -357,8 +350,24 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
           const float* scales = reinterpret_cast<const float*>(vs + C::KV_TILE) + column_token(nt);
           k_tok[nt] = *reinterpret_cast<const float2*>(scales);
           v_tok[nt] = *reinterpret_cast<const float2*>(scales + BS);
-          if constexpr (V_UNIT) v_tok[nt] = make_float2(v_tok[nt].x * v_unit_inv, v_tok[nt].y * v_unit_inv);
         }
+      }
+    }
+    float unit_moved = 1.f;  // O's factor into the new unit (folded into the softmax's alpha)
+    if constexpr (V_UNIT) {
+      if (per_token) {
+        // the block's largest V scale: a quad's lanes hold all its columns, every quad the same
+        float largest = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < C::NT; ++nt) largest = fmaxf(largest, fmaxf(v_tok[nt].x, v_tok[nt].y));
+        largest = fmaxf(largest, shfl_xor(largest, 1));
+        largest = fmaxf(largest, shfl_xor(largest, 2));
+        if (largest * v_unit_inv > V_UNIT_HEADROOM) {  // the same on every lane
+          unit_moved = (1.f / largest) / v_unit_inv;
+          v_unit_inv = 1.f / largest;
+        }
+#pragma unroll
+        for (int nt = 0; nt < C::NT; ++nt) v_tok[nt] = make_float2(v_tok[nt].x * v_unit_inv, v_tok[nt].y * v_unit_inv);
       }
     }
 
@@ -388,6 +397,7 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
     max1 = new_max1;
     sum0 *= alpha0;
     sum1 *= alpha1;
+    const float o_alpha0 = alpha0 * unit_moved, o_alpha1 = alpha1 * unit_moved;
 #pragma unroll
     for (int nt = 0; nt < C::NT; ++nt) {
       s[nt][0] = fast_exp2(s[nt][0] - shift0);
@@ -399,10 +409,10 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
     }
 #pragma unroll
     for (int dt = 0; dt < HEAD / 8; ++dt) {
-      o[dt][0] *= alpha0;
-      o[dt][1] *= alpha0;
-      o[dt][2] *= alpha1;
-      o[dt][3] *= alpha1;
+      o[dt][0] *= o_alpha0;
+      o[dt][1] *= o_alpha0;
+      o[dt][2] *= o_alpha1;
+      o[dt][3] *= o_alpha1;
     }
 
     // O += P V, 16 tokens per k-step; S's accumulator fragments are P's A fragments

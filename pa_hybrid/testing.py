@@ -121,3 +121,24 @@ def make_decode_case(
         else:
             raise ValueError(f"scales: expected 'per_token', 'per_tensor' or 'both', got {scales!r}")
     return case
+
+
+def scale_tokens_along_context(case, factor_of_position, of="K"):
+    """Multiplies each sequence's token at position t by factor_of_position(t / len): its logits
+    (``of="K"``: through K for 16-bit caches, its per-token scales for 8-bit ones) or its
+    values (``of="V"``: through V's per-token scales, 8-bit caches)."""
+    table, lens = case["block_tables"].tolist(), case["context_lens"].tolist()
+    per_token = f"{of}_QScale_asm" in case
+    if of not in ("K", "V") or not (per_token or of == "K"):
+        raise ValueError(f"of: expected 'K', or 'V' of a case with per-token scales, got {of!r}")
+    shape = case[f"{of}_QScale_asm"].shape if per_token else case["K"].shape
+    num_blocks, block_size = shape[0], shape[-1] if per_token else shape[3]
+    factor = torch.ones(num_blocks, block_size, dtype=torch.float64)
+    for row, n in zip(table, lens):
+        for t in range(n):
+            factor[row[t // block_size], t % block_size] = factor_of_position(t / n)
+    factor = factor.to(case["Q"].device)
+    if per_token:
+        case[f"{of}_QScale_asm"] = (case[f"{of}_QScale_asm"] * factor[:, None, :]).float()
+    else:
+        case["K"] = (case["K"].double() * factor[:, None, None, :, None]).to(case["K"].dtype)

@@ -43,6 +43,51 @@ def _fresh_seed():
     yield seed
 
 
+@pytest.fixture
+def interpreter_bounds_check(monkeypatch):
+    """Under Triton's CPU interpreter, every masked load and store of a kernel must address
+    the storage of one of its tensor arguments: an access outside all of them raises
+    (unchecked, the interpreter reads whatever memory is there, or dies on a null pointer).
+    On a GPU compute-sanitizer's memcheck does this; skipped there, and where this Triton's
+    interpreter lacks the hooks (``GridExecutor.__call__``, ``create_masked_load/store``)."""
+    if DEVICE == "cuda":
+        pytest.skip("the interpreter's bounds check is for CPU runs (on a GPU: compute-sanitizer memcheck)")
+    import numpy as np
+    from triton.runtime import interpreter
+
+    executor, builder = getattr(interpreter, "GridExecutor", None), getattr(interpreter, "InterpreterBuilder", None)
+    if not all(hasattr(c, f) for c, f in ((executor, "__call__"), (builder, "create_masked_load"), (builder, "create_masked_store"))):
+        pytest.skip(f"Triton {interpreter.__name__}: no interpreter hooks for the bounds check")
+    storages = []  # [start, end) byte ranges of the running kernel's tensor arguments
+
+    def checked(ptrs, mask, what):
+        addresses = ptrs.data.ravel() if mask is None else ptrs.data[np.broadcast_to(mask.data, ptrs.data.shape).astype(bool)]
+        inside = np.zeros(addresses.shape, dtype=bool)
+        for start, end in storages:
+            inside |= (addresses >= start) & (addresses < end)
+        if not inside.all():
+            raise AssertionError(f"a {what} outside every tensor argument of the kernel, e.g. at {int(addresses[~inside][0]):#x}")
+
+    launch, load, store = executor.__call__, builder.create_masked_load, builder.create_masked_store
+
+    def recording_launch(self, *args, **kwargs):
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        storages[:] = [(t.untyped_storage().data_ptr(), t.untyped_storage().data_ptr() + t.untyped_storage().nbytes()) for t in tensors]
+        return launch(self, *args, **kwargs)
+
+    def checked_load(self, ptrs, mask, *rest):
+        checked(ptrs, mask, "load")
+        return load(self, ptrs, mask, *rest)
+
+    def checked_store(self, ptrs, value, mask, *rest):
+        checked(ptrs, mask, "store")
+        return store(self, ptrs, value, mask, *rest)
+
+    monkeypatch.setattr(executor, "__call__", recording_launch)
+    monkeypatch.setattr(builder, "create_masked_load", checked_load)
+    monkeypatch.setattr(builder, "create_masked_store", checked_store)
+
+
 def pytest_report_header(config):
     if DEVICE == "cuda":
         mode = "GPU: " + torch.cuda.get_device_name()

@@ -99,6 +99,22 @@ def test_balanced_schedule_edge_batches(device, backend, lens):
     torch.testing.assert_close(call.out.float(), reference_paged_attention(**case), rtol=3e-2, atol=3e-2)
 
 
+@pytest.mark.parametrize("new_tokens", [[2, 1], [0, 0]], ids=["last-short", "no-rows"])
+def test_balanced_reduce_reads_no_padding_row(device, new_tokens, interpreter_bounds_check):
+    """Rows past a sequence's new tokens are padding: the reduce reads no partial for them
+    (the last sequence's lie past the scratch; with no rows at all, Q is empty)."""
+    case = make_decode_case([255, 600], num_heads=4, num_kv_heads=2, head_size=64, block_size=32, max_qlen=2,
+                            new_tokens=new_tokens, device=device)  # fmt: skip
+    rows, num_heads, _ = case["Q"].shape
+    parts = max_num_partitions(case["max_seq_len"])
+    scratch = [torch.full((rows, num_heads, parts), float("nan"), device=device) for _ in range(2)]
+    tmp_out = torch.full((rows, num_heads, parts, 64), float("nan"), device=device)
+    call = build_call(**dict(case, exp_sums=scratch[0], max_logits=scratch[1], tmp_out=tmp_out))
+    call.out.fill_(float("nan"))
+    TRITON.launch(call, base.sm_count(call.key.device_type, call.key.device_index), PARTITION_SIZE, 3)
+    torch.testing.assert_close(call.out.float(), reference_paged_attention(**case), rtol=3e-2, atol=3e-2)
+
+
 @pytest.mark.parametrize("backend", SPLIT_KV)
 def test_public_call_runs_the_balanced_schedule_when_asked(device, backend, monkeypatch):
     monkeypatch.setenv("PA_HYBRID_SPLIT_SCHEDULE", "balanced")

@@ -83,12 +83,14 @@ def test_fragment_code_matches_ptx_on_simulated_wave64_lanes(tmp_path):
 
 SIMULATED_VARIANTS = [  # (q dtype, kv dtype, head, block, wide, scales, gqa, qlen, V scale factor): every
     # kv kind, both widths, query rows past 8 (the MMA tile's lower half), qlen > 1, and fp16 weights
-    # whose V scales (about 2^-18) would make them fp16 subnormals without the kernel's V unit
+    # whose V scales (about 2^-18) would make them fp16 subnormals without the kernel's V unit, or
+    # ("climb": 2^-12 on each sequence's first 30% of tokens, 2^12 after) pass fp16's range unless it moves
     (torch.bfloat16, torch.bfloat16, 128, 16, False, "none", 16, 1, 1.0),
     (torch.float16, torch.float8_e4m3fn, 64, 32, True, "per_token", 5, 3, 2.0**-12),
     (torch.bfloat16, torch.int8, 128, 16, False, "per_tensor", 3, 1, 1.0),
     (torch.float16, torch.int8, 64, 32, False, "per_token", 4, 1, 1.0),  # int8 K rows of n-tiles 2 and 3
     (torch.bfloat16, torch.float8_e4m3fn, 128, 16, False, "per_token", 8, 2, 1.0),
+    (torch.float16, torch.int8, 128, 16, False, "per_token", 4, 1, "climb"),
 ]
 
 
@@ -104,7 +106,7 @@ def test_hip_kernel_matches_reference_on_simulated_wave64_lanes(
     from pa_hybrid.call import build_call
     from pa_hybrid.kernels.reduce import launch_split_kv_reduce
     from pa_hybrid.reference import reference_paged_attention
-    from pa_hybrid.testing import make_decode_case
+    from pa_hybrid.testing import make_decode_case, scale_tokens_along_context
 
     library = tmp_path / "hip_kernel_sim.so"
     variant = hip.template_args(q_dtype, kv_dtype, head_size, block_size, wide)
@@ -119,7 +121,9 @@ def test_hip_kernel_matches_reference_on_simulated_wave64_lanes(
         [0, 1, 17, 300, 700], num_heads=2 * gqa, num_kv_heads=2, head_size=head_size, block_size=block_size,
         q_dtype=q_dtype, kv_dtype=kv_dtype, max_qlen=qlen, scales=scales, strided_q=True,
     )  # fmt: skip
-    if v_factor != 1.0:
+    if v_factor == "climb":
+        scale_tokens_along_context(case, lambda x: 2.0**-12 if x < 0.3 else 2.0**12, of="V")
+    elif v_factor != 1.0:
         case["V_QScale_asm"] = case["V_QScale_asm"] * v_factor
     ref = reference_paged_attention(**case)
     # (partition size, balanced programs per head): two partitions and the reduce; one

@@ -11,7 +11,7 @@ import torch
 import pa_hybrid
 from pa_hybrid import dispatch, paged_attention_common, reference_paged_attention
 from pa_hybrid.layouts import allocate_scratch
-from pa_hybrid.testing import make_decode_case
+from pa_hybrid.testing import make_decode_case, scale_tokens_along_context
 
 from conftest import DEVICE, skip_if_unsupported
 
@@ -177,24 +177,6 @@ def test_8bit_scales_and_queries_far_from_one(device, backend, magnitudes, kv_dt
     check_rows_against_reference(case, backend, REL_TOL[1])  # the bound of the plain case
 
 
-def scale_logits_along_context(case, factor_of_position):
-    """Multiplies the logits of each sequence's token at position t by factor_of_position(t / len),
-    through K (16-bit caches) or its per-token scales (8-bit)."""
-    table, lens = case["block_tables"].tolist(), case["context_lens"].tolist()
-    per_token = "K_QScale_asm" in case
-    shape = case["K_QScale_asm"].shape if per_token else case["K"].shape
-    num_blocks, block_size = shape[0], shape[-1] if per_token else shape[3]
-    factor = torch.ones(num_blocks, block_size, dtype=torch.float64)
-    for row, n in zip(table, lens):
-        for t in range(n):
-            factor[row[t // block_size], t % block_size] = factor_of_position(t / n)
-    factor = factor.to(case["Q"].device)
-    if per_token:
-        case["K_QScale_asm"] = (case["K_QScale_asm"] * factor[:, None, :]).float()
-    else:
-        case["K"] = (case["K"].double() * factor[:, None, None, :, None]).to(case["K"].dtype)
-
-
 # Logits whose running max climbs along the context: slowly (every block a little above the
 # last) and at once (one stretch 6x the rest, then back: its largest weights are 2^10 to 2^24
 # times the earlier max's, often past fp16's range for a kernel that rescaled late or never).
@@ -222,8 +204,39 @@ def test_logits_whose_max_climbs_along_the_context(device, backend, profile, kv_
     skip_if_unsupported(backend, case)
     if backend == "torch" and q_dtype == torch.bfloat16:
         pytest.skip("the torch backend keeps logits in the query dtype: bf16 logits this large are off by percents")
-    scale_logits_along_context(case, LOGIT_PROFILES[profile])
+    scale_tokens_along_context(case, LOGIT_PROFILES[profile])
     check_rows_against_reference(case, backend, REL_TOL[kv_dtype.itemsize])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.int8], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float16], ids=lambda d: str(d)[6:])
+def test_v_scales_that_climb_along_the_context(device, backend, kv_dtype, q_dtype):
+    """Per-token V scales 2^-12 times the case's on each sequence's first 30% of tokens and 2^12
+    times after: fp16 weights p * v_scale / unit with the unit fixed at the first block (or tile)
+    would reach 2^24, past fp16's range."""
+    case = make_decode_case(
+        [1, 17, 300, 1500], num_heads=16, num_kv_heads=2, q_dtype=q_dtype, kv_dtype=kv_dtype, scales="per_token",
+        device=device,
+    )
+    skip_if_unsupported(backend, case)
+    scale_tokens_along_context(case, lambda x: 2.0**-12 if x < 0.3 else 2.0**12, of="V")
+    check_rows_against_reference(case, backend, REL_TOL[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["auto"])
+@pytest.mark.parametrize("scales", ["per_tensor", "per_token"])
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.int8], ids=lambda d: str(d)[6:])
+def test_8bit_keys_past_fp16_range_under_fp16_queries(device, backend, kv_dtype, scales):
+    """K scales 2^16 times the case's and the softmax scale 2^-16 times: the logits of the plain
+    case, from dequantized keys past fp16's largest value (65504)."""
+    case = make_decode_case(
+        [1, 17, 300], num_heads=8, num_kv_heads=2, q_dtype=torch.float16, kv_dtype=kv_dtype, scales=scales, device=device
+    )
+    skip_if_unsupported(backend, case)
+    name = "K_QScale_asm" if scales == "per_token" else "K_QScale_hip"
+    case.update({name: case[name] * 2.0**16, "scale": case["scale"] * 2.0**-16})
+    check_rows_against_reference(case, backend, REL_TOL[1])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -364,11 +377,15 @@ def test_table_entries_past_a_context_may_hold_anything(device, backend):
     "q_dtype,kv_dtype,q_factor", [(torch.bfloat16, torch.float16, 4.0), (torch.float16, torch.bfloat16, 2.0**-17)],
     ids=["q-bf16-kv-fp16", "q-fp16-kv-bf16"],
 )
-def test_16bit_cache_of_the_other_16bit_type(device, backend, q_dtype, kv_dtype, q_factor):
+@pytest.mark.parametrize("max_qlen", [1, 2])
+def test_16bit_cache_of_the_other_16bit_type(device, backend, q_dtype, kv_dtype, q_factor, max_qlen):
     """bf16 queries over an fp16 cache (logits spread by 4x queries: bf16 would drop the cache's 3
     extra bits), fp16 queries over a bf16 cache whose K is past fp16's range (queries 2^-17, keys
     2^17: the logits of the plain case)."""
-    case = make_decode_case([1, 17, 300, 700], num_heads=8, num_kv_heads=2, q_dtype=q_dtype, kv_dtype=kv_dtype, device=device)
+    case = make_decode_case(
+        [1, 17, 300, 700], num_heads=8, num_kv_heads=2, q_dtype=q_dtype, kv_dtype=kv_dtype, max_qlen=max_qlen,
+        device=device,
+    )
     skip_if_unsupported(backend, case)
     case.update(Q=(case["Q"].float() * q_factor).to(q_dtype), K=(case["K"].float() / q_factor).to(kv_dtype))
     check_rows_against_reference(case, backend, REL_TOL[2])

@@ -34,7 +34,7 @@ class TorchBackend(Backend):
             return
         num_blocks = -(-key.max_seq_len // key.block_size)
         padded_len = num_blocks * key.block_size
-        per_seq = 2 * key.num_kv_heads * padded_len * key.head_size * call.Q.element_size()
+        per_seq = 2 * key.num_kv_heads * padded_len * key.head_size * _compute_dtype(call).itemsize
         chunk = max(1, GATHER_BUDGET_BYTES // per_seq)
         if key.max_qlen > 1:
             rows = call.Q.shape[0]
@@ -49,10 +49,13 @@ class TorchBackend(Backend):
 
 
 def _compute_dtype(call: DecodeCall) -> torch.dtype:
-    """The query dtype, or fp32 for a 16-bit cache of the other 16-bit type (bf16 would drop 3
-    bits of an fp16 cache, fp16 the range of a bf16 one)."""
+    """The query dtype, or fp32 where it cannot hold the cache's values: a 16-bit cache of the
+    other 16-bit type (bf16 would drop 3 bits of an fp16 cache, fp16 the range of a bf16 one),
+    and an 8-bit cache under fp16 queries (dequantized values may pass 65504, or be subnormal)."""
     kv, q = call.key.kv_dtype, call.Q.dtype
-    return torch.float32 if kv.itemsize == 2 and kv != q else q
+    if kv.itemsize == 2:
+        return torch.float32 if kv != q else q
+    return torch.float32 if q == torch.float16 else q
 
 
 def _gather(call: DecodeCall, ids: torch.Tensor):
@@ -110,7 +113,7 @@ def _attend_chunk(call: DecodeCall, out: torch.Tensor, s0: int, s1: int, num_blo
     if rows is None:
         out[s0:s1] = o[:, 0]
     else:
-        out[rows.reshape(-1)] = o.reshape(c * qlen, kvh * gqa, d)
+        out[rows.reshape(-1)] = o.reshape(c * qlen, kvh * gqa, d).to(out.dtype)  # (index_put does not cast)
 
 
 BACKEND = TorchBackend()

@@ -38,6 +38,10 @@ from .common import (
 LOG2E = 1.4426950408889634
 
 SCALE_NONE, SCALE_PER_TENSOR, SCALE_PER_TOKEN = 0, 1, 2
+# per-token V scales with fp16 dots (_decode_tile): the first unit, and how far past it a
+# tile's V scales may go before the unit moves
+V_UNIT_START = tl.constexpr(2.0**-126)
+V_UNIT_HEADROOM = tl.constexpr(256.0)
 
 
 @triton.jit
@@ -81,7 +85,7 @@ def _decode_tile(
     acc,
     row_max,
     row_sum,
-    v_unit,  # per-token V scales with fp16 dots: the V scale acc is counted in
+    v_unit,  # per-token V scales with fp16 dots: the V scale acc is counted in (returned moved)
     start,
     block_id,  # [BLOCK_N] int64: each token's cache block
     k_head_ptr,  # K + kv_head * stride_k_head
@@ -107,7 +111,10 @@ def _decode_tile(
 
     Per-token V scales with fp16 dots: weights p * v_scale under 2^-14 would be fp16
     subnormals (bits lost for V scales that small), so the weights are p * v_scale / v_unit,
-    with ``v_unit`` the largest V scale of the program's first tile, and acc counts in it.
+    and acc counts in v_unit. It starts at 2^-126 and moves up to a tile's largest V scale
+    whenever that is more than V_UNIT_HEADROOM times it (so first at the program's first
+    tile, unless its scales are all 0): no weight passes 256 (fp16 ends at 65504), whatever
+    the scales.
 
     Unmasked tiles load with no mask at all: that is what lets Triton's pipeliner turn the
     K and V loads into 16-byte ``cp.async`` copies (a mask that varies within a 16-byte
@@ -144,10 +151,14 @@ def _decode_tile(
     if SCALES == 2:
         v_scale = _load(v_scale_head_ptr + block_id * stride_scale_block + in_block, token_ok, MASKED)
         if DOT_DTYPE == tl.float16:
+            largest = tl.max(v_scale, axis=0)
+            new_unit = tl.where(largest > v_unit * V_UNIT_HEADROOM, largest, v_unit)
+            alpha = alpha * (v_unit / new_unit)  # acc into the new unit
+            v_unit = new_unit
             v_scale = v_scale / v_unit
         p = p * v_scale[None, :]
     acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), tl.trans(v_t))
-    return acc, new_max, row_sum
+    return acc, new_max, row_sum, v_unit
 
 
 @triton.jit
@@ -237,16 +248,13 @@ def _decode_span(
     # whole tiles first, without masks (so that they pipeline), then the ragged end
     whole_end = start + (end - start) // BLOCK_N * BLOCK_N
     block_id = _tile_block_ids(block_ids_ptr, start, end, BLOCK_SIZE, BLOCK_N)
-    v_unit = 1.0
-    if SCALES == 2 and DOT_DTYPE == tl.float16:  # see _decode_tile; 65504x past it would overflow
-        n = tl.arange(0, BLOCK_N)
-        first = tl.load(v_scale_head_ptr + block_id * stride_scale_block + n % BLOCK_SIZE, mask=start + n < end, other=0.0)
-        largest = tl.max(first, axis=0)
-        v_unit = tl.where(largest > 0, largest, 1.0)  # scales of 0 (an all-zero V): as if no unit
+    v_unit = tl.full([], 1.0, tl.float32)
+    if SCALES == 2 and DOT_DTYPE == tl.float16:  # see _decode_tile
+        v_unit = tl.full([], V_UNIT_START, tl.float32)
     for tile_start in range(start, whole_end, BLOCK_N):
         # the next tile's block ids are read a tile ahead
         next_block_id = _tile_block_ids(block_ids_ptr, tile_start + BLOCK_N, end, BLOCK_SIZE, BLOCK_N)
-        acc, row_max, row_sum = _decode_tile(
+        acc, row_max, row_sum, v_unit = _decode_tile(
             q, acc, row_max, row_sum, v_unit, tile_start,
             block_id, k_head_ptr, v_head_ptr, k_scale_head_ptr, v_scale_head_ptr,
             stride_k_block, stride_v_block, stride_scale_block,
@@ -257,7 +265,7 @@ def _decode_span(
     # the ragged end as a plain branch: as a second loop, Triton pipelines it too, with its
     # own buffers (55-88 KB of shared memory instead of 39-70: 2 programs per SM, not 3)
     if whole_end < end:
-        acc, row_max, row_sum = _decode_tile(
+        acc, row_max, row_sum, v_unit = _decode_tile(
             q, acc, row_max, row_sum, v_unit, whole_end,
             block_id, k_head_ptr, v_head_ptr, k_scale_head_ptr, v_scale_head_ptr,
             stride_k_block, stride_v_block, stride_scale_block,

@@ -109,7 +109,8 @@ def _split_kv_reduce_kernel(
         pieces = tl.cdiv(visible, PARTITION)
         # a sequence of one partition, which stage 1 wrote out (none without WHOLE_WRITTEN)
         written = (context_len > 0) & (context_len <= (PARTITION if WHOLE_WRITTEN else 0))
-    num_parts = tl.where(written, 0, pieces)
+    # padding rows (token >= num_new) read nothing: their row may lie past the partials
+    num_parts = tl.where(row_valid, tl.where(written, 0, pieces), 0)
 
     # Up to here the reads are of lengths that stage 1 only reads, and a normal launch (stage
     # 1) started only after whatever wrote them had finished: they overlap stage 1's tail.
