@@ -9,6 +9,7 @@ run; backends' ``supports`` and the selection policy read only the key.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -218,6 +219,8 @@ def build_call(
         )
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale: expected a Python float (softmax scale), got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale: expected a finite softmax scale, got {scale}")
 
     check_positive_int(max_qlen, "max_qlen")
     check_positive_int(max_seq_len, "max_seq_len")
