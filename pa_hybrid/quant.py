@@ -2,8 +2,9 @@
 
 Symmetric quantization with ``qmax`` = 448 (float8_e4m3fn) or 127 (int8):
 ``stored = round(clamp(real / s, -qmax, qmax))``, ``real ~= stored * s``, where
-``round`` is round-to-nearest-even for fp8 (the dtype conversion) and
-``sign(v) * floor(|v| + 0.5)`` for int8. Per token: ``s = max_d |real| / qmax``
+``round`` is round-to-nearest-even for fp8 (the dtype conversion) and half away from
+zero for int8 (``sign(v) * (floor(|v|) + (|v| - floor(|v|) >= 0.5))``: exact, where
+``floor(|v| + 0.5)`` rounds values just below a half up). Per token: ``s = max_d |real| / qmax``
 over the head dim of one (token, kv head) vector (1.0 for an all-zero vector);
 per tensor: the same over the whole K (or V) cache. This is the rule of
 ``cache.reshape_and_cache_with_pertoken_quant``, so quantizing a whole cache gives
@@ -133,7 +134,10 @@ def quantize_values(real: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype)
     qmax = qmax_for(dtype)
     q = (real / scale).clamp_(-qmax, qmax)
     if dtype == torch.int8:
-        q = torch.where(q < 0, -torch.floor(-q + 0.5), torch.floor(q + 0.5))
+        magnitude = q.abs()
+        whole = magnitude.floor()
+        rounded = whole + (magnitude - whole >= 0.5).to(whole.dtype)  # the fraction is exact
+        q = torch.where(q < 0, -rounded, rounded)
     return q.to(dtype)
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pa_hybrid.cache import reshape_and_cache, reshape_and_cache_with_pertoken_quant
-from pa_hybrid.quant import dequantize_kv_cache, expand_per_tensor_scale, quantize_kv_cache
+from pa_hybrid.quant import dequantize_kv_cache, expand_per_tensor_scale, quantize_kv_cache, quantize_values
 
 QMAX = {torch.float8_e4m3fn: 448.0, torch.int8: 127.0}
 
@@ -28,7 +28,9 @@ def random_cache(num_blocks, heads, head_size, block_size, dtype, device):
 
 
 def round_half_away(q):
-    return torch.sign(q) * torch.floor(q.abs() + 0.5)
+    """In float64, where |q| + 0.5 is exact for every fp32 q (in fp32 the sum rounds values
+    just below a half up)."""
+    return (torch.sign(q) * torch.floor(q.double().abs() + 0.5)).to(q.dtype)
 
 
 def reference_quantize(real, scale, dtype):
@@ -142,6 +144,28 @@ def test_quantize_equals_cache_write(dtype, per_token, device):
         reshape_and_cache(key, value, Kw, Vw, slots, kv_cache_dtype, k_scale, v_scale)
     assert torch.equal(bits(Kw), bits(K8))
     assert torch.equal(bits(Vw), bits(V8))
+
+
+def test_int8_rounds_quotients_next_to_a_half(device):
+    """Quotients v / s one fp32 step below, at and above n + 0.5 round to n, n + 1, n + 1 (and
+    their negatives away from zero), in whole-cache quantization and in the cache writer."""
+    halves = torch.tensor([0.5, 1.5, 2.5, 63.5, 126.5])
+    base = torch.tensor(1.5) / halves  # fp32 scales whose quotients of 1.5 are near the halves
+    scales = torch.cat([base.nextafter(torch.tensor(0.0)), base, base.nextafter(torch.tensor(float("inf")))])
+    real = torch.tensor([1.5, -1.5])
+    quotients = real[None, :] / scales[:, None]
+    expected = round_half_away(quotients)
+    # the cases where floor(|q| + 0.5) in fp32 gives one level too many are among them
+    assert not torch.equal(expected, torch.sign(quotients) * torch.floor(quotients.abs() + 0.5))
+    assert torch.equal(quantize_values(real[None, :], scales[:, None], torch.int8).float(), expected)
+    K = torch.zeros(1, 1, 1, 16, 16, dtype=torch.int8, device=device)
+    V = torch.zeros_like(K)
+    key = torch.zeros(2, 1, 16, dtype=torch.bfloat16, device=device)
+    key[:, 0, 0] = real.to(device)
+    for scale, want in zip(scales, expected):
+        s = scale.reshape(1).to(device)
+        reshape_and_cache(key, key.clone(), K, V, torch.tensor([0, 1], device=device), "int8", s, s.clone())
+        assert torch.equal(K[0, 0, 0, :2, 0].float().cpu(), want), (scale.item(), K[0, 0, 0, :2, 0], want)
 
 
 @pytest.mark.parametrize("per_token", [True, False], ids=["per-token", "per-tensor"])

@@ -18,7 +18,8 @@ with ``enc`` one of (``QMAX`` = 448 for fp8 e4m3fn, 127 for int8):
   (dequantization: ``real = stored * s``).
 
 ``round`` is round-to-nearest-even for fp8 (the hardware conversion) and
-round-half-away-from-zero (``sign(v) floor(|v| + 0.5)``) for int8. Divisions are
+round-half-away-from-zero for int8 (``sign(v) (floor(|v|) + (frac(|v|) >= 0.5))``, exact: with
+``floor(|v| + 0.5)`` the sum rounds values just below a half up). Divisions are
 correctly rounded (``_divide``), so results equal a plain torch computation bit for bit.
 
 Performance. One program per (tile of ``TILE_T`` consecutive token indices, kv head)
@@ -102,7 +103,10 @@ def _encode(q, QMAX: tl.constexpr, TO_INT8: tl.constexpr, SOFTWARE_FP8: tl.const
     q = tl.minimum(tl.maximum(q, -QMAX), QMAX)
     if TO_INT8:
         # .to(int8) truncates toward zero: round half away from zero first
-        q = tl.where(q < 0, -tl.floor(-q + 0.5), tl.floor(q + 0.5))
+        magnitude = tl.abs(q)
+        whole = tl.floor(magnitude)
+        rounded = whole + tl.where(magnitude - whole >= 0.5, 1.0, 0.0)  # the fraction is exact
+        q = tl.where(q < 0, -rounded, rounded)
     elif SOFTWARE_FP8:
         q = _round_to_e4m3_grid(q)
     return q.to(out_dtype)
