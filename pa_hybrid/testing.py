@@ -142,3 +142,10 @@ def scale_tokens_along_context(case, factor_of_position, of="K"):
         case[f"{of}_QScale_asm"] = (case[f"{of}_QScale_asm"] * factor[:, None, :]).float()
     else:
         case["K"] = (case["K"].double() * factor[:, None, None, :, None]).to(case["K"].dtype)
+
+
+def round_half_away_from_zero(q: torch.Tensor) -> torch.Tensor:
+    """int8 quantization's rounding of fp32 quotients, computed independently of the package's
+    (in float64, where |q| + 0.5 is exact for every fp32 q; in fp32 the sum rounds values just
+    below a half up)."""
+    return (torch.sign(q) * torch.floor(q.double().abs() + 0.5)).to(q.dtype)

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pa_hybrid.cache import reshape_and_cache, reshape_and_cache_with_pertoken_quant
+from pa_hybrid.testing import round_half_away_from_zero
 
 QMAX = {torch.float8_e4m3fn: 448.0, torch.int8: 127.0}
 HYPOTHESIS = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -90,14 +91,10 @@ def ragged_slots(num_blocks, block_size, device, dtype=torch.int64, *, aligned=F
 # the plain-torch encoder and writer ---------------------------------------------- #
 
 
-def round_half_away(q):
-    return torch.sign(q) * torch.floor(q.abs() + 0.5)
-
-
 def encode(real, scale, dtype):
     """round(clamp(real / scale)) in ``dtype`` (``scale`` a tensor: an IEEE division)."""
     q = (real.float() / scale).clamp(-QMAX[dtype], QMAX[dtype])
-    return (round_half_away(q) if dtype == torch.int8 else q).to(dtype)
+    return (round_half_away_from_zero(q) if dtype == torch.int8 else q).to(dtype)
 
 
 def per_token_encode(real, dtype):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from pa_hybrid.cache import reshape_and_cache, reshape_and_cache_with_pertoken_quant
+from pa_hybrid.testing import round_half_away_from_zero
 from pa_hybrid.quant import dequantize_kv_cache, expand_per_tensor_scale, quantize_kv_cache, quantize_values
 
 QMAX = {torch.float8_e4m3fn: 448.0, torch.int8: 127.0}
@@ -27,15 +28,9 @@ def random_cache(num_blocks, heads, head_size, block_size, dtype, device):
     return K.to(dtype), V.to(dtype)
 
 
-def round_half_away(q):
-    """In float64, where |q| + 0.5 is exact for every fp32 q (in fp32 the sum rounds values
-    just below a half up)."""
-    return (torch.sign(q) * torch.floor(q.double().abs() + 0.5)).to(q.dtype)
-
-
 def reference_quantize(real, scale, dtype):
     q = (real / scale).clamp(-QMAX[dtype], QMAX[dtype])
-    return (round_half_away(q) if dtype == torch.int8 else q).to(dtype)
+    return (round_half_away_from_zero(q) if dtype == torch.int8 else q).to(dtype)
 
 
 def bits(t):
@@ -154,7 +149,7 @@ def test_int8_rounds_quotients_next_to_a_half(device):
     scales = torch.cat([base.nextafter(torch.tensor(0.0)), base, base.nextafter(torch.tensor(float("inf")))])
     real = torch.tensor([1.5, -1.5])
     quotients = real[None, :] / scales[:, None]
-    expected = round_half_away(quotients)
+    expected = round_half_away_from_zero(quotients)
     # the cases where floor(|q| + 0.5) in fp32 gives one level too many are among them
     assert not torch.equal(expected, torch.sign(quotients) * torch.floor(quotients.abs() + 0.5))
     assert torch.equal(quantize_values(real[None, :], scales[:, None], torch.int8).float(), expected)
