@@ -66,14 +66,32 @@ def _byte_span(t: torch.Tensor) -> tuple[int, int]:
     return begin, begin + (reach + 1) * t.element_size()
 
 
+def check_not_expanded(t: torch.Tensor, name: str) -> None:
+    """A tensor a kernel writes must not have elements that share memory (an expanded view)."""
+    if not t.is_contiguous() and torch._debug_has_internal_overlap(t) == 1:
+        raise ValueError(f"{name}: its elements must not share memory (an expanded view?), got strides {t.stride()}")
+
+
+def check_distinct_outputs(named: dict) -> None:
+    """Outputs that may interleave in one buffer (K and V caches of one [num_blocks, 2, ...]
+    allocation): none expanded, and no two the same view (the same start address: one tensor
+    passed twice). Metadata only."""
+    starts = {}
+    for name, t in named.items():
+        check_not_expanded(t, name)
+        key = (t.device, t.data_ptr())
+        if t.numel() and key in starts:
+            raise ValueError(f"{name}: must not be the same memory as {starts[key]} (each is written by the kernels)")
+        starts[key] = name
+
+
 def check_no_overlap(named: dict) -> None:
     """Outputs a kernel writes must not share memory: neither one tensor with itself (an
     expanded view) nor two with each other (their strides' reach, so interleaved views of one
     buffer count as overlapping too). Metadata only."""
     spans = []
     for name, t in named.items():
-        if not t.is_contiguous() and torch._debug_has_internal_overlap(t) == 1:
-            raise ValueError(f"{name}: its elements must not share memory (an expanded view?), got strides {t.stride()}")
+        check_not_expanded(t, name)
         spans.append((name, t.device, *_byte_span(t)))
     for i, (name, device, begin, end) in enumerate(spans):
         for other, other_device, other_begin, other_end in spans[:i]:

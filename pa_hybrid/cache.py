@@ -22,7 +22,15 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_device_match, check_dtype, check_last_dim_contiguous, check_rank, check_shape, check_tensor
+from ._checks import (
+    check_device_match,
+    check_distinct_outputs,
+    check_dtype,
+    check_last_dim_contiguous,
+    check_rank,
+    check_shape,
+    check_tensor,
+)
 from .kernels.cache_write import (
     QUANT_NONE,
     QUANT_PER_TENSOR,
@@ -80,6 +88,7 @@ def reshape_and_cache(
             )
         quant = QUANT_PER_TENSOR
     key_cache, value_cache = _check_caches(key, key_cache, value_cache, cache_dtype, asm_layout)
+    check_distinct_outputs({"key_cache": key_cache, "value_cache": value_cache})
     if quant == QUANT_PER_TENSOR:
         for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
             _check_scalar_scale(s, name, key)
@@ -128,6 +137,10 @@ def reshape_and_cache_with_pertoken_quant(
         check_dtype(s, torch.float32, name)
         check_last_dim_contiguous(s, name)
         check_device_match(s, key, name, "key")
+    check_distinct_outputs(
+        {"key_cache": key_cache, "value_cache": value_cache, "k_dequant_scales": k_dequant_scales,
+         "v_dequant_scales": v_dequant_scales}
+    )  # fmt: skip
     check_kernel_device(key, "key")
     launch_reshape_and_cache(
         key, value, key_cache, value_cache, slot_mapping,

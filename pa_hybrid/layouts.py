@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from ._checks import check_device_match, check_dtype, check_rank, check_shape, check_tensor
+from ._checks import check_device_match, check_dtype, check_positive_int, check_rank, check_shape, check_tensor
 from .kernels.common import interpreting
 from .kernels.layout_convert import TileLayout, convert_layout
 
@@ -105,21 +105,31 @@ def resolve_kv_dtype(
 
 
 def k_cache_shape(num_blocks: int, num_kv_heads: int, head_size: int, block_size: int, dtype: torch.dtype):
-    x = x_for(dtype)
-    _check_divisible(head_size, x, "head_size", dtype)
-    _check_divisible(block_size, x, "block_size", dtype)
+    x = _checked_geometry(num_blocks, num_kv_heads, head_size, block_size, dtype)
     return (num_blocks, num_kv_heads, head_size // x, block_size, x)
 
 
 def v_cache_shape(num_blocks: int, num_kv_heads: int, head_size: int, block_size: int, dtype: torch.dtype):
-    x = x_for(dtype)
-    _check_divisible(head_size, x, "head_size", dtype)
-    _check_divisible(block_size, x, "block_size", dtype)
+    x = _checked_geometry(num_blocks, num_kv_heads, head_size, block_size, dtype)
     return (num_blocks, num_kv_heads, block_size // x, head_size, x)
 
 
 def scale_shape(num_blocks: int, num_kv_heads: int, block_size: int):
+    check_positive_int(num_blocks, "num_blocks", allow_zero=True)
+    check_positive_int(num_kv_heads, "num_kv_heads")
+    check_positive_int(block_size, "block_size")
     return (num_blocks, num_kv_heads, block_size)
+
+
+def _checked_geometry(num_blocks, num_kv_heads, head_size, block_size, dtype) -> int:
+    """x of ``dtype``, once the sizes are ints that make a cache of it (0 blocks allowed)."""
+    check_positive_int(num_blocks, "num_blocks", allow_zero=True)
+    for name, n in (("num_kv_heads", num_kv_heads), ("head_size", head_size), ("block_size", block_size)):
+        check_positive_int(n, name)
+    x = x_for(dtype)
+    _check_divisible(head_size, x, "head_size", dtype)
+    _check_divisible(block_size, x, "block_size", dtype)
+    return x
 
 
 def max_num_partitions(max_seq_len: int) -> int:
@@ -311,6 +321,8 @@ def _check_pair(key, value, rank, layout):
 def _check_tile_dims(t: torch.Tensor, name: str, head_size: int, block_size: int) -> int:
     x = x_for(t.dtype)
     for what, n in (("head_size", head_size), ("block_size", block_size)):
+        if n == 0:
+            raise ValueError(f"{name}: {what} must be positive, got 0 (shape {tuple(t.shape)})")
         if n % x:
             raise ValueError(
                 f"{name}: {what} must be divisible by x={x} for a {t.dtype} cache, got {n} (shape {tuple(t.shape)})"

@@ -460,6 +460,8 @@ COMMON_ERRORS = [
     (dict(key_cache=lambda a: a["key_cache"].half(), value_cache=lambda a: a["value_cache"].half()), TypeError,
      r"key_cache: kv_cache_dtype='auto' expects a cache of the dtype of key"),
     (dict(kv_cache_dtype="fp8"), ValueError, r"key_cache: kv_cache_dtype='fp8' but the cache holds torch.bfloat16"),
+    (dict(key_cache=lambda a: a["key_cache"][:1].expand(a["key_cache"].shape)), ValueError,
+     r"key_cache: its elements must not share memory"),
 ])  # fmt: skip
 def test_reshape_and_cache_errors(changes, error, match):
     args = _with(_args, **changes)()
@@ -473,6 +475,8 @@ def test_reshape_and_cache_errors(changes, error, match):
     "make,kwargs,error,match",
     [
         (lambda: _args(head_size=60), {}, ValueError, r"key: head_size must be divisible by x=8"),
+        (lambda: (a := _args(head_size=16, block_size=16)) | dict(value_cache=a["key_cache"]), {}, ValueError,
+         r"value_cache: must not be the same memory as key_cache"),
         (lambda: _args(block_size=12), {}, ValueError, r"key_cache: block_size must be divisible by x=8"),
         (lambda: _args(block_size=8, cache_dtype=torch.int8), dict(kv_cache_dtype="int8"), ValueError,
          r"key_cache: block_size must be divisible by x=16"),
@@ -508,6 +512,10 @@ def test_reshape_and_cache_more_errors(make, kwargs, error, match):
      r"v_dequant_scales: the last dim must be contiguous"),
     (dict(k_dequant_scales=lambda a: a["k_dequant_scales"].to("meta")), ValueError, r"k_dequant_scales: expected a tensor on cpu"),
     (dict(k_dequant_scales="scales"), TypeError, r"k_dequant_scales: expected a torch.Tensor"),
+    (dict(v_dequant_scales=lambda a: a["k_dequant_scales"]), ValueError,
+     r"v_dequant_scales: must not be the same memory as k_dequant_scales"),
+    (dict(k_dequant_scales=lambda a: a["k_dequant_scales"][:1].expand(a["k_dequant_scales"].shape)), ValueError,
+     r"k_dequant_scales: its elements must not share memory"),
 ])  # fmt: skip
 def test_per_token_errors(changes, error, match):
     args = _with(_quant_args, **changes)()

@@ -9,7 +9,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pa_hybrid.layouts import shuffle_from_nhd, shuffle_from_vllm, unshuffle_to_nhd, unshuffle_to_vllm
+from pa_hybrid.layouts import (
+    k_cache_shape,
+    shuffle_from_nhd,
+    shuffle_from_vllm,
+    unshuffle_to_nhd,
+    unshuffle_to_vllm,
+    v_cache_shape,
+)
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.int8, torch.uint8]
 
@@ -161,6 +168,8 @@ def _nhd(dtype=torch.bfloat16, shape=(2, 16, 2, 64), device="cpu"):
         (lambda: (_nhd(shape=(2, 12, 2, 64)),) * 2, ValueError, r"key_cache: block_size must be divisible by x=8"),
         (lambda: (_nhd(torch.int8, (2, 8, 2, 64)),) * 2, ValueError, r"key_cache: block_size must be divisible by x=16"),
         (lambda: (_nhd(), _nhd(device="meta")), ValueError, r"value_cache: expected a tensor on cpu"),
+        (lambda: (_nhd(shape=(2, 16, 2, 0)),) * 2, ValueError, r"key_cache: head_size must be positive"),
+        (lambda: (_nhd(shape=(2, 0, 2, 64)),) * 2, ValueError, r"key_cache: block_size must be positive"),
     ],
 )
 def test_shuffle_from_nhd_errors(make_args, error, match):
@@ -189,6 +198,22 @@ def _vllm(num_blocks=2, heads=2, head_size=64, block_size=16, dtype=torch.bfloat
 def test_shuffle_from_vllm_errors(make_args, error, match):
     with pytest.raises(error, match=match):
         shuffle_from_vllm(*make_args())
+
+
+@pytest.mark.parametrize(
+    "args,error,match",
+    [
+        ((2, 1, 64.0, 16), TypeError, r"head_size: expected an int, got float"),
+        ((-1, 1, 64, 16), ValueError, r"num_blocks: expected a non-negative int, got -1"),
+        ((2, 0, 64, 16), ValueError, r"num_kv_heads: expected a positive int"),
+        ((2, 1, 64, 12), ValueError, r"block_size: must be divisible by x=8"),
+    ],
+)
+@pytest.mark.parametrize("shape_of", [k_cache_shape, v_cache_shape])
+def test_cache_shape_errors(shape_of, args, error, match):
+    assert shape_of(0, 1, 64, 16, torch.bfloat16)[0] == 0  # no blocks yet is a shape
+    with pytest.raises(error, match=match):
+        shape_of(*args, torch.bfloat16)
 
 
 @pytest.mark.parametrize("convert", [unshuffle_to_nhd, unshuffle_to_vllm])
