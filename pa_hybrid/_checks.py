@@ -57,6 +57,12 @@ def check_positive_int(v, name: str, *, allow_zero: bool = False) -> None:
         raise ValueError(f"{name}: expected a {'non-negative' if allow_zero else 'positive'} int, got {v}")
 
 
+def check_validate(validate) -> None:
+    """``validate``: "shapes" (metadata only, no host sync) or "full" (device data too)."""
+    if validate not in ("shapes", "full"):
+        raise ValueError(f"validate: expected 'shapes' or 'full', got {validate!r}")
+
+
 def _byte_span(t: torch.Tensor) -> tuple[int, int]:
     """[first, last) bytes a tensor's elements may touch (its strides' reach, gaps included)."""
     begin, numel = t.data_ptr(), t.numel()

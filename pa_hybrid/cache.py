@@ -3,7 +3,8 @@
 ``key``/``value``: ``[num_tokens, num_kv_heads, head_size]`` bf16/fp16, any strides
 with a contiguous last dim (e.g. slices of a fused QKV tensor).
 ``slot_mapping``: ``[num_tokens]`` int32/int64, ``slot = block * block_size + offset``;
-a negative slot marks a padding token, which is skipped.
+a negative slot marks a padding token, which is skipped. Slots must be distinct (two
+tokens for one slot race).
 
 Cache layouts (``x = 16 // element_size(cache dtype)``):
 
@@ -13,9 +14,10 @@ Cache layouts (``x = 16 // element_size(cache dtype)``):
 
 The last three (vLLM V: two) dims of a cache must be contiguous; block and head
 strides are free. Both functions launch one Triton kernel (``kernels/cache_write.py``),
-never read device memory on the host (no synchronization: CUDA-graph capturable) and
-check only metadata: slots ``>= num_blocks * block_size`` are the caller's
-responsibility (they would write out of bounds).
+by default never read device memory on the host (no synchronization: CUDA-graph
+capturable) and check only metadata. The kernel skips slots ``>= num_blocks * block_size``
+like padding, so a bad slot never writes out of bounds; ``validate="full"`` (one host round
+trip) raises a ``ValueError`` for such slots and for repeated ones instead.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from ._checks import (
     check_rank,
     check_shape,
     check_tensor,
+    check_validate,
 )
 from .kernels.cache_write import (
     QUANT_NONE,
@@ -55,6 +58,7 @@ def reshape_and_cache(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     asm_layout: bool = True,
+    validate: str = "shapes",
 ) -> None:
     """Store ``key``/``value`` at ``slot_mapping`` in ``key_cache``/``value_cache`` (in place).
 
@@ -64,8 +68,9 @@ def reshape_and_cache(
     ``stored = round(clamp(real / k_scale, -qmax, qmax))`` (qmax 448 for fp8, 127 for
     int8; fp8 rounds to nearest even, int8 half away from zero). ``k_scale``/``v_scale``
     are 1-element fp32 device tensors (None means 1.0); a 16-bit cache ignores them.
+    ``validate``: "shapes" (metadata only) or "full" (also the slots' values, see the module doc).
     """
-    _check_tokens(key, value, slot_mapping)
+    _check_tokens(key, value, slot_mapping, validate)
     if not isinstance(kv_cache_dtype, str):
         raise TypeError(f"kv_cache_dtype: expected a str, got {type(kv_cache_dtype).__name__}")
     check_tensor(key_cache, "key_cache")
@@ -94,6 +99,8 @@ def reshape_and_cache(
             _check_scalar_scale(s, name, key)
         if (k_scale is None) != (v_scale is None):
             raise ValueError("k_scale, v_scale: pass both or neither (None means 1.0)")
+    if validate == "full":
+        _check_slot_values(slot_mapping, key_cache)
     check_kernel_device(key, "key")
     launch_reshape_and_cache(
         key, value, key_cache, value_cache, slot_mapping,
@@ -110,6 +117,7 @@ def reshape_and_cache_with_pertoken_quant(
     v_dequant_scales: torch.Tensor,
     slot_mapping: torch.Tensor,
     asm_layout: bool = True,
+    validate: str = "shapes",
 ) -> None:
     """Quantize each (token, kv head) vector symmetrically and store it (in place).
 
@@ -119,9 +127,10 @@ def reshape_and_cache_with_pertoken_quant(
     ``k_dequant_scales[block, h, offset] = s``; likewise V. The cache dtype decides:
     float8_e4m3fn (or uint8 holding its bits; qmax 448, round to nearest even) or
     int8 (qmax 127, round half away from zero). ``*_dequant_scales``:
-    ``[num_blocks, num_kv_heads, block_size]`` fp32, last dim contiguous.
+    ``[num_blocks, num_kv_heads, block_size]`` fp32, last dim contiguous. ``validate`` as in
+    ``reshape_and_cache``.
     """
-    _check_tokens(key, value, slot_mapping)
+    _check_tokens(key, value, slot_mapping, validate)
     check_tensor(key_cache, "key_cache")
     if key_cache.dtype not in (torch.float8_e4m3fn, torch.int8, torch.uint8):
         raise TypeError(
@@ -141,6 +150,8 @@ def reshape_and_cache_with_pertoken_quant(
         {"key_cache": key_cache, "value_cache": value_cache, "k_dequant_scales": k_dequant_scales,
          "v_dequant_scales": v_dequant_scales}
     )  # fmt: skip
+    if validate == "full":
+        _check_slot_values(slot_mapping, key_cache)
     check_kernel_device(key, "key")
     launch_reshape_and_cache(
         key, value, key_cache, value_cache, slot_mapping,
@@ -154,7 +165,8 @@ def reshape_and_cache_with_pertoken_quant(
 # --------------------------------------------------------------------------- #
 
 
-def _check_tokens(key, value, slot_mapping):
+def _check_tokens(key, value, slot_mapping, validate):
+    check_validate(validate)
     check_rank(key, 3, "key", _TOKENS)
     check_rank(value, 3, "value", _TOKENS)
     check_dtype(key, _INPUT_DTYPES, "key")
@@ -213,6 +225,21 @@ def _check_caches(key, key_cache, value_cache, cache_dtype, asm_layout):
                 f"got strides {t.stride()} for shape {tuple(t.shape)}"
             )
     return key_cache.view(cache_dtype), value_cache.view(cache_dtype)
+
+
+def _check_slot_values(slot_mapping, key_cache):
+    """The opt-in device-data check (``validate="full"``): one host round trip."""
+    num_slots = key_cache.shape[0] * key_cache.shape[3]
+    slots = slot_mapping.cpu()
+    past = slots[slots >= num_slots]
+    if past.numel():
+        raise ValueError(
+            f"slot_mapping: slots must be below num_blocks * block_size = {num_slots} "
+            f"(negative for padding), got {past.tolist()[:8]}"
+        )
+    used, counts = torch.unique(slots[slots >= 0], return_counts=True)
+    if bool((counts > 1).any()):
+        raise ValueError(f"slot_mapping: slots must be distinct, repeated: {used[counts > 1].tolist()[:8]}")
 
 
 def _check_scalar_scale(scale, name, key):

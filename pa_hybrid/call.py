@@ -24,6 +24,7 @@ from ._checks import (
     check_rank,
     check_shape,
     check_tensor,
+    check_validate,
 )
 from .layouts import QUERY_DTYPES, is_8bit, max_num_partitions, resolve_kv_dtype, shuffled_geometry
 
@@ -173,8 +174,7 @@ def build_call(
     the values of block_tables, context_lens and qo_indptr are checked too, which
     reads them back from the device (a synchronization).
     """
-    if validate not in ("shapes", "full"):
-        raise ValueError(f"validate: expected 'shapes' or 'full', got {validate!r}")
+    check_validate(validate)
     check_rank(Q, 3, "Q", "[num_seqs or total_q_tokens, num_heads, head_size]")
     check_dtype(Q, QUERY_DTYPES, "Q")
     check_last_dim_contiguous(Q, "Q")

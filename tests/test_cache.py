@@ -202,6 +202,41 @@ def test_no_tokens(device):
     assert_same_bits(V, before[1])
 
 
+@pytest.mark.parametrize("per_token", [False, True], ids=["copy", "per-token-int8"])
+def test_slots_past_the_cache_write_nothing(per_token, device, interpreter_bounds_check):
+    """Slots >= num_blocks * block_size are skipped like padding: the caches are the first
+    blocks of larger allocations whose last block must keep its bits, and far slots must
+    not be addressed at all (the interpreter's bounds check, memcheck on a GPU). The first
+    16 tokens are one aligned tile just past the cache (the kernel's vectorized path)."""
+    num_blocks, heads, head_size, block_size = 4, 2, 64, 16
+    num_slots = num_blocks * block_size
+    cache_dtype = torch.int8 if per_token else torch.bfloat16
+    K_all, V_all = make_caches(num_blocks + 1, heads, head_size, block_size, cache_dtype, device)
+    K, V = K_all[:num_blocks], V_all[:num_blocks]
+    slots = torch.cat([torch.arange(num_slots, num_slots + 16, device=device), ragged_slots(num_blocks, block_size, device)])
+    past = torch.randperm(slots.numel() - 16)[:3] + 16
+    slots[past[0]], slots[past[1]], slots[past[2]] = num_slots, num_slots + block_size - 1, 10**9
+    key, value = make_tokens(slots.numel(), heads, head_size, torch.bfloat16, device)
+    kept = torch.where(slots < num_slots, slots, -1)
+    before = (bits(K_all[num_blocks]).clone(), bits(V_all[num_blocks]).clone())
+    if per_token:
+        scales_all = [torch.rand(num_blocks + 1, heads, block_size, device=device) + 1 for _ in range(2)]
+        k_scales, v_scales = (s[:num_blocks] for s in scales_all)
+        (key_enc, key_s), (value_enc, value_s) = per_token_encode(key, torch.int8), per_token_encode(value, torch.int8)
+        expected_k, expected_v, expected_scales = torch_write(K, V, key_enc, value_enc, kept, True, k_scales, v_scales, (key_s, value_s))
+        scales_before = [s[num_blocks].clone() for s in scales_all]
+        reshape_and_cache_with_pertoken_quant(key, value, K, V, k_scales, v_scales, slots)
+        for actual, expected, spare, spare_before in zip((k_scales, v_scales), expected_scales, scales_all, scales_before):
+            torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+            torch.testing.assert_close(spare[num_blocks], spare_before, rtol=0, atol=0)
+    else:
+        expected_k, expected_v, _ = torch_write(K, V, key, value, kept)
+        reshape_and_cache(key, value, K, V, slots, "auto")
+    assert_same_bits(K, expected_k)
+    assert_same_bits(V, expected_v)
+    assert torch.equal(bits(K_all[num_blocks]), before[0]) and torch.equal(bits(V_all[num_blocks]), before[1])
+
+
 # per-tensor quantization ----------------------------------------------------------- #
 
 
@@ -522,6 +557,28 @@ def test_per_token_errors(changes, error, match):
     asm_layout = args.pop("asm_layout", True)
     with pytest.raises(error, match=match):
         reshape_and_cache_with_pertoken_quant(**args, asm_layout=asm_layout)
+
+
+@pytest.mark.parametrize("per_token", [False, True], ids=["copy", "per-token"])
+@pytest.mark.parametrize(
+    "slots,match",
+    [
+        ([0, 1, 48, 2, -1], r"slot_mapping: slots must be below num_blocks \* block_size = 48 \(negative for padding\), got \[48\]"),
+        ([0, 1, 7, -1, 7], r"slot_mapping: slots must be distinct, repeated: \[7\]"),
+    ],
+    ids=["past-the-cache", "repeated"],
+)
+def test_full_validation_of_slots(slots, match, per_token):
+    """validate="full" reads the slots back and names the bad ones; the default call does not."""
+    args = _quant_args(cache_dtype=torch.int8) if per_token else _args()
+    args["slot_mapping"] = torch.tensor(slots)
+    write = reshape_and_cache_with_pertoken_quant if per_token else reshape_and_cache
+    with pytest.raises(ValueError, match=match):
+        write(**args, validate="full")
+    ok = dict(args, slot_mapping=torch.tensor([0, 1, 47, 2, -1]))
+    write(**ok, validate="full")
+    with pytest.raises(ValueError, match=r"validate: expected 'shapes' or 'full', got 'all'"):
+        write(**ok, validate="all")
 
 
 def test_cpu_tensors_without_interpreter(monkeypatch):

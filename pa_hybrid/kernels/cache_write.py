@@ -1,6 +1,7 @@
 """Write new tokens into the paged KV cache (``reshape_and_cache`` and its quantizing variants).
 
-For token ``t`` with ``slot = slot_mapping[t]`` (``slot < 0``: padding, skipped),
+For token ``t`` with ``slot = slot_mapping[t]`` (skipped unless ``0 <= slot < num_blocks * block_size``:
+negative slots are padding, larger ones would write past the cache),
 ``block = slot // block_size`` and ``offset = slot % block_size``, every kv head ``h``
 and dim ``d``:
 
@@ -215,6 +216,7 @@ def _reshape_and_cache_kernel(
     k_dequant_ptr,  # QUANT_PER_TOKEN: [num_blocks, num_kv_heads, block_size] fp32
     v_dequant_ptr,
     num_tokens,
+    num_slots,  # num_blocks * block_size
     stride_key_token,
     stride_key_head,
     stride_value_token,
@@ -248,7 +250,7 @@ def _reshape_and_cache_kernel(
     first_token = tile * TILE_T
     tokens = first_token + i
     slots = tl.load(slot_mapping_ptr + tokens, mask=tokens < num_tokens, other=-1).to(tl.int64)
-    valid = slots >= 0
+    valid = (slots >= 0) & (slots < num_slots)
     safe_slots = tl.where(valid, slots, 0)
     block = safe_slots // BLOCK_SIZE
     offset = safe_slots % BLOCK_SIZE
@@ -259,7 +261,7 @@ def _reshape_and_cache_kernel(
     if FAST_PATH:
         # TILE_T divides BLOCK_SIZE, so an aligned run of TILE_T slots stays in one block
         breaks = tl.sum((slots != first + i).to(tl.int32), axis=0)
-        fast = (first >= 0) & (first % TILE_T == 0) & (breaks == 0)
+        fast = (first >= 0) & (first < num_slots) & (first % TILE_T == 0) & (breaks == 0)
     else:
         fast = first != first  # never; a runtime scalar like the other branch
     first = tl.maximum(first, 0)
@@ -347,6 +349,7 @@ def launch_reshape_and_cache(
         k_dequant_arg,
         v_dequant_arg,
         num_tokens,
+        key_cache.shape[0] * block_size,
         key.stride(0),
         key.stride(1),
         value.stride(0),
