@@ -10,6 +10,7 @@ tests need NVRTC only, and run beside a ROCm build of torch too where it is inst
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -126,6 +128,12 @@ def test_spec_rejects_bad_fields_by_name(kwargs, field):
         runtime.KernelSpec(**args)
 
 
+@pytest.mark.parametrize("option", ["--include-path=/x", "--pre-include=/x/a.h", "-include", "-isystem/x", "-I"])
+def test_spec_rejects_include_options_the_cache_key_cannot_follow(option):
+    with pytest.raises(ValueError, match=r"KernelSpec.options: name include directories as -I<dir>"):
+        runtime.KernelSpec("k.cu", "k", ARCH, options=(option,))
+
+
 def test_spec_rejects_a_string_constant():
     with pytest.raises(TypeError, match=r"KernelSpec.constants\['N'\]: expected bool, int or float"):
         runtime.KernelSpec("k.cu", "k", ARCH, constants={"N": "4"})
@@ -136,7 +144,7 @@ def test_prelude_holds_declarations_only():
     assert "constexpr float kScale = 2.5f;" in prelude
     assert "constexpr bool kAddOne = true;" in prelude
     assert "using value_t = float;" in prelude
-    assert prelude.rstrip().endswith('#line 1 "scaled_copy.cu"')
+    assert prelude.rstrip().endswith(f'#line 1 "{(DATA / "scaled_copy.cu").resolve()}"')
     big = runtime.KernelSpec("k.cu", "k", ARCH, constants={"BIG": 2**40}).prelude()
     assert f"constexpr long long BIG = {2**40}LL;" in big
 
@@ -165,6 +173,54 @@ def test_prelude_configures_the_source(cache):
     kernel = runtime.compile_kernel(scaled_copy_spec())
     assert kernel.symbol() == "scaled_copy"  # extern "C": the name expression is the symbol
     assert runtime.compile_kernel(scaled_copy_spec(value_t="double")).path != kernel.path
+
+
+@needs_nvrtc
+def test_constants_equal_in_python_but_not_in_cpp_are_two_variants(cache, compiles):
+    """kScale = 2 (int) and 2.0 (float) compare equal as specs but are other C++ (here the
+    same code, which an int divisor would not be): each gets its own build, never the other's."""
+    as_int = runtime.KernelSpec("scaled_copy.cu", "scaled_copy", ARCH, types={"value_t": "float"},
+                                constants={"kScale": 2, "kAddOne": True}, source_dir=DATA)  # fmt: skip
+    as_float = dataclasses.replace(as_int, constants=(("kScale", 2.0), ("kAddOne", True)))
+    assert as_int == as_float and as_int.name != as_float.name
+    first, second = runtime.compile_kernel(as_int), runtime.compile_kernel(as_float)
+    assert second is not first and second.spec is as_float and second.path != first.path
+    assert "constexpr int kScale = 2;" in as_int.prelude() and "constexpr float kScale = 2.0f;" in as_float.prelude()
+    assert len(compiles) == 2
+
+
+@needs_nvrtc
+def test_quoted_includes_never_come_from_the_current_directory(cache, tmp_path, monkeypatch):
+    """A header of the same name in the current directory (another checkout's csrc/, say) is
+    not what the source includes: the build and its cache entry are the source directory's."""
+    sources, elsewhere = tmp_path / "src", tmp_path / "cwd"
+    shutil.copytree(DATA, sources)
+    elsewhere.mkdir()
+    (elsewhere / "vector_add.cuh").write_text("#error the current directory's header was included\n")
+    monkeypatch.chdir(elsewhere)
+    kernel = runtime.compile_kernel(add_spec(source_dir=sources))  # would fail on the #error
+    assert not kernel.from_cache
+
+
+@needs_nvrtc
+def test_unwritable_cache_compiles_into_memory_with_one_warning(tmp_path, monkeypatch, compiles):
+    """A cache directory that cannot be created (here below a file; read-only or full disks
+    alike) costs the disk cache only."""
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv(env.CACHE_DIR_ENV, str(tmp_path / "a_file" / "cache"))
+    monkeypatch.setattr(compiler, "_warned_unwritable", set())
+    compiler.clear_memory_cache()
+    try:
+        with pytest.warns(RuntimeWarning, match=r"cannot be written .* compiling into memory only .*PA_HYBRID_CACHE_DIR"):
+            kernel = runtime.compile_kernel(add_spec())
+        assert kernel.cubin.startswith(b"\x7fELF") and not kernel.from_cache
+        compiler.clear_memory_cache()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once per directory
+            runtime.compile_kernel(add_spec(options=("-DUNUSED=1",)))
+        assert len(compiles) == 2
+    finally:
+        compiler.clear_memory_cache()
 
 
 @needs_nvrtc
@@ -220,6 +276,24 @@ def test_damaged_cache_entry_is_rebuilt(cache, compiles):
     rebuilt = runtime.compile_kernel(add_spec())
     assert not rebuilt.from_cache and rebuilt.path.read_bytes() == kernel.cubin
     assert len(compiles) == 2
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("damage", ["null", "usage renamed", "no log"])
+def test_cache_entry_of_another_shape_is_rebuilt(cache, compiles, damage):
+    kernel = runtime.compile_kernel(add_spec())
+    meta_path = kernel.path.with_suffix(".json")
+    meta = json.loads(meta_path.read_text())
+    if damage == "null":
+        meta = None
+    elif damage == "usage renamed":
+        meta["usage"] = {name: {"regs": 1} for name in meta["usage"]}
+    else:
+        del meta["log"]
+    meta_path.write_text(json.dumps(meta))
+    compiler.clear_memory_cache()
+    rebuilt = runtime.compile_kernel(add_spec())
+    assert not rebuilt.from_cache and rebuilt.cubin == kernel.cubin and len(compiles) == 2
 
 
 def test_atomic_write_leaves_old_file_or_new_one_never_a_part(tmp_path, monkeypatch):

@@ -76,7 +76,7 @@ def _compile(spec: KernelSpec) -> tuple[bytes, dict[str, str]]:
     """(code object, {entry: lowered symbol}) of a variant."""
     _, rtc = _bindings()
     text = (spec.prelude() + spec.source_path().read_text()).encode()
-    program = _check(rtc.hiprtcCreateProgram(text, spec.source.encode(), 0, [], []), "hiprtcCreateProgram")
+    program = _check(rtc.hiprtcCreateProgram(text, spec.program_name().encode(), 0, [], []), "hiprtcCreateProgram")
     try:
         for entry in spec.entries:
             _check(rtc.hiprtcAddNameExpression(program, entry.encode()), f"hiprtcAddNameExpression({entry!r})")
@@ -110,19 +110,19 @@ class Function:
 
 
 _lock = threading.Lock()
-_compiled: dict[KernelSpec, tuple[bytes, dict[str, str]]] = {}
+_compiled: dict[str, tuple[bytes, dict[str, str]]] = {}  # by spec.name (tells 2, 2.0 and True apart)
 _modules: dict[tuple, object] = {}
 _functions: dict[tuple, Function] = {}
 
 
 def get_function(spec: KernelSpec, device_index: int, entry: str | None = None) -> Function:
     """The kernel ``entry`` of a variant (compiled with hipRTC at first use) on the device."""
-    key = (spec, entry, device_index)
+    key = (spec.name, entry, device_index)
     if key not in _functions:
         with _lock:
-            if spec not in _compiled:
-                _compiled[spec] = _compile(spec)
-        code, symbols = _compiled[spec]
+            if spec.name not in _compiled:
+                _compiled[spec.name] = _compile(spec)
+        code, symbols = _compiled[spec.name]
         if entry is None and len(symbols) != 1:
             raise ValueError(f"entry: {spec.source} exports {list(symbols)}; name one")
         symbol = symbols[entry if entry is not None else next(iter(symbols))]
