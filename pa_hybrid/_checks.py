@@ -72,10 +72,30 @@ def _byte_span(t: torch.Tensor) -> tuple[int, int]:
     return begin, begin + (reach + 1) * t.element_size()
 
 
+def _overlaps_itself(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` may share memory. torch answers 1 (yes: a zero stride) or
+    0 (no: contiguous) cheaply and 2 when it cannot tell; then the dims, by stride, must nest:
+    each stride at least the extent of the smaller-strided dims (views of interleaved buffers
+    pass; a layout that interleaves its own dims otherwise is refused as a possible overlap)."""
+    verdict = torch._debug_has_internal_overlap(t)
+    if verdict != 2:
+        return verdict == 1
+    extent = 1  # elements spanned by the dims taken so far
+    for stride, size in sorted((stride, size) for size, stride in zip(t.shape, t.stride()) if size > 1):
+        if stride < extent:
+            return True
+        extent += stride * (size - 1)
+    return False
+
+
 def check_not_expanded(t: torch.Tensor, name: str) -> None:
-    """A tensor a kernel writes must not have elements that share memory (an expanded view)."""
-    if not t.is_contiguous() and torch._debug_has_internal_overlap(t) == 1:
-        raise ValueError(f"{name}: its elements must not share memory (an expanded view?), got strides {t.stride()}")
+    """A tensor a kernel writes must not have elements that share memory (an expanded view, or
+    strides that make rows overlap)."""
+    if not t.is_contiguous() and _overlaps_itself(t):
+        raise ValueError(
+            f"{name}: its elements must not share memory (an expanded or overlapping view?), "
+            f"got shape {tuple(t.shape)} and strides {t.stride()}"
+        )
 
 
 def check_distinct_outputs(named: dict) -> None:

@@ -74,7 +74,7 @@ def paged_attention_common(
         max_qlen, max_seq_len, K_QScale_hip, V_QScale_hip, K_QScale_asm, V_QScale_asm, out_, qo_indptr,
         high_precision, kernelName, kv_cache_dtype, kv_cache_tensor_dtype, validate,
     )  # fmt: skip
-    dispatch.backend_for(backend, call.key).run(call)
+    dispatch.run(backend, call)
     return call.out
 
 

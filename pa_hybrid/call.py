@@ -26,7 +26,7 @@ from ._checks import (
     check_tensor,
     check_validate,
 )
-from .layouts import QUERY_DTYPES, is_8bit, max_num_partitions, resolve_kv_dtype, shuffled_geometry
+from .layouts import QUERY_DTYPES, TMP_OUT_DTYPES, is_8bit, max_num_partitions, resolve_kv_dtype, shuffled_geometry
 
 SCALES_NONE, SCALES_PER_TENSOR, SCALES_PER_TOKEN = "none", "per_tensor", "per_token"
 HIGH_PRECISION_LEVELS = (0, 1, 2)
@@ -355,7 +355,7 @@ def _check_scratch(exp_sums, max_logits, tmp_out, rows, num_heads, head_size, nu
             f"got {tuple(max_logits.shape)}/{max_logits.stride()}"
         )
     check_rank(tmp_out, 4, "tmp_out", "[rows, num_heads, max_num_partitions, head_size]")
-    check_dtype(tmp_out, (torch.float32, torch.bfloat16, torch.float16), "tmp_out")
+    check_dtype(tmp_out, TMP_OUT_DTYPES, "tmp_out")
     check_device_match(tmp_out, Q, "tmp_out", "Q")
     if tuple(tmp_out.shape) != (rows, num_heads, exp_sums.shape[2], head_size):
         raise ValueError(

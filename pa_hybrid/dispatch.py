@@ -187,6 +187,16 @@ def backend_for(name: str, key: CallKey):
     return forced(name, key)
 
 
+def run(name: str, call) -> None:
+    """Compute ``call.out`` with ``backend=name`` ("auto" selects). A batch of no sequences
+    launches nothing (a native grid cannot be empty): its rows, if any, see no token (zeros)."""
+    backend = backend_for(name, call.key)
+    if call.num_seqs == 0:
+        call.out.zero_()
+    else:
+        backend.run(call)
+
+
 def available_backends(device) -> list[str]:
     """Names of the registered backends that can run on ``device`` at all."""
     device = torch.device(device)

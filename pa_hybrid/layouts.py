@@ -36,6 +36,7 @@ KV_DTYPES = (torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.int8)
 """Logical KV-cache dtypes. e4m3fnuz (the ROCm flavour) is accepted by the reference only."""
 
 QUERY_DTYPES = (torch.bfloat16, torch.float16)
+TMP_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _FP8_NAMES = ("fp8", "fp8_e4m3")
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
@@ -123,6 +124,8 @@ def scale_shape(num_blocks: int, num_kv_heads: int, block_size: int):
 
 def _checked_geometry(num_blocks, num_kv_heads, head_size, block_size, dtype) -> int:
     """x of ``dtype``, once the sizes are ints that make a cache of it (0 blocks allowed)."""
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype: expected a torch.dtype (e.g. torch.bfloat16, torch.float8_e4m3fn), got {dtype!r}")
     check_positive_int(num_blocks, "num_blocks", allow_zero=True)
     for name, n in (("num_kv_heads", num_kv_heads), ("head_size", head_size), ("block_size", block_size)):
         check_positive_int(n, name)
@@ -143,6 +146,10 @@ def scratch_shapes(num_q_rows: int, num_heads: int, head_size: int, max_seq_len:
     ``num_q_rows`` is ``Q.shape[0]``: the number of sequences in decode, the total
     number of new query tokens with ``max_qlen > 1``.
     """
+    check_positive_int(num_q_rows, "num_q_rows", allow_zero=True)
+    check_positive_int(num_heads, "num_heads")
+    check_positive_int(head_size, "head_size")
+    check_positive_int(max_seq_len, "max_seq_len", allow_zero=True)
     p = max_num_partitions(max_seq_len)
     return {
         "exp_sums": (num_q_rows, num_heads, p),
@@ -159,7 +166,10 @@ def allocate_scratch(
     device,
     tmp_out_dtype: torch.dtype = torch.float32,
 ):
-    """Allocate ``(exp_sums, max_logits, tmp_out)`` sized by :func:`scratch_shapes`."""
+    """Allocate ``(exp_sums, max_logits, tmp_out)`` sized by :func:`scratch_shapes`
+    (``tmp_out_dtype``: float32, or bfloat16/float16 to halve its bytes)."""
+    if tmp_out_dtype not in TMP_OUT_DTYPES:
+        raise TypeError(f"tmp_out_dtype: expected one of {TMP_OUT_DTYPES}, got {tmp_out_dtype!r}")
     shapes = scratch_shapes(num_q_rows, num_heads, head_size, max_seq_len)
     return (
         torch.empty(shapes["exp_sums"], dtype=torch.float32, device=device),
@@ -212,6 +222,8 @@ def shuffled_geometry(K: torch.Tensor, V: torch.Tensor, dtype: torch.dtype | Non
 
 
 def _inner_contiguous(t: torch.Tensor, ndims: int) -> bool:
+    if t.numel() == 0:  # nothing to address (torch keeps permuted strides on empty tensors)
+        return True
     expected = 1
     for size, stride in zip(reversed(t.shape[-ndims:]), reversed(t.stride()[-ndims:])):
         if size != 1 and stride != expected:

@@ -90,7 +90,8 @@ def quantize_kv_cache(K: torch.Tensor, V: torch.Tensor, dtype: torch.dtype, per_
             stored = quantize_values(t, scale[..., None], dtype)
             scale = scale.permute(0, 2, 1).contiguous()
         else:
-            scale = _scale_from_amax(t.abs().amax().reshape(1), qmax)
+            amax = t.abs().amax().reshape(1) if t.numel() else t.new_zeros(1)  # no blocks yet: scale 1
+            scale = _scale_from_amax(amax, qmax)
             stored = quantize_values(t, scale, dtype)
         out.append((stored, scale))
     (k8, k_scale), (v8, v_scale) = out

@@ -48,16 +48,17 @@ def interpreter_bounds_check(monkeypatch):
     """Under Triton's CPU interpreter, every masked load and store of a kernel must address
     the storage of one of its tensor arguments: an access outside all of them raises
     (unchecked, the interpreter reads whatever memory is there, or dies on a null pointer).
-    On a GPU compute-sanitizer's memcheck does this; skipped there, and where this Triton's
-    interpreter lacks the hooks (``GridExecutor.__call__``, ``create_masked_load/store``)."""
+    On a GPU compute-sanitizer's memcheck does this, and where this Triton's interpreter lacks
+    the hooks (``GridExecutor.__call__``, ``create_masked_load/store``) nothing does: the test
+    then runs unchecked (its own assertions still hold)."""
     if DEVICE == "cuda":
-        pytest.skip("the interpreter's bounds check is for CPU runs (on a GPU: compute-sanitizer memcheck)")
+        return
     import numpy as np
     from triton.runtime import interpreter
 
     executor, builder = getattr(interpreter, "GridExecutor", None), getattr(interpreter, "InterpreterBuilder", None)
     if not all(hasattr(c, f) for c, f in ((executor, "__call__"), (builder, "create_masked_load"), (builder, "create_masked_store"))):
-        pytest.skip(f"Triton {interpreter.__name__}: no interpreter hooks for the bounds check")
+        return
     storages = []  # [start, end) byte ranges of the running kernel's tensor arguments
 
     def checked(ptrs, mask, what):

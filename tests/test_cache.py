@@ -568,14 +568,15 @@ def test_per_token_errors(changes, error, match):
     ],
     ids=["past-the-cache", "repeated"],
 )
-def test_full_validation_of_slots(slots, match, per_token):
+def test_full_validation_of_slots(slots, match, per_token, device):
     """validate="full" reads the slots back and names the bad ones; the default call does not."""
     args = _quant_args(cache_dtype=torch.int8) if per_token else _args()
-    args["slot_mapping"] = torch.tensor(slots)
+    args = {k: v.to(device) for k, v in args.items()}
+    args["slot_mapping"] = torch.tensor(slots, device=device)
     write = reshape_and_cache_with_pertoken_quant if per_token else reshape_and_cache
     with pytest.raises(ValueError, match=match):
         write(**args, validate="full")
-    ok = dict(args, slot_mapping=torch.tensor([0, 1, 47, 2, -1]))
+    ok = dict(args, slot_mapping=torch.tensor([0, 1, 47, 2, -1], device=device))
     write(**ok, validate="full")
     with pytest.raises(ValueError, match=r"validate: expected 'shapes' or 'full', got 'all'"):
         write(**ok, validate="all")

@@ -145,6 +145,21 @@ def test_capability_reasons_are_all_reported():
     assert b.supports(key()) is None
 
 
+def test_split_kv_backends_refuse_more_sequences_than_a_grid_dim_holds():
+    """hip's and Triton's static grids put sequences on the z dim (at most 65535); asm's and
+    the torch backend's calls have no such limit."""
+    from pa_hybrid import backends  # noqa: F401  (registers the real backends)
+    from pa_hybrid.backends.base import MAX_GRID_SEQS, SplitKvBackend
+
+    real = dispatch.registered()
+    split_kv = [name for name, b in real.items() if isinstance(b, SplitKvBackend)]
+    assert {"hip", "triton"} <= set(split_kv) and "asm" not in split_kv and "torch" not in split_kv
+    for name in split_kv:
+        assert "exceed 65535" in real[name].supports(key(concurrency=MAX_GRID_SEQS + 1))
+        assert "exceed" not in (real[name].supports(key(concurrency=MAX_GRID_SEQS)) or "")
+    assert real["torch"].supports(key(concurrency=MAX_GRID_SEQS + 1)) is None
+
+
 def test_rules_table_moves_the_threshold(registry, monkeypatch):
     registry(*all_four())
     monkeypatch.setitem(dispatch.RULES_BY_DEVICE, "default", dispatch.DispatchRules(single_pass_from_pairs=256))

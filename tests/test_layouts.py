@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pa_hybrid.layouts import (
+    allocate_scratch,
     k_cache_shape,
     shuffle_from_nhd,
     shuffle_from_vllm,
@@ -214,6 +215,24 @@ def test_cache_shape_errors(shape_of, args, error, match):
     assert shape_of(0, 1, 64, 16, torch.bfloat16)[0] == 0  # no blocks yet is a shape
     with pytest.raises(error, match=match):
         shape_of(*args, torch.bfloat16)
+    with pytest.raises(TypeError, match=r"dtype: expected a torch.dtype .* got 'bf16'"):
+        shape_of(2, 1, 64, 16, "bf16")
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,error,match",
+    [
+        ((-1, 4, 64, 300), {}, ValueError, r"num_q_rows: expected a non-negative int, got -1"),
+        ((2.5, 4, 64, 300), {}, TypeError, r"num_q_rows: expected an int, got float"),
+        ((2, 0, 64, 300), {}, ValueError, r"num_heads: expected a positive int"),
+        ((2, 4, 64, 300.5), {}, TypeError, r"max_seq_len: expected an int, got float"),
+        ((2, 4, 64, 300), {"tmp_out_dtype": torch.int32}, TypeError, r"tmp_out_dtype: expected one of"),
+    ],
+)
+def test_scratch_helper_errors(args, kwargs, error, match):
+    assert allocate_scratch(0, 4, 64, 0, "cpu")[2].shape == (0, 4, 1, 64)  # no rows, no context: still a shape
+    with pytest.raises(error, match=match):
+        allocate_scratch(*args, "cpu", **kwargs)
 
 
 @pytest.mark.parametrize("convert", [unshuffle_to_nhd, unshuffle_to_vllm])

@@ -391,6 +391,17 @@ def test_16bit_cache_of_the_other_16bit_type(device, backend, q_dtype, kv_dtype,
     check_rows_against_reference(case, backend, REL_TOL[2])
 
 
+@pytest.mark.parametrize("backend", BACKENDS + ["auto"])
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8], ids=str)
+def test_no_sequences(device, backend, kv_dtype):
+    """An empty batch (as a padded engine step can be): nothing launched, an empty result."""
+    case = make_decode_case([], num_heads=8, num_kv_heads=1, head_size=128, kv_dtype=kv_dtype, device=device)
+    case.update(max_seq_len=300, block_tables=torch.zeros(0, 19, dtype=torch.int32, device=device), block_tables_stride0=19)
+    skip_if_unsupported(backend, case)
+    out = paged_attention_common(exp_sums=None, max_logits=None, tmp_out=None, backend=backend, **case)
+    assert out.shape == (0, 8, 128)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_new_token_anywhere(device, backend):
     """max_qlen > 1 and every sequence without a new token: Q has no row, nothing to do."""

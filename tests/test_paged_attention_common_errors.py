@@ -64,7 +64,15 @@ BAD = [
     ("Q", lambda c: c.update(Q=c["Q"][:, :0]), ValueError),  # no head
     ("K", lambda c: c.update(K=c["K"][:, :0], V=c["V"][:, :0]), ValueError),  # no kv head
     ("out_", lambda c: c.update(out_=torch.empty_like(c["Q"][:1]).expand(c["Q"].shape)), ValueError),  # self-overlapping
+    ("out_", lambda c: c.update(out_=_overlapping_heads(c["Q"])), ValueError),  # heads half on each other
 ]
+
+
+def _overlapping_heads(Q):
+    """Q's shape, each head's second half the next head's first (no zero stride: torch's own
+    overlap test cannot tell)."""
+    rows, heads, d = Q.shape
+    return torch.empty(rows * heads * d, dtype=Q.dtype, device=Q.device).as_strided(Q.shape, (heads * d, d // 2, 1))
 
 
 @pytest.mark.parametrize("name,change,exc", BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
@@ -182,6 +190,20 @@ def test_outputs_must_not_share_memory(case, device):
     paged_attention_common(**dict(case, exp_sums=es, max_logits=ml, tmp_out=tmp))
     with pytest.raises(ValueError, match="tmp_out: must not share memory with out_"):  # out_ inside the scratch
         paged_attention_common(**dict(case, exp_sums=es, max_logits=ml, tmp_out=tmp, out_=_alias_out(tmp, case["Q"])))
+
+
+def test_nested_views_of_one_buffer_are_not_overlaps(case, device):
+    """Views whose dims nest without being contiguous (out_ as the first half of each row of a
+    wider buffer, tmp_out's partitions interleaved with another's) are accepted; the same
+    tmp_out with partitions on each other is not."""
+    rows, heads, d = case["Q"].shape
+    wide = torch.empty(rows, heads, 2 * d, dtype=case["Q"].dtype, device=device)
+    es, ml = torch.empty(rows, heads, 2, device=device), torch.empty(rows, heads, 2, device=device)
+    pair = torch.empty(rows, heads, 2, 2, d, device=device)  # [.., partition, which, d]: ours is which = 0
+    paged_attention_common(**dict(case, out_=wide[..., :d], exp_sums=es, max_logits=ml, tmp_out=pair[:, :, :, 0]))
+    on_each_other = pair.view(-1).as_strided((rows, heads, 2, d), (heads * 4 * d, 4 * d, d // 2, 1))
+    with pytest.raises(ValueError, match=r"tmp_out: its elements must not share memory"):
+        paged_attention_common(**dict(case, exp_sums=es, max_logits=ml, tmp_out=on_each_other))
 
 
 def _alias_out(tmp, Q):

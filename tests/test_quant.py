@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from pa_hybrid.cache import reshape_and_cache, reshape_and_cache_with_pertoken_quant
+from pa_hybrid.layouts import k_cache_shape, v_cache_shape
 from pa_hybrid.testing import round_half_away_from_zero
 from pa_hybrid.quant import dequantize_kv_cache, expand_per_tensor_scale, quantize_kv_cache, quantize_values
 
@@ -179,6 +180,18 @@ def test_dequantize(dtype, per_token, device):
         assert torch.equal(deq, stored * s)
     Kb, Vb = dequantize_kv_cache(K8, V8, k_scale, v_scale)  # bf16, x=8: the source layout
     assert Kb.shape == K.shape and Vb.shape == V.shape and Kb.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("per_token", [True, False], ids=["per-token", "per-tensor"])
+def test_cache_of_no_blocks_round_trips(per_token, device):
+    """A cache with no blocks yet quantizes and dequantizes to empty caches the API accepts."""
+    K = torch.empty(k_cache_shape(0, 2, 64, 16, torch.bfloat16), dtype=torch.bfloat16, device=device)
+    V = torch.empty(v_cache_shape(0, 2, 64, 16, torch.bfloat16), dtype=torch.bfloat16, device=device)
+    K8, V8, k_scale, v_scale = quantize_kv_cache(K, V, torch.int8, per_token=per_token)
+    assert K8.shape == k_cache_shape(0, 2, 64, 16, torch.int8) and V8.shape == v_cache_shape(0, 2, 64, 16, torch.int8)
+    assert k_scale.shape == ((0, 2, 16) if per_token else (1,))
+    K16, V16 = dequantize_kv_cache(K8, V8, k_scale, v_scale)
+    assert K16.shape == K.shape and V16.shape == V.shape
 
 
 def test_quantize_errors():

@@ -171,6 +171,11 @@ reduce program reads all of ``context_lens`` (the reduce's grid has ``num_seqs x
 num_heads`` programs, so that traffic grows with the square of ``num_seqs``)."""
 
 
+MAX_GRID_SEQS = 65535
+"""Most sequences of a split-KV backend's call: the static schedule's grid has them as its
+z dim, which CUDA (and HIP) cap at 65535."""
+
+
 SPLIT_SCHEDULES = ("auto", "static", "balanced")
 
 BALANCED_MIN_FILL = 0.75
@@ -222,6 +227,11 @@ class SplitKvBackend(Backend):
     """Stage-1 programs per SM of the balanced schedule, for 16-bit and for 8-bit caches."""
     auto_balances_8bit: bool = True
     """Whether ``auto`` may take the balanced schedule for 8-bit caches (``balanced`` always may)."""
+
+    def _capability_reasons(self, key: CallKey):
+        yield from super()._capability_reasons(key)
+        if key.concurrency > MAX_GRID_SEQS:  # sequences, or query rows (at least as many) with max_qlen > 1
+            yield f"{key.concurrency} sequences/query rows exceed {MAX_GRID_SEQS}, the GPU's limit of the stage-1 grid's z dim"
 
     def offers_balanced(self, call: DecodeCall) -> bool:
         """Whether the backend has the balanced schedule for this call's device."""
