@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 
 from pa_hybrid import runtime
+from pa_hybrid.backends import asm as asm_backend
 from pa_hybrid.backends import hip as hip_backend
 from pa_hybrid.backends import triton as triton_backend
 from pa_hybrid.bench.variants import add_case_options, compare_variants
@@ -42,6 +43,8 @@ def _install(csrc_dir, asm_dir, launch_paged_decode, launch_reduce) -> None:
     triton_backend.launch_split_kv_reduce = hip_backend.launch_split_kv_reduce = launch_reduce
     compiler.clear_memory_cache()  # compiled variants are keyed by spec, not by source directory
     hip_backend._loaded.cache_clear()
+    asm_backend.manifest.cache_clear()  # asm's kernel table is read from asm_dir once, then kept
+    asm_backend.kernel_for.cache_clear()
 
 
 def _load_base_module(path: Path):

@@ -439,3 +439,33 @@ def test_summary_of_a_csv_reports_regret_per_kv_dtype(tmp_path):
     assert table[3].startswith("| all | 2 | 1 | 1 |")
     assert summary.regret_table([r for r in rows if r["backend"] != "auto"]) is None
     assert "| m | bf16 | 4 | 512 |" in summary.case_table(rows)
+    # two hip cases of one size class, 59 and 39 us above the floor: the median is their mean
+    assert "| hip | bf16 | < 16 MB | 2 | 2.0 | 1.7 (m 4x512) | 49.0 | - |" in summary.class_table(rows)
+
+
+def test_a_variant_checked_but_not_timed_is_reported_as_an_error(monkeypatch):
+    """compare_variants: a variant whose output passed the check but whose capture or timing
+    failed must not print (or record) as ok."""
+    import argparse
+    import contextlib
+
+    from pa_hybrid.bench import variants
+
+    monkeypatch.setattr(variants, "configure_allocator", lambda: "-")
+    monkeypatch.setattr(variants, "measure_read_bandwidth", lambda: 3e12)
+    monkeypatch.setattr(variants, "selected_cases", lambda args: [decode.TINY_CPU_CASE])
+    build, call_kwargs = decode.DecodeCase.build, variants._call_kwargs
+    monkeypatch.setattr(decode.DecodeCase, "build", lambda self, device, **kw: build(self, "cpu", **kw))
+    monkeypatch.setattr(variants, "_call_kwargs", lambda case, device: call_kwargs(case, "cpu"))
+    monkeypatch.setattr(variants.torch.cuda, "empty_cache", lambda: None)
+
+    class CaptureFails:
+        def __init__(self, **kwargs):
+            pass
+
+        def __call__(self, calls):
+            return {name: RuntimeError("operation not permitted when stream is capturing") for name in calls}
+
+    monkeypatch.setattr(variants, "InterleavedTimer", CaptureFails)
+    (row,) = variants.compare_variants(argparse.Namespace(samples=3, json=None), {"torch/a": ("torch", contextlib.nullcontext)})
+    assert row["torch/a"] == "error: operation not permitted when stream is capturing"

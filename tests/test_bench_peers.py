@@ -194,8 +194,12 @@ def test_run_case_checks_peers_beside_our_backends():
                       kv_dtype=torch.float8_e4m3fn)  # fmt: skip
     stand_ins = [StandInPeer("good"), StandInPeer("bad", corrupt=True), StandInPeer("refuses", refuse="no fp8 here"),
                  StandInPeer("fails", fail=True)]  # fmt: skip
-    results = {r.backend: r for r in run_case(spec, ["torch"], DEVICE, None, None, stand_ins)}
+    results = {r.backend: r for r in run_case(spec, ["torch"], DEVICE, 1e9, None, stand_ins)}
     assert results["torch"].status == OK
+    # the peers' floor: ours less the per-token scales (120 tokens x 2 kv heads, K and V, fp32) they never read
+    for name in ("good", "bad", "refuses", "fails"):
+        assert results[name].floor_bytes == results["torch"].floor_bytes - 2 * 120 * 2 * 4
+        assert results[name].floor_us == pytest.approx(results[name].floor_bytes / 1e9 * 1e6)
     assert results["good"].status == OK and results["good"].rel_err < 3e-2  # requantized fp8 vs our values
     assert results["bad"].status == WRONG and "relative error" in results["bad"].reason
     assert results["refuses"].status == NOT_AVAILABLE and results["refuses"].reason == "no fp8 here"

@@ -584,7 +584,8 @@ def check_peers(template: Result, peers: list, case: dict, seq_indices: list, to
     peer prepared (outside any timing) and its rows of the sequences ``seq_indices``
     checked against the reference of the peers' inputs (``PeerInputs.reference``:
     8-bit caches are requantized for them), peers that compute in fp8 with
-    :data:`TOLERANCE_FP8_COMPUTE`. Returns ``[(result, call or None)]``."""
+    :data:`TOLERANCE_FP8_COMPUTE`. Their results' floor is their own call's (no per-token
+    scales to read). Returns ``[(result, call or None)]``."""
     try:
         inputs = peer_inputs(case)
         ref = inputs.reference(seq_indices)
@@ -593,6 +594,10 @@ def check_peers(template: Result, peers: list, case: dict, seq_indices: list, to
         return [(replace(template, backend=p.name, status=OOM, reason=f"converting: {_first_line(e)}"), None) for p in peers]
     except ValueError as e:
         return [(replace(template, backend=p.name, status=NOT_AVAILABLE, reason=_first_line(e)), None) for p in peers]
+    # the peers' floor: the same call without scale reads (they take one K and one V scale as numbers)
+    floor_bytes = decode_bytes({**case, "K_QScale_asm": None, "V_QScale_asm": None, "K_QScale_hip": None, "V_QScale_hip": None})
+    floor_us = None if template.floor_us is None else template.floor_us * floor_bytes / template.floor_bytes
+    template = replace(template, floor_bytes=floor_bytes, floor_us=floor_us)
     checked = []
     for peer in peers:
         result = replace(template, backend=peer.name, status=OK)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import math
+import statistics
 import sys
 from collections import defaultdict
 
@@ -51,11 +52,11 @@ def class_table(rows) -> str:
     for (backend, kv, cls), rs in sorted(groups.items(), key=lambda kv_: (kv_[0][0], kv_[0][1], order.index(kv_[0][2]))):
         pct = [float(r["pct_of_floor"]) for r in rs]
         worst = min(rs, key=lambda r: float(r["pct_of_floor"]))
-        above = sorted(float(r["us_above_floor"]) for r in rs)
+        above = [float(r["us_above_floor"]) for r in rs]
         of_read = [float(r["pct_of_read"]) for r in rs if r.get("pct_of_read")]
         lines.append(
             f"| {backend} | {kv} | {cls} | {len(rs)} | {geomean(pct):.1f} | {float(worst['pct_of_floor']):.1f} "
-            f"({worst['model']} {worst['num_seqs']}x{worst['ctx']}) | {above[len(above) // 2]:.1f} "
+            f"({worst['model']} {worst['num_seqs']}x{worst['ctx']}) | {statistics.median(above):.1f} "
             f"| {f'{geomean(of_read):.1f}' if of_read else '-'} |"
         )
     return "\n".join(lines)

@@ -23,6 +23,7 @@ import torch
 from ..api import paged_attention_common
 from ..reference import reference_paged_attention
 from .decode import (
+    ERROR,
     OK,
     Result,
     _call_kwargs,
@@ -103,8 +104,9 @@ def compare_variants(args: argparse.Namespace, variants: dict, meta: dict | None
         for name, (result, _) in checked.items():
             timing = timings.get(name)
             if result.status != OK or not hasattr(timing, "median_us"):
-                row[name] = f"{result.status}: {result.reason or timing}"
-                cells.append(f"{result.status:>14s}")
+                status = result.status if result.status != OK else ERROR  # checked, then not timed
+                row[name] = f"{status}: {result.reason or timing}"
+                cells.append(f"{status:>14s}")
                 continue
             row[name] = dict(us=timing.median_us, pct_of_floor=100 * floor_us / timing.median_us, rel_err=result.rel_err)
             cells.append(f"{100 * floor_us / timing.median_us:14.1f}")
