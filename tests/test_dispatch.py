@@ -160,6 +160,21 @@ def test_split_kv_backends_refuse_more_sequences_than_a_grid_dim_holds():
     assert real["torch"].supports(key(concurrency=MAX_GRID_SEQS + 1)) is None
 
 
+@pytest.mark.parametrize("limit,refused", [(232448, False), (101376, True)], ids=["sm_90", "sm_89"])
+def test_native_backends_refuse_tiles_larger_than_the_gpus_shared_memory(monkeypatch, limit, refused):
+    """hip's and asm's kernels are sized for sm_90's 227 KB a CTA; on GPUs with 99 KB (sm_89,
+    sm_120) auto must fall back instead of failing at launch."""
+    from pa_hybrid.backends import asm, hip
+
+    real = dispatch.registered()
+    for module in (hip, asm):
+        monkeypatch.setattr(module, "shared_memory_limit", lambda key: limit)
+    k = key(head_size=128, block_size=16)  # hip's tiles: 102656 bytes; asm's 8-warp kernel: 200960
+    for name in ("hip", "asm"):
+        reason = real[name].supports(k) or ""
+        assert ("bytes of shared memory a CTA, this GPU allows 101376" in reason) == refused, (name, reason)
+
+
 def test_rules_table_moves_the_threshold(registry, monkeypatch):
     registry(*all_four())
     monkeypatch.setitem(dispatch.RULES_BY_DEVICE, "default", dispatch.DispatchRules(single_pass_from_pairs=256))

@@ -20,7 +20,7 @@ from ..call import SCALES_PER_TOKEN, CallKey, DecodeCall
 from ..kernels.decode import LOG2E
 from ..layouts import KV_DTYPES
 from . import asm_aiter
-from .base import Backend, cuda_device_ok, sm_count, stream_evict_first
+from .base import Backend, cuda_device_ok, shared_memory_limit, sm_count, stream_evict_first
 
 
 class AsmParams(ctypes.Structure):
@@ -194,8 +194,11 @@ class AsmBackend(Backend):
             yield f"GQA x max_qlen = {key.gqa * key.max_qlen} query rows exceed the largest kernel's {largest}"
         elif key.kv_dtype in self.kv_dtypes and key.q_dtype in self.q_dtypes:
             choice = kernel_for(key)
+            limit = shared_memory_limit(key)
             if isinstance(choice, str):
                 yield choice
+            elif limit is not None and choice.shared_bytes > limit:  # the kernels are sized for sm_90's 227 KB
+                yield f"kernel {choice.entry} needs {choice.shared_bytes} bytes of shared memory a CTA, this GPU allows {limit}"
 
     def run(self, call: DecodeCall) -> None:
         key = call.key

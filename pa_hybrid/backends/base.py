@@ -17,6 +17,7 @@ import torch
 import triton
 
 from ..call import CallKey, DecodeCall
+from ..kernels.common import gpu_shared_memory_per_program
 from ..layouts import PARTITION_SIZE
 
 
@@ -70,6 +71,14 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def run(self, call: DecodeCall) -> None:
         """Compute ``call.out`` in place on the current stream, without a host sync."""
+
+
+def shared_memory_limit(key: CallKey) -> int | None:
+    """Shared memory one CTA may take on the call's GPU; None where there is no such GPU
+    here (then ``available`` says why)."""
+    if key.device_type != "cuda" or not torch.cuda.is_available() or key.device_index >= torch.cuda.device_count():
+        return None
+    return gpu_shared_memory_per_program(key.device_index)
 
 
 @functools.lru_cache(maxsize=None)

@@ -23,7 +23,7 @@ from ..kernels.common import gpu_shared_memory_per_program
 from ..kernels.decode import LOG2E
 from ..kernels.reduce import launch_split_kv_reduce
 from ..layouts import KV_DTYPES
-from .base import SplitKvBackend, cuda_device_ok, stream_evict_first
+from .base import SplitKvBackend, cuda_device_ok, shared_memory_limit, stream_evict_first
 
 SOURCE = "paged_decode_split_kv.cu"
 # Partitions double while each SM still gets one CTA (not two): longer walks amortize a
@@ -258,6 +258,12 @@ class HipBackend(SplitKvBackend):
             yield f"GQA x max_qlen = {key.gqa * key.max_qlen} query rows exceed one 16-row MMA tile"
         if not key.kv_is_8bit and key.kv_dtype != key.q_dtype:
             yield f"a 16-bit cache must have the query dtype ({key.q_dtype}), got {key.kv_dtype}"
+        limit = shared_memory_limit(key)
+        if limit is not None and key.head_size in self.head_sizes and key.block_size in self.block_sizes:
+            target = GFX942 if torch.version.hip else SM90
+            need = kernel_config(key.head_size, key.block_size, key.kv_dtype.itemsize, target=target)["smem_bytes"]
+            if need > limit:  # e.g. sm_89 and sm_120: 99 KB a CTA, where the tiles are sized for sm_90's 227 KB
+                yield f"its tiles need {need} bytes of shared memory a CTA, this GPU allows {limit}"
 
     def offers_balanced(self, call: DecodeCall) -> bool:
         key = call.key
