@@ -1111,7 +1111,7 @@ def manifest() -> str:
     writer.writeheader()
     for v in VARIANTS:
         writer.writerow({
-            "q_dtype": DTYPE_NAMES[v.q], "kv_dtype": DTYPE_NAMES[v.kv], "max_gqa": 16, "max_qlen": 4,
+            "q_dtype": DTYPE_NAMES[v.q], "kv_dtype": DTYPE_NAMES[v.kv], "max_gqa": v.rows, "max_qlen": v.rows,
             "max_rows": v.rows, "mask": "causal", "precision": "0;1;2", "block_size": BS,
             "head_size": HEAD, "file": v.file, "entry": v.name, "threads": v.threads,
             "shared_bytes": v.smem_bytes,

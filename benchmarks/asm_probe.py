@@ -24,6 +24,9 @@ cases = [
     ("int8 bf16 per-token", dict(context_lens=[64, 300], num_heads=8, num_kv_heads=2, kv_dtype=torch.int8)),
     ("int8 f16 per-token", dict(context_lens=[64, 300], num_heads=8, num_kv_heads=2, kv_dtype=torch.int8, q_dtype=torch.float16)),
     ("bf16 rows32 gqa8 qlen4", dict(context_lens=[70, 300], num_heads=16, num_kv_heads=2, max_qlen=4)),
+    ("bf16 rows32 gqa32", dict(context_lens=[0, 17, 300], num_heads=64, num_kv_heads=2)),
+    ("int8 rows32 gqa4 qlen8", dict(context_lens=[8, 300], num_heads=8, num_kv_heads=2, max_qlen=8, kv_dtype=torch.int8)),
+    ("fp8 rows32 gqa1 qlen32", dict(context_lens=[32, 300], num_heads=2, num_kv_heads=2, max_qlen=32, kv_dtype=torch.float8_e4m3fn)),
 ]
 ENTRIES = {k.entry for k in asm.manifest()}
 SHORT = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float8_e4m3fn: "e4m3", torch.int8: "s8"}

@@ -155,13 +155,16 @@ def test_supports_states_what_the_kernels_cover():
     backend = asm.AsmBackend()  # the PTX kernels' backend, also on ROCm, where asm.BACKEND is aiter's
     assert backend.supports(_key()) is None
     assert backend.supports(_key(gqa=16, max_qlen=2)) is None
+    assert backend.supports(_key(gqa=32)) is None  # MQA-sized groups: up to the 32-row kernels
+    assert backend.supports(_key(gqa=1, max_qlen=32)) is None  # long speculative drafts
     assert backend.supports(_key(kv_dtype=torch.int8, scales="per_token", high_precision=2)) is None
     assert backend.supports(_key(kv_dtype=torch.float8_e4m3fn, scales="per_tensor", q_dtype=torch.float16)) is None
     for change, reason in [
         (dict(head_size=64), "head_size 64"),
         (dict(block_size=32), "block_size 32"),
         (dict(gqa=16, max_qlen=3), "48 query rows exceed"),
-        (dict(max_qlen=5), "max_qlen 5 above 4"),
+        (dict(gqa=33), "33 query rows exceed"),
+        (dict(gqa=1, max_qlen=33), "33 query rows exceed"),
         (dict(kv_dtype=torch.float16), "a 16-bit cache must have the query dtype"),
         (dict(aligned=False), "16-byte aligned"),
         (dict(kernel_name="nope"), "'nope' is not in asm/manifest.csv"),

@@ -25,6 +25,7 @@ from pa_hybrid.bench.decode import (
     slice_case,
     spread_indices,
 )
+from pa_hybrid.call import build_call
 from pa_hybrid.reference import reference_paged_attention
 from pa_hybrid.testing import make_decode_case
 
@@ -75,6 +76,18 @@ def test_enumerate_cases_filters():
         enumerate_cases(SMALL_WORKLOAD, models=["nope"])
     with pytest.raises(ValueError, match="kv dtype"):
         enumerate_cases(SMALL_WORKLOAD, kv_dtypes=["fp4"])
+
+
+def test_a_model_entry_with_max_qlen_gives_speculative_decode_calls():
+    workload = dict(SMALL_WORKLOAD, models={"spec": {"num_heads": 8, "num_kv_heads": 2, "max_qlen": 3}})
+    case = enumerate_cases(workload, kv_dtypes=["int8"], num_seqs=[4], ctx=[512])[0]
+    built = case.build(DEVICE)
+    assert built["max_qlen"] == 3 and built["Q"].shape[0] == 4 * 3
+    assert built["qo_indptr"].tolist() == [0, 3, 6, 9, 12]
+    key = case.call_key(DEVICE)
+    assert (key.max_qlen, key.concurrency, key.gqa) == (3, 12, 4)
+    assert key == build_call(**dict(built, exp_sums=None, max_logits=None, tmp_out=None)).key
+    assert enumerate_cases(SMALL_WORKLOAD)[0].max_qlen == 1
 
 
 def test_shared_workload_grid():

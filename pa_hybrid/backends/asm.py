@@ -172,8 +172,7 @@ class AsmBackend(Backend):
     kv_dtypes = KV_DTYPES
     head_sizes = (128,)
     block_sizes = (16,)
-    max_gqa = 16
-    max_qlen = 4
+    # GQA and max_qlen: any whose product is at most the largest kernel's rows (32)
     needs_alignment = True
     accepts_kernel_name = True
 

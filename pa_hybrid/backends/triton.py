@@ -28,8 +28,8 @@ class TritonBackend(SplitKvBackend):
     kv_dtypes = KV_DTYPES
     head_sizes = (64, 128, 256)
     block_sizes = (16, 32)
-    max_gqa = 16
-    max_qlen = 4
+    # any GQA ratio and max_qlen: groups of more than kernels/decode.MAX_ROWS query rows take
+    # several programs (each reads the group's K and V)
     programs_per_sm = PROGRAMS_PER_SM
     # one program per 2048-token context (no partials, no stage 2) when that fills the GPU:
     # 0.92x / 0.90x the time of 1024-token partitions, bf16 / fp8, over the 11 such 2048-token

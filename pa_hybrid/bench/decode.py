@@ -94,6 +94,7 @@ class DecodeCase:
     block_size: int
     q_dtype: torch.dtype
     kv_dtype: torch.dtype
+    max_qlen: int = 1  # new tokens per sequence (a model entry's "max_qlen": speculative decoding)
 
     @property
     def label(self) -> str:
@@ -106,7 +107,7 @@ class DecodeCase:
         return 2 * sum(self.context_lens) * self.num_kv_heads * self.head_size * element
 
     def call_key(self, device) -> CallKey:
-        """The key the dispatcher sees for this call (as :meth:`build` makes it: decode,
+        """The key the dispatcher sees for this call (as :meth:`build` makes it: ``max_qlen`` new tokens a sequence,
         per-token scales on 8-bit caches, ``max_seq_len`` the longest context)."""
         device = torch.device(device)
         return CallKey(
@@ -118,11 +119,11 @@ class DecodeCase:
             block_size=self.block_size,
             gqa=self.num_heads // self.num_kv_heads,
             num_kv_heads=self.num_kv_heads,
-            max_qlen=1,
+            max_qlen=self.max_qlen,
             scales=SCALES_PER_TOKEN if is_8bit(self.kv_dtype) else SCALES_NONE,
             high_precision=1,
             kernel_name=None,
-            concurrency=self.num_seqs,
+            concurrency=self.num_seqs * self.max_qlen,  # query rows (as build_call counts them)
             max_seq_len=max(self.context_lens),
         )
 
@@ -138,6 +139,7 @@ class DecodeCase:
             block_size=self.block_size,
             q_dtype=self.q_dtype,
             kv_dtype=self.kv_dtype,
+            max_qlen=self.max_qlen,
             scales=scales,
             device=device,
             seed=seed,
@@ -209,6 +211,7 @@ def enumerate_cases(workload: dict, *, models=None, kv_dtypes=None, num_seqs=Non
                 block_size=workload["block_size"],
                 q_dtype=getattr(torch, workload["query_dtype"]),
                 kv_dtype=getattr(torch, kv_name),
+                max_qlen=heads.get("max_qlen", 1),
             )
             for n in workload["num_seqs"]:
                 if num_seqs is not None and n not in num_seqs:

@@ -3,7 +3,8 @@
 One program per (partition of 256 tokens or a multiple, kv head, sequence) serves
 every query row of the kv head's GQA group (and every new token when ``max_qlen > 1``):
 the rows ``m = i * GQA + g`` (new token ``i``, group member ``g``) form the M dim of
-``tl.dot`` tiles, padded to 16, so K and V are read once per group. The loop over the
+``tl.dot`` tiles, padded to 16, so K and V are read once per group (a group of more than
+``MAX_ROWS`` rows is split over programs of ``MAX_ROWS`` rows, each reading them). The loop over the
 partition walks ``BLOCK_N`` tokens at a time (several cache blocks), with an online
 softmax in base 2: whole tiles first, which load without masks so that Triton pipelines
 them (16-byte ``cp.async`` copies of the next tile's K and V in flight during a tile,
@@ -38,6 +39,9 @@ from .common import (
 LOG2E = 1.4426950408889634
 
 SCALE_NONE, SCALE_PER_TENSOR, SCALE_PER_TOKEN = 0, 1, 2
+MAX_ROWS = 64
+"""Query rows one program serves at most: the largest tile the 4-warp programs were measured with
+(GQA 16 x 4 new tokens); larger groups (MQA models, long speculative drafts) take several programs."""
 # per-token V scales with fp16 dots (_decode_tile): the first unit, and how far past it a
 # tile's V scales may go before the unit moves
 V_UNIT_START = tl.constexpr(2.0**-126)
@@ -176,6 +180,7 @@ def _decode_span(
     qo_indptr_ptr,
     seq,
     kv_head,
+    first_m,  # the program's first group row (0 unless the group takes several programs)
     context_len,  # clamped to max_seq_len
     start,  # the span: tokens [start, end) of the sequence, start a multiple of BLOCK_N
     end,
@@ -212,7 +217,7 @@ def _decode_span(
 ):
     """One (sequence, kv head) span of stage 1: every query row of the group over tokens
     ``[start, end)``, written to ``out`` (``whole``, or ``WRITE_OUT``) or as partial ``part``."""
-    m_idx = tl.arange(0, M)
+    m_idx = first_m + tl.arange(0, M)
     new_tok = m_idx // GQA
     head = kv_head * GQA + m_idx % GQA
     if MAX_QLEN > 1:
@@ -330,7 +335,8 @@ def _paged_decode_kernel(
     stride_bt_seq,
     GQA: tl.constexpr,
     MAX_QLEN: tl.constexpr,
-    M: tl.constexpr,  # rows per program: MAX_QLEN * GQA padded to a power of 2 >= 16
+    M: tl.constexpr,  # rows per program: MAX_QLEN * GQA padded to a power of 2 >= 16, at most MAX_ROWS
+    ROW_CHUNKS: tl.constexpr,  # programs per group (grid axis 1: kv head * ROW_CHUNKS + chunk)
     HEAD_SIZE: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     X: tl.constexpr,
@@ -349,10 +355,12 @@ def _paged_decode_kernel(
     schedule (grid: ``programs_per_head``, kv heads; as hip's): each program walks its share
     of the kv head's pages, one span per sequence it touches, and writes each as the
     sequence's partial ``program - first_program_of_the_sequence`` (or ``out``, when it holds
-    the sequence whole); the reduce derives the same schedule."""
+    the sequence whole); the reduce derives the same schedule. A group of more than ``M``
+    rows takes ``ROW_CHUNKS`` programs on axis 1, each its ``M`` rows."""
+    kv_head = tl.program_id(1) // ROW_CHUNKS
+    first_m = tl.program_id(1) % ROW_CHUNKS * M
     if BALANCED:
         program = tl.program_id(0)
-        kv_head = tl.program_id(1)
         page_ends, total_pages, pages_per_program = balanced_schedule(
             context_lens_ptr, num_seqs, max_seq_len, programs_per_head, PARTITION, BLOCK_S
         )
@@ -382,6 +390,7 @@ def _paged_decode_kernel(
                     qo_indptr_ptr,
                     seq,
                     kv_head,
+                    first_m,
                     context_len,
                     start,
                     end,
@@ -420,7 +429,6 @@ def _paged_decode_kernel(
             seq += 1
     else:
         part = tl.program_id(0)
-        kv_head = tl.program_id(1)
         seq = tl.program_id(2)
 
         context_len = tl.minimum(tl.maximum(tl.load(context_lens_ptr + seq), 0), max_seq_len)
@@ -441,6 +449,7 @@ def _paged_decode_kernel(
                 qo_indptr_ptr,
                 seq,
                 kv_head,
+                first_m,
                 context_len,
                 start,
                 end,
@@ -477,7 +486,7 @@ def _paged_decode_kernel(
             )
         elif WRITE_OUT:
             # an empty context gives zeros; only partition 0 exists when WRITE_OUT
-            m_idx = tl.arange(0, M)
+            m_idx = first_m + tl.arange(0, M)
             head = kv_head * GQA + m_idx % GQA
             if MAX_QLEN > 1:
                 first_row = tl.load(qo_indptr_ptr + seq)
@@ -561,9 +570,10 @@ def launch_paged_decode(
     num_partitions = programs_per_head or triton.cdiv(max_seq_len, partition_size)
     num_seqs = context_lens.shape[0]
     num_kv_heads = K.shape[1]
-    rows = max(16, triton.next_power_of_2(max_qlen * gqa))
+    rows = min(max(16, triton.next_power_of_2(max_qlen * gqa)), MAX_ROWS)
+    row_chunks = triton.cdiv(max_qlen * gqa, rows)
     sparse_grid = (
-        2 * num_partitions * num_kv_heads * (1 if programs_per_head else num_seqs) <= num_sms
+        2 * num_partitions * num_kv_heads * row_chunks * (1 if programs_per_head else num_seqs) <= num_sms
         and shared_memory_per_program(Q.device) >= SPARSE_GRID_SHARED_MEMORY
     )
     block_n, num_warps, num_stages = decode_tile_config(
@@ -588,12 +598,13 @@ def launch_paged_decode(
         K.stride(0), K.stride(1), V.stride(0), V.stride(1), *scale_strides, block_tables.stride(0),
     )  # fmt: skip
     constexprs = dict(
-        GQA=gqa, MAX_QLEN=max_qlen, M=rows, HEAD_SIZE=head_size, BLOCK_SIZE=block_size, X=x, SCALES=scales_kind,
+        GQA=gqa, MAX_QLEN=max_qlen, M=rows, ROW_CHUNKS=row_chunks, HEAD_SIZE=head_size, BLOCK_SIZE=block_size, X=x, SCALES=scales_kind,
         PARTITION=partition_size, BLOCK_N=block_n, DOT_DTYPE=dot_dtype(Q.dtype, K.dtype), FP8_VIA_FP32=nvidia_device(Q.device),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     balanced = programs_per_head > 0
-    grid = (programs_per_head, num_kv_heads) if balanced else (num_partitions, num_kv_heads, num_seqs)
+    heads = num_kv_heads * row_chunks
+    grid = (programs_per_head, heads) if balanced else (num_partitions, heads, num_seqs)
     _paged_decode_kernel[grid](
         *pointers, qo, num_seqs if balanced else 0, programs_per_head, max_seq_len, scale * LOG2E, *strides,
         WRITE_OUT=write_out, BALANCED=balanced, BLOCK_S=triton.next_power_of_2(num_seqs) if balanced else 1, **constexprs,
