@@ -79,6 +79,7 @@ CONFIGS = [
     (torch.int8, torch.bfloat16, 1, 16, 128, 16, "per_token"),
     (torch.float8_e4m3fn, torch.bfloat16, 40, 2, 64, 32, "per_token"),
     (torch.bfloat16, torch.bfloat16, 72, 1, 64, 16, "per_token"),
+    (torch.float16, torch.float16, 48, 1, 256, 16, "per_token"),  # Triton's largest tile: 64 rows x 256 dims
 ]
 
 # ragged: empty, single token, around block and partition edges, several partitions
