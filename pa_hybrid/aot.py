@@ -266,7 +266,7 @@ def _decode_calls(case):
     num_blocks = sum(blocks)
     cache = (num_blocks, case.num_kv_heads, case.head_size, case.block_size, case.kv_dtype)
     common = dict(
-        Q=_meta((case.num_seqs, case.num_heads, case.head_size), case.q_dtype),
+        Q=_meta((case.num_seqs * case.max_qlen, case.num_heads, case.head_size), case.q_dtype),
         K=_meta(k_cache_shape(*cache), case.kv_dtype),
         V=_meta(v_cache_shape(*cache), case.kv_dtype),
         exp_sums=None,
@@ -277,6 +277,7 @@ def _decode_calls(case):
         block_tables_stride0=max(blocks),
         scale=case.head_size**-0.5,
         max_seq_len=max(case.context_lens),
+        max_qlen=case.max_qlen,  # every sequence that many new tokens (build_call's qo_indptr)
     )
     if not is_8bit(case.kv_dtype):
         yield build_call(**common)

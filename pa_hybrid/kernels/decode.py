@@ -507,9 +507,10 @@ SPARSE_GRID_SHARED_MEMORY = 144 * 1024
 
 
 def decode_tile_config(
-    head_size: int, block_size: int, kv_bytes: int, warp_size: int = 32, sparse_grid: bool = False
+    head_size: int, block_size: int, kv_bytes: int, warp_size: int = 32, sparse_grid: bool = False, *, rows: int = 16
 ) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) for a cache of ``kv_bytes``-byte elements.
+    """(BLOCK_N, num_warps, num_stages) for a cache of ``kv_bytes``-byte elements and
+    ``rows`` query rows a program (``M``).
 
     32-lane GPUs: 128-token tiles at head size 128, 4 warps (the M = 16 query rows leave more
     idle). 8-bit caches: 3 stages, so the pipeliner keeps the next tile's K and V copies in
@@ -525,12 +526,15 @@ def decode_tile_config(
     latency): 16-bit caches take 3 stages as well, so a program's tiles are all in flight
     at once (H100, RESULTS 28: 0.81-0.88x the time of one stage on the bf16 grid calls of
     2-64 programs; 1.0 at 128 programs, 1.18-1.25x at 256 and more).
+    More than 16 rows (GQA x max_qlen): the tile's tokens shrink in proportion, so the
+    logits, accumulator and K/V tile stay within the registers of the 16-row tile (at 128
+    tokens, 32- and 64-row tiles spilled 8-296 registers on sm_90a: RESULTS 48).
 
     Wave64 GPUs (AMD CDNA): 128-token tiles took up to 398 VGPRs with Triton 3.9 and 484
     with 3.6 (one wave per SIMD) and spilled in most 8-bit variants; quarter tiles in one
     stage spill under neither (gfx942). Not timed on an AMD GPU."""
     if warp_size == 32:
-        return max(16384 // head_size, block_size), 4, 3 if kv_bytes == 1 or sparse_grid else 1
+        return max(16384 // head_size * 16 // max(rows, 16), block_size), 4, 3 if kv_bytes == 1 or sparse_grid else 1
     return max(16 if head_size >= 256 else 32, block_size), 4, 1
 
 
@@ -577,7 +581,7 @@ def launch_paged_decode(
         and shared_memory_per_program(Q.device) >= SPARSE_GRID_SHARED_MEMORY
     )
     block_n, num_warps, num_stages = decode_tile_config(
-        head_size, block_size, K.element_size(), warp_size_of(Q.device), sparse_grid
+        head_size, block_size, K.element_size(), warp_size_of(Q.device), sparse_grid, rows=rows
     )
     write_out = num_partitions == 1 and not programs_per_head
     # unused pointers still need a valid tensor
