@@ -47,7 +47,7 @@ class CallKey(NamedTuple):
     scales: str  # SCALES_NONE / SCALES_PER_TENSOR / SCALES_PER_TOKEN
     high_precision: int
     kernel_name: str | None
-    concurrency: int  # sequences in decode, query rows with max_qlen > 1
+    concurrency: int  # sequences (with max_qlen > 1 too: their new tokens are rows of the same CTAs)
     max_seq_len: int
     aligned: bool = True  # K/V blocks 16-byte aligned, Q/out rows 4-byte aligned (see aligned_for_native)
     row_strides_suffice: bool = True  # see row_strides_suffice: no strides beyond rows and K's are needed
@@ -244,12 +244,10 @@ def build_call(
         check_device_match(qo_indptr, Q, "qo_indptr", "Q")
         if not qo_indptr.is_contiguous():
             raise ValueError(f"qo_indptr: expected a contiguous tensor, got strides {qo_indptr.stride()}")
-        concurrency = rows
     else:
         if rows != num_seqs:
             raise ValueError(f"Q: expected {num_seqs} rows (one per sequence) with max_qlen=1, got shape {tuple(Q.shape)}")
         qo_indptr = None
-        concurrency = num_seqs
 
     if high_precision is None:
         high_precision = 1
@@ -312,7 +310,7 @@ def build_call(
         scales=scales,
         high_precision=high_precision,
         kernel_name=kernelName,
-        concurrency=concurrency,
+        concurrency=num_seqs,
         max_seq_len=max_seq_len,
         aligned=aligned_for_native(Q, out, K, V),
         row_strides_suffice=row_strides_suffice(Q, out, K, V, k_scale, v_scale, scales == SCALES_PER_TOKEN),

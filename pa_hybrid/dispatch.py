@@ -30,7 +30,7 @@ class DispatchRules:
     """The thresholds of the selection policy for one GPU model.
 
     The single-pass kernel runs one CTA per (sequence, kv head): it wins once those pairs
-    (``concurrency x num_kv_heads``; concurrency counts query rows when max_qlen > 1)
+    (``concurrency x num_kv_heads``, whatever max_qlen: a sequence's new tokens share its CTAs)
     give the GPU enough CTAs, and split-KV kernels win below. Defaults measured on the
     H100 over the whole benchmark grid (benchmarks/RESULTS.md, section 9): from 64 pairs
     asm beat hip on every bf16 case, at 32 or fewer it mostly lost; on 8-bit caches

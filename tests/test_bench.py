@@ -85,7 +85,7 @@ def test_a_model_entry_with_max_qlen_gives_speculative_decode_calls():
     assert built["max_qlen"] == 3 and built["Q"].shape[0] == 4 * 3
     assert built["qo_indptr"].tolist() == [0, 3, 6, 9, 12]
     key = case.call_key(DEVICE)
-    assert (key.max_qlen, key.concurrency, key.gqa) == (3, 12, 4)
+    assert (key.max_qlen, key.concurrency, key.gqa) == (3, 4, 4)
     assert key == build_call(**dict(built, exp_sums=None, max_logits=None, tmp_out=None)).key
     assert enumerate_cases(SMALL_WORKLOAD)[0].max_qlen == 1
 

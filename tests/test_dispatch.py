@@ -78,7 +78,8 @@ TABLE = [
     ({"concurrency": 7}, {}, "hip", []),
     ({"concurrency": 8}, {}, "asm", []),
     ({"concurrency": 512}, {}, "asm", []),
-    ({"concurrency": 4, "num_kv_heads": 1, "max_qlen": 4}, {}, "hip", []),  # concurrency counts query rows
+    ({"concurrency": 8, "max_qlen": 8}, {}, "asm", []),  # sequences, not query rows: 8 x 8 pairs
+    ({"concurrency": 4, "num_kv_heads": 1, "max_qlen": 16}, {}, "hip", []),
     ({"concurrency": 64, "num_kv_heads": 1}, {}, "asm", []),
     # 8-bit: against 128; below it split-KV, where hip takes per-tensor scales only
     ({"kv_dtype": FP8, "scales": "per_token", "concurrency": 15}, {"hip": {"scales": ("none", "per_tensor")}}, "triton", ["hip"]),
@@ -194,3 +195,16 @@ def test_registered_backends_declare_reasons_on_this_machine():
     real = dispatch.registered()
     assert {"triton", "torch"} <= set(real)
     assert real["torch"].supports(key(head_size=96, device_type="cpu")) is None
+
+
+def test_the_rule_counts_sequences_not_query_rows():
+    """A speculative decode call of 1 sequence x 8 new tokens launches the CTAs of 1 sequence:
+    counted as 8, the rule sent it to asm (8 CTAs, 2.4x Triton's time on the H100, RESULTS 48)."""
+    from pa_hybrid.call import build_call
+    from pa_hybrid.testing import make_decode_case
+
+    case = make_decode_case([300], num_heads=32, num_kv_heads=8, max_qlen=8)
+    key = build_call(**dict(case, exp_sums=None, max_logits=None, tmp_out=None)).key
+    assert key.concurrency == 1
+    order, reason = dispatch._rule_order(key, dispatch.DispatchRules())
+    assert order[0] == "hip" and "8 (sequence, kv head) pairs" in reason

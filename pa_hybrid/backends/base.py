@@ -239,8 +239,8 @@ class SplitKvBackend(Backend):
 
     def _capability_reasons(self, key: CallKey):
         yield from super()._capability_reasons(key)
-        if key.concurrency > MAX_GRID_SEQS:  # sequences, or query rows (at least as many) with max_qlen > 1
-            yield f"{key.concurrency} sequences/query rows exceed {MAX_GRID_SEQS}, the GPU's limit of the stage-1 grid's z dim"
+        if key.concurrency > MAX_GRID_SEQS:
+            yield f"{key.concurrency} sequences exceed {MAX_GRID_SEQS}, the GPU's limit of the stage-1 grid's z dim"
 
     def offers_balanced(self, call: DecodeCall) -> bool:
         """Whether the backend has the balanced schedule for this call's device."""

@@ -123,7 +123,7 @@ class DecodeCase:
             scales=SCALES_PER_TOKEN if is_8bit(self.kv_dtype) else SCALES_NONE,
             high_precision=1,
             kernel_name=None,
-            concurrency=self.num_seqs * self.max_qlen,  # query rows (as build_call counts them)
+            concurrency=self.num_seqs,
             max_seq_len=max(self.context_lens),
         )
 
