@@ -46,7 +46,7 @@ def decode_tile(name: str):
         return
     block_n, warps, stages = tile
 
-    def config(head_size, block_size, kv_bytes, warp_size=32, sparse_grid=False):
+    def config(head_size, block_size, kv_bytes, warp_size=32, sparse_grid=False, *, rows=16):
         return max(block_n, block_size), warps, stages
 
     with mock.patch.object(decode, "decode_tile_config", config):
