@@ -526,15 +526,17 @@ def decode_tile_config(
     latency): 16-bit caches take 3 stages as well, so a program's tiles are all in flight
     at once (H100, RESULTS 28: 0.81-0.88x the time of one stage on the bf16 grid calls of
     2-64 programs; 1.0 at 128 programs, 1.18-1.25x at 256 and more).
-    More than 16 rows (GQA x max_qlen): the tile's tokens shrink in proportion, so the
-    logits, accumulator and K/V tile stay within the registers of the 16-row tile (at 128
-    tokens, 32- and 64-row tiles spilled 8-296 registers on sm_90a: RESULTS 48).
+    More rows (GQA x max_qlen): 32- and 64-row tiles of 128 tokens spill on sm_90a (8-296
+    bytes), and yet tiles of 16 x 128 / rows tokens, which do not, took 1.05-1.15x their time
+    on 16-bit caches and on 8-bit ones with 32 rows; only 8-bit caches with 64 rows gained
+    from them, 32 tokens taking 0.82-0.96x the time (H100, RESULTS 48).
 
     Wave64 GPUs (AMD CDNA): 128-token tiles took up to 398 VGPRs with Triton 3.9 and 484
     with 3.6 (one wave per SIMD) and spilled in most 8-bit variants; quarter tiles in one
     stage spill under neither (gfx942). Not timed on an AMD GPU."""
     if warp_size == 32:
-        return max(16384 // head_size * 16 // max(rows, 16), block_size), 4, 3 if kv_bytes == 1 or sparse_grid else 1
+        tokens = 16384 // head_size if kv_bytes == 2 or rows < 64 else 16384 // head_size * 16 // rows
+        return max(tokens, block_size), 4, 3 if kv_bytes == 1 or sparse_grid else 1
     return max(16 if head_size >= 256 else 32, block_size), 4, 1
 
 
