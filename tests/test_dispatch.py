@@ -159,6 +159,11 @@ def test_split_kv_backends_refuse_more_sequences_than_a_grid_dim_holds():
         assert "exceed 65535" in real[name].supports(key(concurrency=MAX_GRID_SEQS + 1))
         assert "exceed" not in (real[name].supports(key(concurrency=MAX_GRID_SEQS)) or "")
     assert real["torch"].supports(key(concurrency=MAX_GRID_SEQS + 1)) is None
+    # Triton's other grid dims: kv heads x programs per group (stage 1), new tokens (the reduce)
+    triton = real["triton"]
+    assert "grid's limit of 65535" in triton.supports(key(max_qlen=MAX_GRID_SEQS + 1, gqa=1))
+    assert "131070 programs" in triton.supports(key(num_kv_heads=MAX_GRID_SEQS, gqa=65))
+    assert triton.supports(key(num_kv_heads=8, gqa=128, max_qlen=8)) is None
 
 
 @pytest.mark.parametrize("limit,refused", [(232448, False), (101376, True)], ids=["sm_90", "sm_89"])

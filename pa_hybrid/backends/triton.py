@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 
-from ..call import SCALES_PER_TENSOR, SCALES_PER_TOKEN, DecodeCall
+from ..call import SCALES_PER_TENSOR, SCALES_PER_TOKEN, CallKey, DecodeCall
 from ..kernels.common import nvidia_device
-from ..kernels.decode import SCALE_NONE, SCALE_PER_TENSOR, SCALE_PER_TOKEN, launch_paged_decode
+from ..kernels.decode import MAX_ROWS, SCALE_NONE, SCALE_PER_TENSOR, SCALE_PER_TOKEN, launch_paged_decode
 from ..kernels.reduce import launch_split_kv_reduce
 from ..layouts import KV_DTYPES, x_for
-from .base import SplitKvBackend, cuda_device_ok
+from .base import MAX_GRID_SEQS, SplitKvBackend, cuda_device_ok
 
 PROGRAMS_PER_SM = 1
 """Measured on an H100 (benchmarks/RESULTS.md): 1 or 2 programs per SM were best for bulk
@@ -28,8 +28,8 @@ class TritonBackend(SplitKvBackend):
     kv_dtypes = KV_DTYPES
     head_sizes = (64, 128, 256)
     block_sizes = (16, 32)
-    # any GQA ratio and max_qlen: groups of more than kernels/decode.MAX_ROWS query rows take
-    # several programs (each reads the group's K and V)
+    # any GQA ratio and max_qlen the grids hold: groups of more than kernels/decode.MAX_ROWS
+    # query rows take several programs (each reads the group's K and V)
     programs_per_sm = PROGRAMS_PER_SM
     # one program per 2048-token context (no partials, no stage 2) when that fills the GPU:
     # 0.92x / 0.90x the time of 1024-token partitions, bf16 / fp8, over the 11 such 2048-token
@@ -49,6 +49,14 @@ class TritonBackend(SplitKvBackend):
     # 1.025x); at 1, 4 or 8 programs per SM 1.41x, 1.007x, 1.018x. For 8-bit caches it lost
     # up to 9% on the mixed-length batches (H100, benchmarks/RESULTS.md section 43)
     auto_balances_8bit = False
+
+    def _capability_reasons(self, key: CallKey):
+        yield from super()._capability_reasons(key)
+        # grid dims that CUDA caps at 65535: stage 1's axis 1 (kv heads x programs per group),
+        # the reduce's axis 2 (new tokens)
+        programs = key.num_kv_heads * -(-key.gqa * key.max_qlen // MAX_ROWS)
+        if programs > MAX_GRID_SEQS or key.max_qlen > MAX_GRID_SEQS:
+            yield f"{programs} programs per sequence and partition, or max_qlen {key.max_qlen}, exceed the grid's limit of {MAX_GRID_SEQS}"
 
     def offers_balanced(self, call: DecodeCall) -> bool:
         # measured on NVIDIA GPUs only (benchmarks/RESULTS.md section 43); the interpreter
