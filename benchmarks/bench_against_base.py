@@ -16,7 +16,9 @@ hip compiles the base's csrc/, asm loads the base's PTX, triton launches the bas
 hip and triton launch the base's reduce where the directory has one (keyword arguments it
 does not take are dropped), the working tree's otherwise: a base before 0a58484 needs its own,
 since the tree's reduce leaves alone the sequences that stage 1 writes whole from 0a58484 on
-(the check then reports the base WRONG). Everything else is the tree's.
+(the check then reports the base WRONG). A base before the hip kernel's ROWS template argument
+(two 16-row MMA tiles, section 49) gets its kernels' names without it: it runs groups of at most
+16 query rows. Everything else is the tree's.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ from pa_hybrid.bench.variants import add_case_options, compare_variants
 from pa_hybrid.runtime import compiler
 
 
-def _install(csrc_dir, asm_dir, launch_paged_decode, launch_reduce) -> None:
+def _install(csrc_dir, asm_dir, launch_paged_decode, launch_reduce, kernel_entry) -> None:
     compiler.csrc_dir = csrc_dir
+    hip_backend.kernel_entry = kernel_entry
     runtime.env.asm_dir = asm_dir
     triton_backend.launch_paged_decode = launch_paged_decode
     triton_backend.launch_split_kv_reduce = hip_backend.launch_split_kv_reduce = launch_reduce
@@ -65,14 +68,29 @@ def _taking_known_keywords(function):
     return call
 
 
+def _entry_without_rows(q_dtype, kv_dtype, head_size: int, block_size: int, wide: bool, rows: int, balanced: int) -> str:
+    """hip's kernel name in a base without the ROWS template argument (16 rows only)."""
+    if rows != hip_backend.MMA_ROWS:
+        raise ValueError(f"the base has hip kernels of {hip_backend.MMA_ROWS} query rows only, not {rows}")
+    args = hip_backend.template_args(q_dtype, kv_dtype, head_size, block_size, wide, rows).rsplit(", ", 1)[0]
+    return f"pa::paged_decode_split_kv<{args}, {balanced}>"
+
+
 def base_setting(base_dir: Path):
     """A context manager factory under which the backends run the base's kernels."""
     base_decode = _load_base_module(base_dir / "decode.py")
     launch_reduce = triton_backend.launch_split_kv_reduce
     if (base_dir / "reduce.py").exists():
         launch_reduce = _taking_known_keywords(_load_base_module(base_dir / "reduce.py").launch_split_kv_reduce)
-    tree = (compiler.csrc_dir, runtime.env.asm_dir, triton_backend.launch_paged_decode, triton_backend.launch_split_kv_reduce)
-    base = (lambda: base_dir / "csrc", lambda: base_dir / "asm", base_decode.launch_paged_decode, launch_reduce)
+    tree = (
+        compiler.csrc_dir, runtime.env.asm_dir, triton_backend.launch_paged_decode, triton_backend.launch_split_kv_reduce,
+        hip_backend.kernel_entry,
+    )  # fmt: skip
+    has_rows = "int ROWS" in (base_dir / "csrc" / hip_backend.SOURCE).read_text()
+    base = (
+        lambda: base_dir / "csrc", lambda: base_dir / "asm", base_decode.launch_paged_decode, launch_reduce,
+        hip_backend.kernel_entry if has_rows else _entry_without_rows,
+    )  # fmt: skip
 
     @contextlib.contextmanager
     def setting():

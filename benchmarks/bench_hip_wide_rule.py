@@ -21,8 +21,8 @@ def wide_while(factor: float):
     """A setting under which hip takes its wide kernel while ``factor`` x CTAs <= SMs (and the
     wide tiles fit, as in the rule)."""
 
-    def use_wide_variant(ctas, num_sms, head_size, block_size, kv_bytes, smem_per_cta, target=hip.SM90):
-        return factor * ctas <= num_sms and hip.wide_fits(head_size, block_size, kv_bytes, smem_per_cta, target)
+    def use_wide_variant(ctas, num_sms, head_size, block_size, kv_bytes, smem_per_cta, target=hip.SM90, rows=hip.MMA_ROWS):
+        return factor * ctas <= num_sms and hip.wide_fits(head_size, block_size, kv_bytes, smem_per_cta, target, rows)
 
     return lambda: mock.patch.object(hip, "use_wide_variant", use_wide_variant)
 

@@ -4,10 +4,11 @@
 // Grid (partitions, kv heads, sequences); one CTA walks `partition_size` tokens (a multiple
 // of 256) of one sequence for one kv head. Or, in the BALANCED entry, the balanced
 // schedule: grid (CTAs per kv head, kv heads), each CTA an equal share of the kv head's
-// 256-token pages, one span per sequence they touch. A span serves all gqa * max_qlen (<= 16)
-// query rows of the head's group at once: row m = i * gqa + g is new token i, group member g, and the
-// rows form the M = 16 dim of mma.sync m16n8k16 tiles (rows past them are masked). GQA and
-// qlen are run-time values, so one variant per (dtypes, head size, block size, width) serves all.
+// 256-token pages, one span per sequence they touch. A span serves all gqa * max_qlen (<= ROWS,
+// 16 or 32) query rows of the head's group at once: row m = i * gqa + g is new token i, group member
+// g, and the rows form the M dim of ROWS / 16 mma.sync m16n8k16 tiles, which share every K and V
+// fragment (rows past them are masked). GQA and qlen are run-time values, so one variant per
+// (dtypes, head size, block size, width, ROWS) serves all.
 //
 // Work split: the CTA's cache blocks are dealt round-robin to its warps (twice as many in
 // the WIDE variant, for tiny grids, where one CTA's latency is the call's: each warp then
@@ -67,7 +68,7 @@ struct SplitKvParams {
   int write_out;            // 1: one partition covers max_seq_len; write out, no partials
   int tmp_kind;             // tmp_out dtype: 0 fp32, 1 bf16, 2 fp16
   int gqa;                  // query heads per kv head
-  int max_qlen;             // new tokens per sequence at most; gqa * max_qlen <= 16
+  int max_qlen;             // new tokens per sequence at most; gqa * max_qlen <= ROWS
   i64 stride_q_row, stride_q_head;
   i64 stride_out_row, stride_out_head;
   i64 stride_es_row, stride_es_head;
@@ -87,20 +88,21 @@ struct SplitKvParams {
 // (8 rows, 4 dim pairs each) on distinct banks; unpadded, its stores were 8-way conflicts.
 constexpr int merge_stride(int head) { return head + 8; }
 
-// A CTA's shared memory: 16 query rows (padded), then each warp's ring, which the merge
+// A CTA's shared memory: the query rows (padded), then each warp's ring, which the merge
 // reuses for O, max and sum per warp and row.
-constexpr int split_kv_smem_bytes(int warps, int ring_per_warp, int head) {
-  const int q = 16 * (head + 8) * 2, ring = warps * ring_per_warp, merge = warps * 16 * (merge_stride(head) + 2) * 4;
+constexpr int split_kv_smem_bytes(int warps, int ring_per_warp, int head, int rows) {
+  const int q = rows * (head + 8) * 2, ring = warps * ring_per_warp, merge = warps * rows * (merge_stride(head) + 2) * 4;
   return q + (ring > merge ? ring : merge);
 }
-constexpr int split_kv_fit_warps(int warps, int ring_per_warp, int head) {
-  return warps > 1 && split_kv_smem_bytes(warps, ring_per_warp, head) > SMEM_PER_CTA
-             ? split_kv_fit_warps(warps / 2, ring_per_warp, head)
+constexpr int split_kv_fit_warps(int warps, int ring_per_warp, int head, int rows) {
+  return warps > 1 && split_kv_smem_bytes(warps, ring_per_warp, head, rows) > SMEM_PER_CTA
+             ? split_kv_fit_warps(warps / 2, ring_per_warp, head, rows)
              : warps;
 }
 
-template <bool IS_BF16, int KV_KIND, int HEAD, int BS, bool WIDE>
+template <bool IS_BF16, int KV_KIND, int HEAD, int BS, bool WIDE, int ROWS>
 struct SplitKvConfig {  // restated by hip.py's kernel_config; the same test checks both agree
+  static constexpr int M_TILES = ROWS / 16;  // 16-row MMA tiles of query rows
   static constexpr int KV_BYTES = KV_KIND == KV_16BIT ? 2 : 1;
   static constexpr int X = 16 / KV_BYTES;
   static constexpr int KV_TILE = HEAD * BS * KV_BYTES;  // one cache block of K (or of V)
@@ -110,17 +112,18 @@ struct SplitKvConfig {  // restated by hip.py's kernel_config; the same test che
   // from a deeper ring than one stage.
   static constexpr int STAGES = !ASYNC_COPIES ? 1 : 2 * KV_TILE <= 8192 ? 3 : 2;
   static constexpr int Q_STRIDE = HEAD + 8;  // elements; the pad spreads ldmatrix rows over banks
-  static constexpr int Q_BYTES = 16 * Q_STRIDE * 2;  // as split_kv_smem_bytes counts it
+  static constexpr int Q_BYTES = ROWS * Q_STRIDE * 2;  // as split_kv_smem_bytes counts it
   static constexpr int MERGE_STRIDE = merge_stride(HEAD);
   // 2 CTAs per SM within sm_90's 227 KB: fewer warps for big tiles (WIDE: one CTA, twice
   // the warps); then halved while the tiles exceed one CTA's shared memory (gfx942: 64 KB).
-  static constexpr int WARPS = split_kv_fit_warps((2 * KV_TILE >= 32768 ? 2 : 4) * (WIDE ? 2 : 1), STAGES * STAGE, HEAD);
+  static constexpr int WARPS = split_kv_fit_warps((2 * KV_TILE >= 32768 ? 2 : 4) * (WIDE ? 2 : 1), STAGES * STAGE, HEAD, ROWS);
   static constexpr int THREADS = 32 * WARPS;
-  static constexpr int SMEM_BYTES = split_kv_smem_bytes(WARPS, STAGES * STAGE, HEAD);
+  static constexpr int SMEM_BYTES = split_kv_smem_bytes(WARPS, STAGES * STAGE, HEAD, ROWS);
   static constexpr int NT = BS / 8;  // n-tiles of S per block
   // int8: a fragment pair per 4-byte shared load, k order permuted (see the header)
   static constexpr bool PERMUTED_K = KV_KIND == KV_INT8;
   static_assert(HEAD % 16 == 0 && BS % 16 == 0 && BS % X == 0, "unsupported head/block size");
+  static_assert(ROWS == 16 || ROWS == 32, "one or two 16-row MMA tiles");
   static_assert(KV_TILE % 512 == 0, "a warp copies tiles in 512-byte steps");
   static_assert(SMEM_BYTES <= SMEM_PER_CTA, "more shared memory than one CTA may have");
 };
@@ -145,7 +148,7 @@ __device__ __forceinline__ void widened_pair(const unsigned char* row, int lane,
   }
 }
 
-// The CTA's dynamic shared memory: 16 query rows, then the rings (see split_kv_smem_bytes).
+// The CTA's dynamic shared memory: ROWS query rows, then the rings (see split_kv_smem_bytes).
 extern __shared__ __align__(128) unsigned char smem[];
 
 // Where a span's result goes: `out` (write_out) or the partial of slot `part`; last_span:
@@ -161,14 +164,15 @@ struct SpanTail {
 // called after the cache reads, so that the balanced schedule's values need no registers
 // through them.
 // Called by every thread of the CTA; the caller syncs before the next span reuses shared memory.
-template <bool IS_BF16, int KV_KIND, int HEAD, int BS, bool WIDE, class Tail>
+template <bool IS_BF16, int KV_KIND, int HEAD, int BS, bool WIDE, int ROWS, class Tail>
 __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int kv_head, int context_len, int start,
                                             int end, bool skip_empty, const Tail& tail) {
-  using C = SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, WIDE>;
+  using C = SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, WIDE, ROWS>;
   using Q = q16<IS_BF16>;
   using qt = typename Q::t;
   constexpr float LN2 = 0.6931471805599453f;
-  qt* q_s = reinterpret_cast<qt*>(smem);  // [16][Q_STRIDE]
+  constexpr int MT = C::M_TILES;
+  qt* q_s = reinterpret_cast<qt*>(smem);  // [ROWS][Q_STRIDE]
   unsigned char* ring = smem + C::Q_BYTES;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -193,15 +197,20 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
   // decided here, after the table reads are on their way (they are in bounds either way)
   if (skip_empty && start >= end) return;
 
-  // tokens each of this lane's two rows sees, capped by the partition end
-  const int row0 = lane / 4, row1 = lane / 4 + 8;
+  // tokens each of this lane's rows sees (rows lane / 4 and lane / 4 + 8 of each M tile),
+  // capped by the span end
   auto limit_of = [&](int m) {
     const int i = m / gqa;
     if (m >= rows || i >= num_new) return 0;
     const int visible = p.max_qlen > 1 ? context_len - num_new + i + 1 : context_len;
     return min(end, visible);
   };
-  const int limit0 = limit_of(row0), limit1 = limit_of(row1);
+  int limit[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    limit[mt][0] = limit_of(mt * 16 + lane / 4);
+    limit[mt][1] = limit_of(mt * 16 + lane / 4 + 8);
+  }
 
   float qk_scale = p.scale_log2, v_scale = 1.f;
   const bool per_token = KV_KIND != KV_16BIT && p.per_token_scales;
@@ -242,20 +251,25 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
     }
   };
 
-  float o[HEAD / 8][4];
+  // per M tile: O, and the running max and sum of this lane's two rows (h = 0: lane / 4, 1: + 8)
+  float o[MT][HEAD / 8][4], row_max[MT][2], row_sum[MT][2];
 #pragma unroll
-  for (int dt = 0; dt < HEAD / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
-  float max0 = PA_NEG_INF, max1 = PA_NEG_INF, sum0 = 0.f, sum1 = 0.f;
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int dt = 0; dt < HEAD / 8; ++dt) o[mt][dt][0] = o[mt][dt][1] = o[mt][dt][2] = o[mt][dt][3] = 0.f;
+    row_max[mt][0] = row_max[mt][1] = PA_NEG_INF;
+    row_sum[mt][0] = row_sum[mt][1] = 0.f;
+  }
 
   // The query rows of the group go to shared memory in the first copy group, behind the
-  // first K/V copies (rows past ROWS are zero-filled); loaded one after another, 16 rows
-  // cost 16 memory round trips. 4-byte copies: Q rows need only be 4-byte aligned. Each
+  // first K/V copies (rows past the group's are zero-filled); loaded one after another, 16
+  // rows cost 16 memory round trips. 4-byte copies: Q rows need only be 4-byte aligned. Each
   // thread copies words of one row, so the row's source is worked out once (per word, the
   // division by the run-time gqa made the copy loop a fifth of a small call's instructions).
   // Copy groups: one per ring stage, committed by every thread (empty or not), so stage j
   // is complete once at most STAGES - 1 newer groups are pending.
-  constexpr int Q_WORDS = HEAD / 2, Q_ROW_THREADS = C::THREADS / 16;
-  static_assert(C::THREADS % 16 == 0 && Q_WORDS % Q_ROW_THREADS == 0, "threads per query row");
+  constexpr int Q_WORDS = HEAD / 2, Q_ROW_THREADS = C::THREADS / ROWS;
+  static_assert(C::THREADS % ROWS == 0 && Q_WORDS % Q_ROW_THREADS == 0, "threads per query row");
   const int q_row = threadIdx.x / Q_ROW_THREADS, q_new = q_row / gqa;
   const bool q_valid = q_row < rows && q_new < num_new;
   const qt* q_src = static_cast<const qt*>(p.q);
@@ -308,22 +322,29 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
       warp_sync();
     }
 
-    // S = Q K^T for this block's BS tokens
-    float s[C::NT][4];
+    // S = Q K^T for this block's BS tokens, each K fragment into every M tile
+    float s[MT][C::NT][4];
 #pragma unroll
-    for (int nt = 0; nt < C::NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < C::NT; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
 #pragma unroll
     for (int kstep = 0; kstep < HEAD / 16; ++kstep) {
-      unsigned a[4];
-      ldmatrix_x4(a, q_s + (lane % 16) * C::Q_STRIDE + kstep * 16 + (lane / 16) * 8);
+      unsigned a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+        ldmatrix_x4(a[mt], q_s + (mt * 16 + lane % 16) * C::Q_STRIDE + kstep * 16 + (lane / 16) * 8);
       if constexpr (KV_KIND == KV_16BIT) {
 #pragma unroll
         for (int nt = 0; nt < C::NT; nt += 2) {  // two n-tiles per ldmatrix_x4
           unsigned b[4];
           const int mat = lane / 8, chunk = 2 * kstep + (mat & 1), tok = nt * 8 + (mat >> 1) * 8 + lane % 8;
           ldmatrix_x4(b, ks + (chunk * BS + tok) * 16);
-          mma_16816<IS_BF16>(s[nt], a, b[0], b[1]);
-          mma_16816<IS_BF16>(s[nt + 1], a, b[2], b[3]);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            mma_16816<IS_BF16>(s[mt][nt], a[mt], b[0], b[1]);
+            mma_16816<IS_BF16>(s[mt][nt + 1], a[mt], b[2], b[3]);
+          }
         }
       } else {
 #pragma unroll
@@ -331,7 +352,8 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
           const unsigned char* row = ks + (kstep * BS + nt * 8 + lane / 4) * 16;
           unsigned b0, b1;
           widened_pair<C, KV_KIND, IS_BF16>(row, lane, b0, b1);
-          mma_16816<IS_BF16>(s[nt], a, b0, b1);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) mma_16816<IS_BF16>(s[mt][nt], a[mt], b0, b1);
         }
       }
     }
@@ -371,69 +393,93 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
       }
     }
 
-    // online softmax in base 2 over this block; lane holds rows row0/row1, 2 columns per n-tile
-    float block_max0 = PA_NEG_INF, block_max1 = PA_NEG_INF;
+    // online softmax in base 2 over this block: in M tile mt, accumulators 2h and 2h + 1 of an
+    // n-tile are this lane's row h (lane / 4 + 8 h), its two columns
+    float block_max[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) block_max[mt][0] = block_max[mt][1] = PA_NEG_INF;
 #pragma unroll
     for (int nt = 0; nt < C::NT; ++nt) {
       const int t = token0 + column_token(nt);
       const float f0 = qk_scale * k_tok[nt].x, f1 = qk_scale * k_tok[nt].y;
-      s[nt][0] = t < limit0 ? s[nt][0] * f0 : PA_NEG_INF;
-      s[nt][1] = t + 1 < limit0 ? s[nt][1] * f1 : PA_NEG_INF;
-      s[nt][2] = t < limit1 ? s[nt][2] * f0 : PA_NEG_INF;
-      s[nt][3] = t + 1 < limit1 ? s[nt][3] * f1 : PA_NEG_INF;
-      block_max0 = fmaxf(block_max0, fmaxf(s[nt][0], s[nt][1]));
-      block_max1 = fmaxf(block_max1, fmaxf(s[nt][2], s[nt][3]));
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        float* c = s[mt][nt];
+        c[0] = t < limit[mt][0] ? c[0] * f0 : PA_NEG_INF;
+        c[1] = t + 1 < limit[mt][0] ? c[1] * f1 : PA_NEG_INF;
+        c[2] = t < limit[mt][1] ? c[2] * f0 : PA_NEG_INF;
+        c[3] = t + 1 < limit[mt][1] ? c[3] * f1 : PA_NEG_INF;
+        block_max[mt][0] = fmaxf(block_max[mt][0], fmaxf(c[0], c[1]));
+        block_max[mt][1] = fmaxf(block_max[mt][1], fmaxf(c[2], c[3]));
+      }
     }
-    block_max0 = fmaxf(block_max0, shfl_xor(block_max0, 1));
-    block_max0 = fmaxf(block_max0, shfl_xor(block_max0, 2));
-    block_max1 = fmaxf(block_max1, shfl_xor(block_max1, 1));
-    block_max1 = fmaxf(block_max1, shfl_xor(block_max1, 2));
-    const float new_max0 = fmaxf(max0, block_max0), new_max1 = fmaxf(max1, block_max1);
-    // rows that have seen nothing keep -inf: shift by 0 so exp2 gives 0, not NaN
-    const float shift0 = new_max0 == PA_NEG_INF ? 0.f : new_max0;
-    const float shift1 = new_max1 == PA_NEG_INF ? 0.f : new_max1;
-    const float alpha0 = fast_exp2(max0 - shift0), alpha1 = fast_exp2(max1 - shift1);
-    max0 = new_max0;
-    max1 = new_max1;
-    sum0 *= alpha0;
-    sum1 *= alpha1;
-    const float o_alpha0 = alpha0 * unit_moved, o_alpha1 = alpha1 * unit_moved;
+    float shift[MT][2], o_alpha[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        block_max[mt][h] = fmaxf(block_max[mt][h], shfl_xor(block_max[mt][h], 1));
+        block_max[mt][h] = fmaxf(block_max[mt][h], shfl_xor(block_max[mt][h], 2));
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float new_max = fmaxf(row_max[mt][h], block_max[mt][h]);
+        // rows that have seen nothing keep -inf: shift by 0 so exp2 gives 0, not NaN
+        shift[mt][h] = new_max == PA_NEG_INF ? 0.f : new_max;
+        const float alpha = fast_exp2(row_max[mt][h] - shift[mt][h]);
+        row_max[mt][h] = new_max;
+        row_sum[mt][h] *= alpha;
+        o_alpha[mt][h] = alpha * unit_moved;
+      }
+    }
 #pragma unroll
     for (int nt = 0; nt < C::NT; ++nt) {
-      s[nt][0] = fast_exp2(s[nt][0] - shift0);
-      s[nt][1] = fast_exp2(s[nt][1] - shift0);
-      s[nt][2] = fast_exp2(s[nt][2] - shift1);
-      s[nt][3] = fast_exp2(s[nt][3] - shift1);
-      sum0 += s[nt][0] + s[nt][1];
-      sum1 += s[nt][2] + s[nt][3];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        float* c = s[mt][nt];
+        c[0] = fast_exp2(c[0] - shift[mt][0]);
+        c[1] = fast_exp2(c[1] - shift[mt][0]);
+        c[2] = fast_exp2(c[2] - shift[mt][1]);
+        c[3] = fast_exp2(c[3] - shift[mt][1]);
+        row_sum[mt][0] += c[0] + c[1];
+        row_sum[mt][1] += c[2] + c[3];
+      }
     }
 #pragma unroll
-    for (int dt = 0; dt < HEAD / 8; ++dt) {
-      o[dt][0] *= o_alpha0;
-      o[dt][1] *= o_alpha0;
-      o[dt][2] *= o_alpha1;
-      o[dt][3] *= o_alpha1;
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int dt = 0; dt < HEAD / 8; ++dt) {
+        o[mt][dt][0] *= o_alpha[mt][0];
+        o[mt][dt][1] *= o_alpha[mt][0];
+        o[mt][dt][2] *= o_alpha[mt][1];
+        o[mt][dt][3] *= o_alpha[mt][1];
+      }
     }
 
     // O += P V, 16 tokens per k-step; S's accumulator fragments are P's A fragments
-    // (times V's per-token scales)
+    // (times V's per-token scales); each V fragment into every M tile
 #pragma unroll
     for (int kt = 0; kt < BS / 16; ++kt) {
       const float2 v0 = v_tok[2 * kt], v1 = v_tok[2 * kt + 1];
-      const unsigned a[4] = {
-          as_u32(Q::from_floats(s[2 * kt][0] * v0.x, s[2 * kt][1] * v0.y)),
-          as_u32(Q::from_floats(s[2 * kt][2] * v0.x, s[2 * kt][3] * v0.y)),
-          as_u32(Q::from_floats(s[2 * kt + 1][0] * v1.x, s[2 * kt + 1][1] * v1.y)),
-          as_u32(Q::from_floats(s[2 * kt + 1][2] * v1.x, s[2 * kt + 1][3] * v1.y)),
-      };
+      unsigned a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        a[mt][0] = as_u32(Q::from_floats(s[mt][2 * kt][0] * v0.x, s[mt][2 * kt][1] * v0.y));
+        a[mt][1] = as_u32(Q::from_floats(s[mt][2 * kt][2] * v0.x, s[mt][2 * kt][3] * v0.y));
+        a[mt][2] = as_u32(Q::from_floats(s[mt][2 * kt + 1][0] * v1.x, s[mt][2 * kt + 1][1] * v1.y));
+        a[mt][3] = as_u32(Q::from_floats(s[mt][2 * kt + 1][2] * v1.x, s[mt][2 * kt + 1][3] * v1.y));
+      }
       if constexpr (KV_KIND == KV_16BIT) {
 #pragma unroll
         for (int dt = 0; dt < HEAD / 8; dt += 2) {  // two dim tiles per ldmatrix_x4
           unsigned b[4];
           const int mat = lane / 8, group = 2 * kt + (mat & 1), d = (dt + (mat >> 1)) * 8 + lane % 8;
           ldmatrix_x4(b, vs + (group * HEAD + d) * 16);
-          mma_16816<IS_BF16>(o[dt], a, b[0], b[1]);
-          mma_16816<IS_BF16>(o[dt + 1], a, b[2], b[3]);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            mma_16816<IS_BF16>(o[mt][dt], a[mt], b[0], b[1]);
+            mma_16816<IS_BF16>(o[mt][dt + 1], a[mt], b[2], b[3]);
+          }
         }
       } else {
 #pragma unroll
@@ -441,7 +487,8 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
           const unsigned char* row = vs + (kt * HEAD + dt * 8 + lane / 4) * 16;
           unsigned b0, b1;
           widened_pair<C, KV_KIND, IS_BF16>(row, lane, b0, b1);
-          mma_16816<IS_BF16>(o[dt], a, b0, b1);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) mma_16816<IS_BF16>(o[mt][dt], a[mt], b0, b1);
         }
       }
     }
@@ -460,30 +507,42 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
   const SpanTail to = tail();
   const int part = to.part;
   const bool write_out = to.write_out;
-  sum0 += shfl_xor(sum0, 1);
-  sum0 += shfl_xor(sum0, 2);
-  sum1 += shfl_xor(sum1, 1);
-  sum1 += shfl_xor(sum1, 2);
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      row_sum[mt][h] += shfl_xor(row_sum[mt][h], 1);
+      row_sum[mt][h] += shfl_xor(row_sum[mt][h], 2);
+    }
+  }
   __syncthreads();  // the ring is free: reuse it
-  float* merge_o = reinterpret_cast<float*>(ring);                     // [WARPS][16][MERGE_STRIDE]
-  float* merge_max = merge_o + C::WARPS * 16 * C::MERGE_STRIDE;  // [WARPS][16]
-  float* merge_sum = merge_max + C::WARPS * 16;
+  float* merge_o = reinterpret_cast<float*>(ring);                 // [WARPS][ROWS][MERGE_STRIDE]
+  float* merge_max = merge_o + C::WARPS * ROWS * C::MERGE_STRIDE;  // [WARPS][ROWS]
+  float* merge_sum = merge_max + C::WARPS * ROWS;
+  const int row0 = warp * ROWS + lane / 4;  // this lane's row h of M tile mt: row0 + 16 mt + 8 h
   if (lane % 4 == 0) {
-    merge_max[warp * 16 + row0] = max0;
-    merge_max[warp * 16 + row1] = max1;
-    merge_sum[warp * 16 + row0] = sum0;
-    merge_sum[warp * 16 + row1] = sum1;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        merge_max[row0 + 16 * mt + 8 * h] = row_max[mt][h];
+        merge_sum[row0 + 16 * mt + 8 * h] = row_sum[mt][h];
+      }
+    }
   }
   const float o_unit = V_UNIT ? 1.f / v_unit_inv : 1.f;  // O back from v_unit
 #pragma unroll
-  for (int dt = 0; dt < HEAD / 8; ++dt) {
-    const int d = dt * 8 + (lane % 4) * 2;
-    float* r0 = merge_o + (warp * 16 + row0) * C::MERGE_STRIDE + d;
-    float* r1 = merge_o + (warp * 16 + row1) * C::MERGE_STRIDE + d;
-    r0[0] = o[dt][0] * o_unit;
-    r0[1] = o[dt][1] * o_unit;
-    r1[0] = o[dt][2] * o_unit;
-    r1[1] = o[dt][3] * o_unit;
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int dt = 0; dt < HEAD / 8; ++dt) {
+      const int d = dt * 8 + (lane % 4) * 2;
+      float* r0 = merge_o + (row0 + 16 * mt) * C::MERGE_STRIDE + d;
+      float* r1 = r0 + 8 * C::MERGE_STRIDE;
+      r0[0] = o[mt][dt][0] * o_unit;
+      r0[1] = o[mt][dt][1] * o_unit;
+      r1[0] = o[mt][dt][2] * o_unit;
+      r1[1] = o[mt][dt][3] * o_unit;
+    }
   }
   __syncthreads();
 
@@ -491,15 +550,15 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
   // and sum and each warp's weight exp2(max_w - max) / sum (with the V scale) itself, so no
   // thread waits at a barrier while 16 others do it (that wait was 7% of a small call).
   if (!q_valid) return;
-  float row_max = PA_NEG_INF;
+  float merged_max = PA_NEG_INF;
 #pragma unroll
-  for (int w = 0; w < C::WARPS; ++w) row_max = fmaxf(row_max, merge_max[w * 16 + q_row]);
-  const float shift = row_max == PA_NEG_INF ? 0.f : row_max;
+  for (int w = 0; w < C::WARPS; ++w) merged_max = fmaxf(merged_max, merge_max[w * ROWS + q_row]);
+  const float shift = merged_max == PA_NEG_INF ? 0.f : merged_max;
   float weight[C::WARPS], total = 0.f;
 #pragma unroll
   for (int w = 0; w < C::WARPS; ++w) {
-    weight[w] = fast_exp2(merge_max[w * 16 + q_row] - shift);
-    total += merge_sum[w * 16 + q_row] * weight[w];
+    weight[w] = fast_exp2(merge_max[w * ROWS + q_row] - shift);
+    total += merge_sum[w * ROWS + q_row] * weight[w];
   }
   // total >= 1 for a row that saw a token here; rows that saw none stay 0
   const float norm = v_scale / fmaxf(total, 1e-30f);
@@ -508,7 +567,7 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
   if (!write_out && threadIdx.x % Q_ROW_THREADS == 0) {
     const i64 e = row * p.stride_es_row + head * p.stride_es_head + part;
     p.exp_sums[e] = total;
-    p.max_logits[e] = row_max * LN2;  // natural-log units, as the partial format says
+    p.max_logits[e] = merged_max * LN2;  // natural-log units, as the partial format says
   }
   const i64 base = write_out ? row * p.stride_out_row + head * p.stride_out_head
                              : row * p.stride_tmp_row + head * p.stride_tmp_head + part * p.stride_tmp_part;
@@ -520,7 +579,7 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
     float r0 = 0.f, r1 = 0.f;
 #pragma unroll
     for (int w = 0; w < C::WARPS; ++w) {
-      const float2 part_o = *reinterpret_cast<const float2*>(merge_o + (w * 16 + q_row) * C::MERGE_STRIDE + d);
+      const float2 part_o = *reinterpret_cast<const float2*>(merge_o + (w * ROWS + q_row) * C::MERGE_STRIDE + d);
       r0 += part_o.x * weight[w];
       r1 += part_o.y * weight[w];
     }
@@ -616,18 +675,21 @@ __device__ __forceinline__ void balanced_start(const SplitKvParams& p, int* scan
 // BALANCED picks the schedule: 0 the static one; n > 0 the balanced one with n CTAs per SM,
 // which the launch bounds tell the register allocator (without them, ptxas kept the balanced
 // loop under 128 registers by spilling where 255 were free, and above where n = 4 needs it).
-// One entry each, so that the static one keeps its registers.
-template <bool IS_BF16, int KV_KIND, int HEAD, int BS, bool WIDE, int BALANCED>
-__global__ void __launch_bounds__((SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, WIDE>::THREADS), BALANCED)  // (): HIP's macro splits at commas
+// One entry each, so that the static one keeps its registers. The static one of 32 rows
+// states 1 CTA per SM (its grids have about that): unbounded, ptxas capped one variant at
+// 168 registers (3 CTAs per SM) and spilled.
+template <bool IS_BF16, int KV_KIND, int HEAD, int BS, bool WIDE, int ROWS, int BALANCED>
+__global__ void __launch_bounds__((SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, WIDE, ROWS>::THREADS),
+                                  (BALANCED > 0 ? BALANCED : ROWS > 16 ? 1 : 0))  // (): HIP's macro splits at commas
     paged_decode_split_kv(const PA_GRID_CONSTANT SplitKvParams p) {
-  using C = SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, WIDE>;
+  using C = SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, WIDE, ROWS>;
   const int kv_head = blockIdx.y;
   if constexpr (BALANCED == 0) {
     // partition blockIdx.x of sequence blockIdx.z (decode_span returns at once past the context)
     const int seq = blockIdx.z;
     const int context_len = context_of(p, seq), start = blockIdx.x * p.partition_size;
     const bool whole = p.write_out || context_len <= p.partition_size;  // so partition 0 writes out
-    decode_span<IS_BF16, KV_KIND, HEAD, BS, WIDE>(p, seq, kv_head, context_len, start,
+    decode_span<IS_BF16, KV_KIND, HEAD, BS, WIDE, ROWS>(p, seq, kv_head, context_len, start,
                                                   min(start + p.partition_size, context_len), !p.write_out,
                                                   [whole] { return SpanTail{int(blockIdx.x), whole, true}; });
   } else {
@@ -639,7 +701,7 @@ __global__ void __launch_bounds__((SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, WID
       const int seq = state->seq, seq_start = state->seq_first_page * p.partition_size;
       if (span.end_page > span.page) {  // empty sequences have no pages
         const int context_len = context_of(p, seq);
-        decode_span<IS_BF16, KV_KIND, HEAD, BS, WIDE>(
+        decode_span<IS_BF16, KV_KIND, HEAD, BS, WIDE, ROWS>(
             p, seq, kv_head, context_len, span.page * p.partition_size - seq_start,
             min(span.end_page * p.partition_size - seq_start, context_len), false,
             [state] { return BalancedSpan(*state).tail(*state); });

@@ -152,7 +152,7 @@ def test_balanced_ctas_per_sm_fit_shared_memory():
         spec = hip.kernel_spec(*variant, "sm_90a")
         if len(spec.entries) == 2:
             ctas = int(spec.entries[1].rsplit(",", 1)[1].rstrip(">"))
-            cfg = hip.kernel_config(*variant[2:4], variant[1].itemsize)
+            cfg = hip.kernel_config(*variant[2:4], variant[1].itemsize, rows=variant[5])
             assert ctas * (cfg["smem_bytes"] + hip.SM90_SMEM_RESERVED_PER_CTA) <= hip.SM90_SMEM_PER_SM, (variant, ctas)
 
 

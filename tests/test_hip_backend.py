@@ -31,7 +31,7 @@ needs_nvrtc = pytest.mark.skipif(_NVRTC_REASON is not None, reason=f"runtime com
 @needs_nvrtc
 def test_every_variant_compiles_for_sm90a_without_spills():
     specs = hip.warmup_specs("sm_90a")
-    assert len(specs) == 62  # 36 variants, 26 of them also wide
+    assert len(specs) == 108  # 36 variants of 16 rows, 26 of them also wide; 24 of 32 rows (head 64, 128), 22 also wide
     with ThreadPoolExecutor(max_workers=2) as pool:
         kernels = list(pool.map(runtime.compile_kernel, specs))
     for spec, kernel in zip(specs, kernels):
@@ -48,9 +48,10 @@ def test_python_mirror_matches_the_cpp_struct_and_config(tmp_path):
     for name, _ in hip.SplitKvParams._fields_:
         offset = getattr(hip.SplitKvParams, name).offset
         checks.append(f'static_assert(offsetof(pa::SplitKvParams, {name}) == {offset}, "{name}");')
-    for q_dtype, kv_dtype, head_size, block_size, wide in hip.all_variants():
-        cfg = hip.kernel_config(head_size, block_size, kv_dtype.itemsize, wide)
-        cls = f"pa::SplitKvConfig<{hip.template_args(q_dtype, kv_dtype, head_size, block_size, wide)}>"
+    for variant in hip.all_variants():
+        q_dtype, kv_dtype, head_size, block_size, wide, rows = variant
+        cfg = hip.kernel_config(head_size, block_size, kv_dtype.itemsize, wide, rows=rows)
+        cls = f"pa::SplitKvConfig<{hip.template_args(*variant)}>"
         checks.append(f'static_assert({cls}::SMEM_BYTES == {cfg["smem_bytes"]}, "smem");')
         checks.append(f'static_assert({cls}::THREADS == {cfg["threads"]}, "threads");')
     (tmp_path / "expected_layout.h").write_text("\n".join(checks) + "\n")
@@ -80,8 +81,11 @@ def test_supports_states_what_the_kernel_covers():
     backend = hip.HipBackend()
     assert backend.supports(CallKey(**base)) is None
     assert backend.supports(CallKey(**dict(base, gqa=8, max_qlen=2))) is None
+    assert backend.supports(CallKey(**dict(base, gqa=8, max_qlen=4))) is None  # two row tiles
+    assert backend.supports(CallKey(**dict(base, gqa=32, num_kv_heads=1))) is None
     cases = {
-        "query rows exceed one 16-row": dict(gqa=8, max_qlen=4),
+        "query rows exceed two 16-row": dict(gqa=8, max_qlen=5),
+        "built for head sizes (64, 128) on sm_90, not 256": dict(gqa=4, max_qlen=5, head_size=256),
         "must have the query dtype": dict(kv_dtype=torch.float16),
         "head_size 96": dict(head_size=96),
         "block_size 64": dict(block_size=64),
@@ -99,7 +103,10 @@ def test_supports_states_what_the_kernel_covers():
     "kv_dtype,scales",
     [(torch.bfloat16, "none"), (torch.float8_e4m3fn, "per_tensor"), (torch.float8_e4m3fn, "per_token"), (torch.int8, "per_token")],
 )
-@pytest.mark.parametrize("gqa,qlen,head_size,block_size", [(8, 1, 128, 16), (1, 1, 64, 32), (16, 1, 256, 16), (4, 4, 128, 32), (5, 3, 128, 16)])
+@pytest.mark.parametrize(
+    "gqa,qlen,head_size,block_size",
+    [(8, 1, 128, 16), (1, 1, 64, 32), (16, 1, 256, 16), (4, 4, 128, 32), (5, 3, 128, 16), (4, 8, 128, 16), (32, 1, 64, 32), (6, 3, 128, 32)],
+)  # the last three: two 16-row MMA tiles, full and partly masked
 @pytest.mark.parametrize("width", ["narrow", "wide"])
 def test_hip_matches_reference_long_and_ragged(kv_dtype, scales, gqa, qlen, head_size, block_size, width, monkeypatch):
     from pa_hybrid import paged_attention_common, reference_paged_attention
@@ -128,4 +135,4 @@ def test_no_balanced_kernel_for_fp16_queries_over_8bit_caches():
         (torch.float16, torch.float8_e4m3fn, 1), (torch.float16, torch.int8, 1),
         (torch.bfloat16, torch.float8_e4m3fn, 2), (torch.float16, torch.float16, 2),
     ]:  # fmt: skip
-        assert len(hip.kernel_spec(q_dtype, kv_dtype, 128, 16, False, "sm_90a").entries) == entries, (q_dtype, kv_dtype)
+        assert len(hip.kernel_spec(q_dtype, kv_dtype, 128, 16, False, 16, "sm_90a").entries) == entries, (q_dtype, kv_dtype)

@@ -32,7 +32,7 @@ needs_clang = pytest.mark.skipif(
 @needs_clang
 def test_every_gfx942_variant_compiles_without_spilling_to_memory():
     specs = hip.warmup_specs("gfx942")
-    assert len(specs) == 34  # head sizes 64 and 128 (24), 10 of them also wide
+    assert len(specs) == 46  # 16 rows: head sizes 64 and 128 (24), 10 of them also wide; 32 rows: head 64 (12)
     results = amdgcn.compile_variants(specs, CLANG)
     for spec, kernels in results.items():
         assert len(kernels) == len(spec.entries), (spec.entries, kernels)  # the static and balanced entries
@@ -58,9 +58,10 @@ def test_the_check_sees_a_spill(tmp_path):
 @needs_clang
 def test_python_mirror_matches_the_cpp_config_on_gfx942(tmp_path):
     checks = [f"static_assert(sizeof(pa::SplitKvParams) == {ctypes.sizeof(hip.SplitKvParams)});"]
-    for q_dtype, kv_dtype, head_size, block_size, wide in hip.all_variants(hip.GFX942):
-        cfg = hip.kernel_config(head_size, block_size, kv_dtype.itemsize, wide, hip.GFX942)
-        cls = f"pa::SplitKvConfig<{hip.template_args(q_dtype, kv_dtype, head_size, block_size, wide)}>"
+    for variant in hip.all_variants(hip.GFX942):
+        q_dtype, kv_dtype, head_size, block_size, wide, rows = variant
+        cfg = hip.kernel_config(head_size, block_size, kv_dtype.itemsize, wide, hip.GFX942, rows)
+        cls = f"pa::SplitKvConfig<{hip.template_args(*variant)}>"
         checks.append(f'static_assert({cls}::SMEM_BYTES == {cfg["smem_bytes"]}, "smem");')
         checks.append(f'static_assert({cls}::THREADS == {cfg["threads"]}, "threads");')
     (tmp_path / "expected_layout.h").write_text("\n".join(checks) + "\n")
@@ -81,23 +82,27 @@ def test_fragment_code_matches_ptx_on_simulated_wave64_lanes(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-SIMULATED_VARIANTS = [  # (q dtype, kv dtype, head, block, wide, scales, gqa, qlen, V scale factor): every
-    # kv kind, both widths, query rows past 8 (the MMA tile's lower half), qlen > 1, and fp16 weights
+SIMULATED_VARIANTS = [  # (q dtype, kv dtype, head, block, wide, rows, scales, gqa, qlen, V scale factor):
+    # every kv kind, both widths, query rows past 8 (the MMA tile's lower half), qlen > 1, fp16 weights
     # whose V scales (about 2^-18) would make them fp16 subnormals without the kernel's V unit, or
-    # ("climb": 2^-12 on each sequence's first 30% of tokens, 2^12 after) pass fp16's range unless it moves
-    (torch.bfloat16, torch.bfloat16, 128, 16, False, "none", 16, 1, 1.0),
-    (torch.float16, torch.float8_e4m3fn, 64, 32, True, "per_token", 5, 3, 2.0**-12),
-    (torch.bfloat16, torch.int8, 128, 16, False, "per_tensor", 3, 1, 1.0),
-    (torch.float16, torch.int8, 64, 32, False, "per_token", 4, 1, 1.0),  # int8 K rows of n-tiles 2 and 3
-    (torch.bfloat16, torch.float8_e4m3fn, 128, 16, False, "per_token", 8, 2, 1.0),
-    (torch.float16, torch.int8, 128, 16, False, "per_token", 4, 1, "climb"),
+    # ("climb": 2^-12 on each sequence's first 30% of tokens, 2^12 after) pass fp16's range unless it
+    # moves; and two row tiles: full (GQA 32, GQA 4 x 8 new tokens) and partly masked (3 x 6 rows)
+    (torch.bfloat16, torch.bfloat16, 128, 16, False, 16, "none", 16, 1, 1.0),
+    (torch.float16, torch.float8_e4m3fn, 64, 32, True, 16, "per_token", 5, 3, 2.0**-12),
+    (torch.bfloat16, torch.int8, 128, 16, False, 16, "per_tensor", 3, 1, 1.0),
+    (torch.float16, torch.int8, 64, 32, False, 16, "per_token", 4, 1, 1.0),  # int8 K rows of n-tiles 2 and 3
+    (torch.bfloat16, torch.float8_e4m3fn, 128, 16, False, 16, "per_token", 8, 2, 1.0),
+    (torch.float16, torch.int8, 128, 16, False, 16, "per_token", 4, 1, "climb"),
+    (torch.bfloat16, torch.bfloat16, 128, 16, False, 32, "none", 4, 8, 1.0),
+    (torch.float16, torch.float8_e4m3fn, 64, 32, True, 32, "per_token", 32, 1, 1.0),
+    (torch.float16, torch.int8, 64, 16, False, 32, "per_token", 3, 6, "climb"),
 ]
 
 
 @needs_clang
-@pytest.mark.parametrize("q_dtype,kv_dtype,head_size,block_size,wide,scales,gqa,qlen,v_factor", SIMULATED_VARIANTS)
+@pytest.mark.parametrize("q_dtype,kv_dtype,head_size,block_size,wide,rows,scales,gqa,qlen,v_factor", SIMULATED_VARIANTS)
 def test_hip_kernel_matches_reference_on_simulated_wave64_lanes(
-    q_dtype, kv_dtype, head_size, block_size, wide, scales, gqa, qlen, v_factor, tmp_path
+    q_dtype, kv_dtype, head_size, block_size, wide, rows, scales, gqa, qlen, v_factor, tmp_path
 ):
     """The whole stage-1 kernel through compat_hip.cuh, one host thread per GPU thread, on
     CPU tensors: split into 512-token partitions (then the Triton reduce), not at all, or
@@ -109,7 +114,7 @@ def test_hip_kernel_matches_reference_on_simulated_wave64_lanes(
     from pa_hybrid.testing import make_decode_case, scale_tokens_along_context
 
     library = tmp_path / "hip_kernel_sim.so"
-    variant = hip.template_args(q_dtype, kv_dtype, head_size, block_size, wide)
+    variant = hip.template_args(q_dtype, kv_dtype, head_size, block_size, wide, rows)
     command = [CLANG, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-D__HIP_PLATFORM_AMD__"]
     command += [f"-DPA_SIM_VARIANT={variant}", f"-I{DATA / 'hip_lanes'}", f"-I{env.csrc_dir()}"]
     command += [str(DATA / "hip_kernel_sim.cpp"), "-o", str(library)]

@@ -22,7 +22,7 @@ def test_patched_kernel_compiles_without_spilling(probe):
         pytest.skip(reason)
     csrc = probe.patched_csrc(env.csrc_dir(), hip.SOURCE)
     assert (csrc / hip.SOURCE).read_text().count("%%globaltimer") == 2
-    spec = dataclasses.replace(hip.kernel_spec(torch.bfloat16, torch.bfloat16, 128, 16, False, "sm_90a"), source_dir=csrc)
+    spec = dataclasses.replace(hip.kernel_spec(torch.bfloat16, torch.bfloat16, 128, 16, False, 16, "sm_90a"), source_dir=csrc)
     for usage in compiler.compile_kernel(spec).usage.values():
         assert not usage.spills, usage
 

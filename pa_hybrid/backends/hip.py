@@ -4,9 +4,11 @@ README "Platforms"), then the Triton reduce.
 
 Best at low concurrency: CTAs per (partition, kv head, sequence) keep every SM busy
 even with a handful of sequences. Each (query dtype, kv kind, head size, block size,
-width) is its own template instantiation, compiled once and cached on disk; GQA, qlen and
-the 8-bit scale kind (per-tensor or per-token) are run-time values. The wide variant
-(twice the warps, one CTA per SM) runs tiny grids.
+width, query rows) is its own template instantiation, compiled once and cached on disk;
+GQA, qlen and the 8-bit scale kind (per-tensor or per-token) are run-time values. The wide
+variant (twice the warps, one CTA per SM) runs tiny grids; the 32-row one (two MMA row
+tiles sharing each K and V fragment) runs groups of 17-32 query rows (GQA x max_qlen:
+speculative decoding, GQA 32).
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ BALANCED_CTAS_PER_SM = (2, 4)
 SM90_SMEM_PER_CTA = 227 * 1024  # the most shared memory one CTA may opt into on sm_90
 SM90_SMEM_PER_SM = 228 * 1024  # of which sm_90 reserves 1 KB per resident CTA
 SM90_SMEM_RESERVED_PER_CTA = 1024
+
+MMA_ROWS = 16  # query rows of one mma.sync m16n8k16 tile
+MAX_ROWS = 2 * MMA_ROWS  # the variants of two row tiles
 
 _KV_KIND = {torch.float8_e4m3fn: 1, torch.int8: 2}  # 16-bit caches: 0
 _TMP_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -91,24 +96,29 @@ class SplitKvParams(ctypes.Structure):
 class TileTarget:
     """What the variants depend on besides their template arguments: compat.cuh's
     ``SMEM_PER_CTA`` and ``ASYNC_COPIES`` of the platform, and the head sizes compiled
-    for it (tests/test_hip_backend.py compiles every variant of both without spills)."""
+    for it, with one and with two 16-row MMA tiles (tests/test_hip_backend.py and
+    test_hip_rocm_compile.py compile every variant of both without spills)."""
 
     name: str
     smem_per_cta: int
     async_copies: bool
     head_sizes: tuple[int, ...]
+    two_tile_head_sizes: tuple[int, ...]
 
 
-SM90 = TileTarget("sm_90", SM90_SMEM_PER_CTA, async_copies=True, head_sizes=(64, 128, 256))
-# Never run on an AMD GPU (README "Platforms"). Head 256 spills to scratch there: the MMA
-# built from lane shuffles (compat_hip.cuh) needs more registers than a wave64 lane has.
-GFX942 = TileTarget("gfx942", 64 * 1024, async_copies=False, head_sizes=(64, 128))
+# Two row tiles double O's accumulators: at head 256 they alone would take 256 registers.
+SM90 = TileTarget("sm_90", SM90_SMEM_PER_CTA, async_copies=True, head_sizes=(64, 128, 256), two_tile_head_sizes=(64, 128))
+# Never run on an AMD GPU (README "Platforms"). Head 256 spills to scratch there, and head 128
+# with two row tiles: the MMA built from lane shuffles (compat_hip.cuh) needs more registers
+# than a wave64 lane has.
+GFX942 = TileTarget("gfx942", 64 * 1024, async_copies=False, head_sizes=(64, 128), two_tile_head_sizes=(64,))
 
 
 @functools.lru_cache(maxsize=None)  # asked on every balanced call
 def balanced_ctas_per_sm(head_size: int, block_size: int, kv_bytes: int, wanted: int) -> int:
-    """CTAs per SM of the balanced schedule's kernel on sm_90 (its launch bounds): ``wanted``,
-    or as many as shared memory lets reside at once (the schedule's grid is one wave)."""
+    """CTAs per SM of the balanced schedule's kernel on sm_90 (its launch bounds; 16-row tiles
+    only, see :func:`builds_balanced`): ``wanted``, or as many as shared memory lets reside at
+    once (the schedule's grid is one wave)."""
     smem = kernel_config(head_size, block_size, kv_bytes)["smem_bytes"] + SM90_SMEM_RESERVED_PER_CTA
     return max(1, min(wanted, SM90_SMEM_PER_SM // smem))
 
@@ -117,7 +127,14 @@ def tile_target(arch: str) -> TileTarget:
     return GFX942 if arch.startswith("gfx") else SM90
 
 
-def kernel_config(head_size: int, block_size: int, kv_bytes: int, wide: bool = False, target: TileTarget = SM90) -> dict:
+def tile_rows(rows: int) -> int:
+    """The variant's query rows (``ROWS`` of the C++ source) for a call's GQA x max_qlen rows."""
+    return MMA_ROWS if rows <= MMA_ROWS else MAX_ROWS
+
+
+def kernel_config(
+    head_size: int, block_size: int, kv_bytes: int, wide: bool = False, target: TileTarget = SM90, rows: int = MMA_ROWS
+) -> dict:
     """Threads and dynamic shared memory of a variant: ``SplitKvConfig`` of the C++ source,
     restated (tests/test_hip_backend.py checks both agree, through static_asserts)."""
     kv_tile = head_size * block_size * kv_bytes
@@ -125,8 +142,8 @@ def kernel_config(head_size: int, block_size: int, kv_bytes: int, wide: bool = F
     stages = (3 if 2 * kv_tile <= 8192 else 2) if target.async_copies else 1
 
     def smem_bytes(warps: int) -> int:
-        merge = warps * 16 * (head_size + 8 + 2) * 4  # O rows padded by 8 floats, then max and sum
-        return 16 * (head_size + 8) * 2 + max(warps * stages * stage, merge)
+        merge = warps * rows * (head_size + 8 + 2) * 4  # O rows padded by 8 floats, then max and sum
+        return rows * (head_size + 8) * 2 + max(warps * stages * stage, merge)
 
     warps = (2 if 2 * kv_tile >= 32768 else 4) * (2 if wide else 1)
     while warps > 1 and smem_bytes(warps) > target.smem_per_cta:
@@ -136,69 +153,79 @@ def kernel_config(head_size: int, block_size: int, kv_bytes: int, wide: bool = F
 
 @functools.lru_cache(maxsize=None)  # asked on every call
 def wide_fits(
-    head_size: int, block_size: int, kv_bytes: int, smem_per_cta: int = SM90_SMEM_PER_CTA, target: TileTarget = SM90
-) -> bool:
+    head_size: int, block_size: int, kv_bytes: int, smem_per_cta: int = SM90_SMEM_PER_CTA, target: TileTarget = SM90,
+    rows: int = MMA_ROWS,
+) -> bool:  # fmt: skip
     """Whether the wide variant of these tiles has its twice the warps within the target's
     and the device's shared memory per CTA."""
-    wide = kernel_config(head_size, block_size, kv_bytes, True, target)
-    narrow = kernel_config(head_size, block_size, kv_bytes, False, target)
+    wide = kernel_config(head_size, block_size, kv_bytes, True, target, rows)
+    narrow = kernel_config(head_size, block_size, kv_bytes, False, target, rows)
     return wide["threads"] == 2 * narrow["threads"] and wide["smem_bytes"] <= smem_per_cta
 
 
 def use_wide_variant(
-    ctas: int, num_sms: int, head_size: int, block_size: int, kv_bytes: int, smem_per_cta: int, target: TileTarget = SM90
-) -> bool:
+    ctas: int, num_sms: int, head_size: int, block_size: int, kv_bytes: int, smem_per_cta: int, target: TileTarget = SM90,
+    rows: int = MMA_ROWS,
+) -> bool:  # fmt: skip
     """The wide variant when the grid is tiny (at most one CTA per 16 SMs: the call is one
     CTA's latency) and its tiles fit. Measured on the H100 (RESULTS.md section 16): 0.4-0.9 us
     faster with 2-8 CTAs, even at 16-32, slower from 64 on; up to one CTA per SM no faster
     (section 39); on one-wave 8-bit grids of up to 2 CTAs per SM 4% slower (section 42)."""
-    return 16 * ctas <= num_sms and wide_fits(head_size, block_size, kv_bytes, smem_per_cta, target)
+    return 16 * ctas <= num_sms and wide_fits(head_size, block_size, kv_bytes, smem_per_cta, target, rows)
 
 
-def template_args(q_dtype: torch.dtype, kv_dtype: torch.dtype, head_size: int, block_size: int, wide: bool) -> str:
-    """The variant: query dtype, kv kind, head size, block size, width (GQA and qlen are run-time values)."""
+def template_args(q_dtype: torch.dtype, kv_dtype: torch.dtype, head_size: int, block_size: int, wide: bool, rows: int) -> str:
+    """The variant: query dtype, kv kind, head size, block size, width, query rows (16 or 32;
+    GQA and qlen are run-time values)."""
     is_bf16 = "true" if q_dtype == torch.bfloat16 else "false"
-    return f"{is_bf16}, {_KV_KIND.get(kv_dtype, 0)}, {head_size}, {block_size}, {'true' if wide else 'false'}"
+    return f"{is_bf16}, {_KV_KIND.get(kv_dtype, 0)}, {head_size}, {block_size}, {'true' if wide else 'false'}, {rows}"
 
 
-def kernel_entry(q_dtype, kv_dtype, head_size: int, block_size: int, wide: bool, balanced: int) -> str:
+def kernel_entry(q_dtype, kv_dtype, head_size: int, block_size: int, wide: bool, rows: int, balanced: int) -> str:
     """The kernel of a variant under the static split-KV schedule (``balanced`` 0) or the
     balanced one at ``balanced`` CTAs per SM."""
-    args = template_args(q_dtype, kv_dtype, head_size, block_size, wide)
+    args = template_args(q_dtype, kv_dtype, head_size, block_size, wide, rows)
     return f"pa::paged_decode_split_kv<{args}, {balanced}>"
 
 
-def builds_balanced(arch: str, wide: bool, q_dtype: torch.dtype, kv_dtype: torch.dtype) -> bool:
+def builds_balanced(arch: str, wide: bool, q_dtype: torch.dtype, kv_dtype: torch.dtype, rows: int) -> bool:
     """Whether a variant has the balanced schedule's kernel: not the wide ones (their tiny
     grids are never balanced), not on gfx942 (there it spills to scratch memory; never run
     there either), not fp16 queries over 8-bit caches (at 4 CTAs per SM the kernel has no
-    register for their V unit, csrc; auto never balances 8-bit caches on hip anyway)."""
-    return not wide and not arch.startswith("gfx") and not (q_dtype == torch.float16 and kv_dtype.itemsize == 1)
+    register for their V unit, csrc; auto never balances 8-bit caches on hip anyway), not
+    two row tiles (their accumulators need more registers than 4 CTAs per SM leave; and the
+    balanced schedule pays from about 1.5 (sequence, kv head) pairs per SM, where auto's rule
+    takes asm)."""
+    return (
+        not wide and rows == MMA_ROWS and not arch.startswith("gfx")
+        and not (q_dtype == torch.float16 and kv_dtype.itemsize == 1)
+    )  # fmt: skip
 
 
 def kernel_spec(
-    q_dtype, kv_dtype, head_size: int, block_size: int, wide: bool, arch: str, balanced: int | None = None
+    q_dtype, kv_dtype, head_size: int, block_size: int, wide: bool, rows: int, arch: str, balanced: int | None = None
 ) -> "runtime.KernelSpec":
     """One compile per variant, exporting the static schedule's kernel and, where built,
     the balanced one's at ``balanced`` CTAs per SM (by default the backend's)."""
-    variant = (q_dtype, kv_dtype, head_size, block_size, wide)
+    variant = (q_dtype, kv_dtype, head_size, block_size, wide, rows)
     schedules = [0]
-    if builds_balanced(arch, wide, q_dtype, kv_dtype):
+    if builds_balanced(arch, wide, q_dtype, kv_dtype, rows):
         wanted = BALANCED_CTAS_PER_SM[kv_dtype.itemsize == 1] if balanced is None else balanced
         schedules.append(balanced_ctas_per_sm(head_size, block_size, kv_dtype.itemsize, wanted))
     return runtime.KernelSpec(source=SOURCE, entries=tuple(kernel_entry(*variant, b) for b in schedules), arch=arch)
 
 
 def all_variants(target: TileTarget = SM90):
-    """Every (q dtype, kv dtype, head size, block size, wide) the backend can be asked for
-    on the target."""
+    """Every (q dtype, kv dtype, head size, block size, wide, rows) the backend can be asked
+    for on the target."""
     for q_dtype in HipBackend.q_dtypes:
         for kv_dtype in (q_dtype, torch.float8_e4m3fn, torch.int8):
             for head_size in target.head_sizes:
                 for block_size in HipBackend.block_sizes:
-                    yield q_dtype, kv_dtype, head_size, block_size, False
-                    if wide_fits(head_size, block_size, kv_dtype.itemsize, target.smem_per_cta, target):
-                        yield q_dtype, kv_dtype, head_size, block_size, True
+                    for rows in (MMA_ROWS, MAX_ROWS) if head_size in target.two_tile_head_sizes else (MMA_ROWS,):
+                        yield q_dtype, kv_dtype, head_size, block_size, False, rows
+                        if wide_fits(head_size, block_size, kv_dtype.itemsize, target.smem_per_cta, target, rows):
+                            yield q_dtype, kv_dtype, head_size, block_size, True, rows
 
 
 def warmup_specs(arch: str = "sm_90a"):
@@ -207,14 +234,14 @@ def warmup_specs(arch: str = "sm_90a"):
 
 
 @functools.lru_cache(maxsize=None)
-def _loaded(q_dtype, kv_dtype, head_size: int, block_size: int, wide: bool, balanced: int, device_index: int):
+def _loaded(q_dtype, kv_dtype, head_size: int, block_size: int, wide: bool, rows: int, balanced: int, device_index: int):
     """(function, threads, dynamic shared bytes) of one variant and schedule (``balanced``:
     0, or the balanced schedule's CTAs per SM) on one device: compiled (or read from the
     disk cache) and loaded once per process."""
     arch = runtime.arch_of(device_index)
-    variant = (q_dtype, kv_dtype, head_size, block_size, wide)
+    variant = (q_dtype, kv_dtype, head_size, block_size, wide, rows)
     spec = kernel_spec(*variant, arch, balanced or None)
-    cfg = kernel_config(head_size, block_size, kv_dtype.itemsize, wide, tile_target(arch))
+    cfg = kernel_config(head_size, block_size, kv_dtype.itemsize, wide, tile_target(arch), rows)
     function = runtime.get_function(spec, device_index, kernel_entry(*variant, balanced))
     return function, cfg["threads"], cfg["smem_bytes"]
 
@@ -225,8 +252,6 @@ class HipBackend(SplitKvBackend):
     kv_dtypes = KV_DTYPES
     head_sizes = (64, 128, 256)
     block_sizes = (16, 32)
-    max_gqa = 16
-    max_qlen = 16
     needs_alignment = True
     programs_per_sm = PROGRAMS_PER_SM
     # 2048-token partitions (a 2048-token context whole, no reduce) where they still give
@@ -252,22 +277,29 @@ class HipBackend(SplitKvBackend):
 
     def _capability_reasons(self, key: CallKey):
         yield from super()._capability_reasons(key)
+        target = GFX942 if torch.version.hip else SM90
         if torch.version.hip and key.head_size not in GFX942.head_sizes:
             yield f"head_size {key.head_size} is not built for {GFX942.name} (it spills to scratch there)"
-        if key.gqa * key.max_qlen > 16:
-            yield f"GQA x max_qlen = {key.gqa * key.max_qlen} query rows exceed one 16-row MMA tile"
+        rows = key.gqa * key.max_qlen
+        if rows > MAX_ROWS:
+            yield f"GQA x max_qlen = {rows} query rows exceed two 16-row MMA tiles"
+        elif rows > MMA_ROWS and key.head_size in self.head_sizes and key.head_size not in target.two_tile_head_sizes:
+            yield (
+                f"GQA x max_qlen = {rows} query rows take two 16-row MMA tiles, built for head sizes "
+                f"{target.two_tile_head_sizes} on {target.name}, not {key.head_size}"
+            )
         if not key.kv_is_8bit and key.kv_dtype != key.q_dtype:
             yield f"a 16-bit cache must have the query dtype ({key.q_dtype}), got {key.kv_dtype}"
         limit = shared_memory_limit(key)
         if limit is not None and key.head_size in self.head_sizes and key.block_size in self.block_sizes:
-            target = GFX942 if torch.version.hip else SM90
-            need = kernel_config(key.head_size, key.block_size, key.kv_dtype.itemsize, target=target)["smem_bytes"]
+            need = kernel_config(key.head_size, key.block_size, key.kv_dtype.itemsize, target=target, rows=tile_rows(rows))["smem_bytes"]
             if need > limit:  # e.g. sm_89 and sm_120: 99 KB a CTA, where the tiles are sized for sm_90's 227 KB
                 yield f"its tiles need {need} bytes of shared memory a CTA, this GPU allows {limit}"
 
     def offers_balanced(self, call: DecodeCall) -> bool:
         key = call.key
-        return builds_balanced(runtime.arch_of(key.device_index), False, key.q_dtype, key.kv_dtype)
+        rows = tile_rows(key.gqa * key.max_qlen)
+        return builds_balanced(runtime.arch_of(key.device_index), False, key.q_dtype, key.kv_dtype, rows)
 
     def balanced_per_sm(self, call: DecodeCall) -> int:
         key = call.key
@@ -279,13 +311,14 @@ class HipBackend(SplitKvBackend):
             grid = (programs_per_head, key.num_kv_heads, 1)
         else:
             grid = (-(-key.max_seq_len // partition_size), key.num_kv_heads, call.num_seqs)
+        rows = tile_rows(key.gqa * key.max_qlen)
         wide = not programs_per_head and use_wide_variant(
             grid[0] * grid[1] * grid[2], num_sms, key.head_size, key.block_size, key.kv_dtype.itemsize,
-            gpu_shared_memory_per_program(key.device_index), tile_target(runtime.arch_of(key.device_index)),
+            gpu_shared_memory_per_program(key.device_index), tile_target(runtime.arch_of(key.device_index)), rows,
         )  # fmt: skip
         balanced = self.balanced_per_sm(call) if programs_per_head else 0
         function, threads, smem_bytes = _loaded(
-            key.q_dtype, key.kv_dtype, key.head_size, key.block_size, wide, balanced, key.device_index
+            key.q_dtype, key.kv_dtype, key.head_size, key.block_size, wide, rows, balanced, key.device_index
         )
         split = programs_per_head > 0 or partition_size < key.max_seq_len
         exp_sums, max_logits, tmp_out = call.scratch() if split else (None, None, None)
