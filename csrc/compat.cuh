@@ -13,6 +13,7 @@
 //                          fragment layout of PTX mma.sync m16n8k16 (per 32-lane warp)
 //   ldmatrix_x4(...)       four 8x8 16-bit matrices from shared memory into fragments
 //   l2_stream_policy(ef)   the L2 policy of the K/V stream copies: evict-first or normal (CUDA)
+//   lane_copy(policy)      the same policy, as a value the compiler cannot hold in uniform registers
 //   cp_async_16 / _4       16- and 4-byte global->shared copies of the K/V stream, under that policy
 //   cp_async_4_or_zero     a 4-byte copy, or 4 zero bytes (nothing read) when !valid
 //   cp_async_commit/wait   group bookkeeping of those copies

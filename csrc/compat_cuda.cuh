@@ -67,6 +67,11 @@ PA_DEVICE unsigned long long l2_stream_policy(bool evict_first) {
   asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;\n" : "=l"(normal));
   return evict_first ? first : normal;
 }
+// Through a shuffle: a value ptxas cannot prove warp-uniform. The ptxas of CUDA 13.0 addressed
+// two copies of each 16-bit 32-row variant through uniform registers it never wrote (UR0/UR1
+// where it had set up the ring's base and this policy: an illegal instruction on the H100);
+// with the policy in lanes, every copy reads registers that were written (RESULTS.md, section 49).
+PA_DEVICE unsigned long long lane_copy(unsigned long long policy) { return __shfl_sync(0xffffffffu, policy, 0); }
 PA_DEVICE void cp_async_16(void* smem, const void* gmem, unsigned long long policy) {
   asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
                "l"(policy));

@@ -74,6 +74,7 @@ PA_DEVICE void allow_dependent_launch() {}
 // Copies: 16- and 4-byte loads into registers, stored to LDS; complete when they return, so
 // commit and wait have nothing to track. No L2 policy: it is ignored.
 PA_DEVICE unsigned long long l2_stream_policy(bool) { return 0; }
+PA_DEVICE unsigned long long lane_copy(unsigned long long policy) { return policy; }
 PA_DEVICE void cp_async_16(void* smem, const void* gmem, unsigned long long) {
   *static_cast<uint4*>(smem) = *static_cast<const uint4*>(gmem);
 }

@@ -233,7 +233,8 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
   // a shift that depends on u % 16 = lane % 16 only (every copy of a lane is 512 bytes on)
   const int k_ring_shift = C::PERMUTED_K ? 16 * (k_ring_row(lane % 16) - lane % 16) : 0;
   auto issue = [&](int j, i64 blk) {  // copy this warp's j-th block, cache block blk, into stage j % STAGES
-    const unsigned long long policy = l2_stream_policy(p.stream_evict_first != 0);
+    unsigned long long policy = l2_stream_policy(p.stream_evict_first != 0);
+    if constexpr (ROWS > 16) policy = lane_copy(policy);  // against a ptxas bug (compat_cuda.cuh)
     const unsigned char* kg = k_head + blk * p.stride_k_block * C::KV_BYTES;
     const unsigned char* vg = v_head + blk * p.stride_v_block * C::KV_BYTES;
     unsigned char* ks = my_ring + (j % C::STAGES) * C::STAGE;

@@ -8,8 +8,10 @@ compiled in test_hip_rocm_compile.py. On a GPU, calls the backend does not take 
 256 on gfx942, ...) are skipped with its own reason."""
 
 import ctypes
+import os
 import shutil
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import torch
 
 from pa_hybrid import runtime
 from pa_hybrid.backends import hip
+from pa_hybrid.runtime import env
 from pa_hybrid.testing import make_decode_case
 
 from conftest import nvrtc_unavailable_reason, requires_gpu, skip_if_unsupported
@@ -40,6 +43,32 @@ def test_every_variant_compiles_for_sm90a_without_spills():
         for symbol, usage in usages.items():
             assert usage.stack_bytes == 0, f"{spec.entries} ({symbol}) uses local memory (spills): {usage}"
             assert 0 < usage.registers <= 255, f"{spec.entries} ({symbol}): {usage}"
+
+
+NVRTC_13_0_ENV = "PA_HYBRID_NVRTC_13_0"  # the libnvrtc.so.13 of CUDA 13.0 (CI installs the wheel's)
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("nvrtc_library", ["loaded", "13.0"])
+def test_no_variant_reads_a_uniform_register_it_never_writes(nvrtc_library, tmp_path):
+    """A miscompile no CPU run sees: the ptxas of CUDA 13.0 (the GPU machine's) read two
+    registers it never wrote in the 16-bit 32-row variants, before csrc's lane_copy."""
+    nvdisasm = env.find_tool("nvdisasm")
+    if nvdisasm is None:
+        pytest.skip("no nvdisasm (Triton bundles one)")
+    environ = dict(os.environ, PA_HYBRID_CACHE_DIR=str(tmp_path))
+    if nvrtc_library == "13.0":
+        library = os.environ.get(NVRTC_13_0_ENV)
+        if not library:
+            assert not os.environ.get("CI"), f"CI sets {NVRTC_13_0_ENV}"
+            pytest.skip(f"set {NVRTC_13_0_ENV} to a CUDA 13.0 libnvrtc.so.13 (pip install nvidia-cuda-nvrtc==13.0.*)")
+        lib_dir = os.path.dirname(library)  # its builtins library beside it
+        environ.update(LD_PRELOAD=library, LD_LIBRARY_PATH=os.pathsep.join(filter(None, [lib_dir, os.environ.get("LD_LIBRARY_PATH")])))
+    script = DATA / "uniform_registers_check.py"
+    done = subprocess.run([sys.executable, str(script), nvdisasm], env=environ, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout + done.stderr
+    if nvrtc_library == "13.0":
+        assert "NVRTC 13.0:" in done.stdout, done.stdout
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the check runs in its host pass)")

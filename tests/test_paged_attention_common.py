@@ -72,10 +72,11 @@ CONFIGS = [
     (torch.int8, torch.bfloat16, 16, 1, 128, 16, "per_token"),
     (torch.int8, torch.float16, 3, 2, 64, 16, "per_tensor"),
     (torch.int8, torch.bfloat16, 1, 1, 256, 32, "per_token"),
-    # groups past 16 rows: MQA-sized GQA and long speculative drafts (asm's 32-row kernels;
-    # Triton splits groups of more than 64 rows over programs)
+    # groups past 16 rows: MQA-sized GQA and long speculative drafts (asm's 32-row kernels, hip's
+    # two row tiles up to 32 rows; Triton splits groups of more than 64 rows over programs)
     (torch.bfloat16, torch.bfloat16, 32, 1, 128, 16, "per_token"),
     (torch.float16, torch.float16, 4, 8, 128, 16, "per_token"),
+    (torch.float8_e4m3fn, torch.float16, 6, 4, 64, 32, "per_token"),
     (torch.int8, torch.bfloat16, 1, 16, 128, 16, "per_token"),
     (torch.float8_e4m3fn, torch.bfloat16, 40, 2, 64, 32, "per_token"),
     (torch.bfloat16, torch.bfloat16, 72, 1, 64, 16, "per_token"),
