@@ -243,7 +243,8 @@ def _run_launch_paths(target: Target, workload: dict) -> None:
                         programs = base.balanced_programs_per_head(
                             call.num_seqs, key.num_kv_heads, key.max_seq_len, sms, hip_backend.BACKEND.balanced_per_sm(call)
                         )
-                        if programs and hip_backend.builds_balanced(target.name, False, key.q_dtype, key.kv_dtype):
+                        rows = hip_backend.tile_rows(key.gqa * key.max_qlen)
+                        if programs and hip_backend.builds_balanced(target.name, False, key.q_dtype, key.kv_dtype, rows):
                             launch_split_kv_reduce(
                                 call.out, *call.scratch(), call.context_lens, call.qo_indptr, key.max_qlen, PARTITION_SIZE,
                                 key.max_seq_len, programs_per_head=programs,
