@@ -1,14 +1,15 @@
 // Split-KV paged decode, stage 1: the "hip" backend's kernel (one source for CUDA and HIP;
 // every platform construct is in compat.cuh).
 //
-// Grid (partitions, kv heads, sequences); one CTA walks `partition_size` tokens (a multiple
-// of 256) of one sequence for one kv head. Or, in the BALANCED entry, the balanced
-// schedule: grid (CTAs per kv head, kv heads), each CTA an equal share of the kv head's
-// 256-token pages, one span per sequence they touch. A span serves all gqa * max_qlen (<= ROWS,
-// 16 or 32) query rows of the head's group at once: row m = i * gqa + g is new token i, group member
-// g, and the rows form the M dim of ROWS / 16 mma.sync m16n8k16 tiles, which share every K and V
-// fragment (rows past them are masked). GQA and qlen are run-time values, so one variant per
-// (dtypes, head size, block size, width, ROWS) serves all.
+// Grid (partitions, kv heads x row blocks, sequences); one CTA walks `partition_size` tokens (a
+// multiple of 256) of one sequence for one kv head. Or, in the BALANCED entry, the balanced
+// schedule: grid (CTAs per kv head, kv heads x row blocks), each CTA an equal share of the kv
+// head's 256-token pages, one span per sequence they touch. The group's gqa * max_qlen query rows
+// (row m = i * gqa + g is new token i, group member g) are cut into `row_blocks` blocks of ROWS
+// (16 or 32), one CTA each (each reads the span's K and V); a span serves its block's rows at
+// once: they form the M dim of ROWS / 16 mma.sync m16n8k16 tiles, which share every K and V
+// fragment (rows past the group are masked). GQA and qlen are run-time values, so one variant
+// per (dtypes, head size, block size, width, ROWS) serves all.
 //
 // Work split: the CTA's cache blocks are dealt round-robin to its warps (twice as many in
 // the WIDE variant, for tiny grids, where one CTA's latency is the call's: each warp then
@@ -68,7 +69,7 @@ struct SplitKvParams {
   int write_out;            // 1: one partition covers max_seq_len; write out, no partials
   int tmp_kind;             // tmp_out dtype: 0 fp32, 1 bf16, 2 fp16
   int gqa;                  // query heads per kv head
-  int max_qlen;             // new tokens per sequence at most; gqa * max_qlen <= ROWS
+  int max_qlen;             // new tokens per sequence at most; gqa * max_qlen <= row_blocks * ROWS
   i64 stride_q_row, stride_q_head;
   i64 stride_out_row, stride_out_head;
   i64 stride_es_row, stride_es_head;
@@ -82,6 +83,7 @@ struct SplitKvParams {
   int num_seqs;     // the balanced schedule only
   int max_seq_len;  // longer contexts count as this long: the table row and scratch cover no more
   int stream_evict_first;  // 1: read K/V under an L2 evict-first policy, 0: the normal one
+  int row_blocks;          // CTAs per kv head along the query rows: blockIdx.y = kv_head * row_blocks + block
 };
 
 // The merge's floats per row of O: the pad of 8 puts the rows that a warp's lanes store
@@ -158,15 +160,15 @@ struct SpanTail {
   bool write_out, last_span;
 };
 
-// Attends every query row of (seq, kv_head) to tokens [start, end) (start block aligned)
-// and writes what tail() says; an empty span writes zeros, or returns at once if skip_empty
+// Attends query rows [row_base, row_base + ROWS) of (seq, kv_head) to tokens [start, end)
+// (start block aligned) and writes what tail() says; an empty span writes zeros, or returns at once if skip_empty
 // (a static partition past its context, whose partial the reduce never reads). tail() is
 // called after the cache reads, so that the balanced schedule's values need no registers
 // through them.
 // Called by every thread of the CTA; the caller syncs before the next span reuses shared memory.
 template <bool IS_BF16, int KV_KIND, int HEAD, int BS, bool WIDE, int ROWS, class Tail>
-__device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int kv_head, int context_len, int start,
-                                            int end, bool skip_empty, const Tail& tail) {
+__device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int kv_head, int row_base, int context_len,
+                                            int start, int end, bool skip_empty, const Tail& tail) {
   using C = SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, WIDE, ROWS>;
   using Q = q16<IS_BF16>;
   using qt = typename Q::t;
@@ -200,6 +202,7 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
   // tokens each of this lane's rows sees (rows lane / 4 and lane / 4 + 8 of each M tile),
   // capped by the span end
   auto limit_of = [&](int m) {
+    m += row_base;
     const int i = m / gqa;
     if (m >= rows || i >= num_new) return 0;
     const int visible = p.max_qlen > 1 ? context_len - num_new + i + 1 : context_len;
@@ -271,10 +274,11 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
   // is complete once at most STAGES - 1 newer groups are pending.
   constexpr int Q_WORDS = HEAD / 2, Q_ROW_THREADS = C::THREADS / ROWS;
   static_assert(C::THREADS % ROWS == 0 && Q_WORDS % Q_ROW_THREADS == 0, "threads per query row");
-  const int q_row = threadIdx.x / Q_ROW_THREADS, q_new = q_row / gqa;
-  const bool q_valid = q_row < rows && q_new < num_new;
+  const int q_row = threadIdx.x / Q_ROW_THREADS;  // of the block; of the group:
+  const int group_row = row_base + q_row, q_new = group_row / gqa, head = kv_head * gqa + group_row % gqa;
+  const bool q_valid = group_row < rows && q_new < num_new;
   const qt* q_src = static_cast<const qt*>(p.q);
-  if (q_valid) q_src += (first_row + q_new) * p.stride_q_row + (kv_head * gqa + q_row % gqa) * p.stride_q_head;
+  if (q_valid) q_src += (first_row + q_new) * p.stride_q_row + head * p.stride_q_head;
 #pragma unroll
   for (int j = 0; j < C::STAGES; ++j) {
     if (j < mine) issue(j, first_blocks[j]);
@@ -564,7 +568,6 @@ __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int
   // total >= 1 for a row that saw a token here; rows that saw none stay 0
   const float norm = v_scale / fmaxf(total, 1e-30f);
   const i64 row = first_row + q_new;
-  const int head = kv_head * gqa + q_row % gqa;
   if (!write_out && threadIdx.x % Q_ROW_THREADS == 0) {
     const i64 e = row * p.stride_es_row + head * p.stride_es_head + part;
     p.exp_sums[e] = total;
@@ -684,13 +687,13 @@ __global__ void __launch_bounds__((SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, WID
                                   (BALANCED > 0 ? BALANCED : ROWS > 16 ? 1 : 0))  // (): HIP's macro splits at commas
     paged_decode_split_kv(const PA_GRID_CONSTANT SplitKvParams p) {
   using C = SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, WIDE, ROWS>;
-  const int kv_head = blockIdx.y;
+  const int kv_head = blockIdx.y / p.row_blocks, row_base = (blockIdx.y % p.row_blocks) * ROWS;
   if constexpr (BALANCED == 0) {
     // partition blockIdx.x of sequence blockIdx.z (decode_span returns at once past the context)
     const int seq = blockIdx.z;
     const int context_len = context_of(p, seq), start = blockIdx.x * p.partition_size;
     const bool whole = p.write_out || context_len <= p.partition_size;  // so partition 0 writes out
-    decode_span<IS_BF16, KV_KIND, HEAD, BS, WIDE, ROWS>(p, seq, kv_head, context_len, start,
+    decode_span<IS_BF16, KV_KIND, HEAD, BS, WIDE, ROWS>(p, seq, kv_head, row_base, context_len, start,
                                                   min(start + p.partition_size, context_len), !p.write_out,
                                                   [whole] { return SpanTail{int(blockIdx.x), whole, true}; });
   } else {
@@ -703,7 +706,7 @@ __global__ void __launch_bounds__((SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, WID
       if (span.end_page > span.page) {  // empty sequences have no pages
         const int context_len = context_of(p, seq);
         decode_span<IS_BF16, KV_KIND, HEAD, BS, WIDE, ROWS>(
-            p, seq, kv_head, context_len, span.page * p.partition_size - seq_start,
+            p, seq, kv_head, row_base, context_len, span.page * p.partition_size - seq_start,
             min(span.end_page * p.partition_size - seq_start, context_len), false,
             [state] { return BalancedSpan(*state).tail(*state); });
       }

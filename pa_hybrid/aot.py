@@ -243,8 +243,10 @@ def _run_launch_paths(target: Target, workload: dict) -> None:
                         programs = base.balanced_programs_per_head(
                             call.num_seqs, key.num_kv_heads, key.max_seq_len, sms, hip_backend.BACKEND.balanced_per_sm(call)
                         )
-                        rows = hip_backend.tile_rows(key.gqa * key.max_qlen)
-                        if programs and hip_backend.builds_balanced(target.name, False, key.q_dtype, key.kv_dtype, rows):
+                        one_block = key.gqa * key.max_qlen <= hip_backend.MMA_ROWS  # as HipBackend.offers_balanced
+                        if programs and one_block and hip_backend.builds_balanced(
+                            target.name, False, key.q_dtype, key.kv_dtype, hip_backend.MMA_ROWS
+                        ):
                             launch_split_kv_reduce(
                                 call.out, *call.scratch(), call.context_lens, call.qo_indptr, key.max_qlen, PARTITION_SIZE,
                                 key.max_seq_len, programs_per_head=programs,

@@ -112,9 +112,10 @@ def test_supports_states_what_the_kernel_covers():
     assert backend.supports(CallKey(**dict(base, gqa=8, max_qlen=2))) is None
     assert backend.supports(CallKey(**dict(base, gqa=8, max_qlen=4))) is None  # two row tiles
     assert backend.supports(CallKey(**dict(base, gqa=32, num_kv_heads=1))) is None
+    assert backend.supports(CallKey(**dict(base, gqa=8, max_qlen=5))) is None  # two blocks of rows
+    assert backend.supports(CallKey(**dict(base, gqa=4, max_qlen=5, head_size=256))) is None  # no 32-row variant there
     cases = {
-        "query rows exceed two 16-row": dict(gqa=8, max_qlen=5),
-        "built for head sizes (64, 128) on sm_90, not 256": dict(gqa=4, max_qlen=5, head_size=256),
+        "8 kv heads x 8192 blocks of 16 query rows exceed the grid's limit of 65535": dict(gqa=8, max_qlen=16384),
         "must have the query dtype": dict(kv_dtype=torch.float16),
         "head_size 96": dict(head_size=96),
         "block_size 64": dict(block_size=64),
@@ -134,8 +135,12 @@ def test_supports_states_what_the_kernel_covers():
 )
 @pytest.mark.parametrize(
     "gqa,qlen,head_size,block_size",
-    [(8, 1, 128, 16), (1, 1, 64, 32), (16, 1, 256, 16), (4, 4, 128, 32), (5, 3, 128, 16), (4, 8, 128, 16), (32, 1, 64, 32), (6, 3, 128, 32)],
-)  # the last three: two 16-row MMA tiles, full and partly masked
+    [
+        (8, 1, 128, 16), (1, 1, 64, 32), (16, 1, 256, 16), (4, 4, 128, 32), (5, 3, 128, 16),
+        (4, 8, 128, 16), (32, 1, 64, 32), (6, 3, 128, 32),  # two 16-row MMA tiles, full and partly masked
+        (8, 5, 128, 16), (48, 1, 64, 32), (4, 5, 256, 16),  # blocks of rows: 2 of 32 (one partly masked), 2 of 16
+    ],
+)  # fmt: skip
 @pytest.mark.parametrize("width", ["narrow", "wide"])
 def test_hip_matches_reference_long_and_ragged(kv_dtype, scales, gqa, qlen, head_size, block_size, width, monkeypatch):
     from pa_hybrid import paged_attention_common, reference_paged_attention
@@ -155,6 +160,50 @@ def test_hip_matches_reference_long_and_ragged(kv_dtype, scales, gqa, qlen, head
     assert not out.isnan().any()
     rel = ((out.float() - ref).norm() / ref.norm()).item()
     assert rel < (1e-2 if kv_dtype.itemsize == 2 else 3e-2), rel
+
+
+@requires_gpu
+@pytest.mark.parametrize("kv_dtype,scales", [(torch.bfloat16, "none"), (torch.float8_e4m3fn, "per_token"), (torch.int8, "per_tensor")])
+@pytest.mark.parametrize("gqa,qlen,head_size,block_size", [(4, 8, 128, 16), (6, 3, 64, 32)])
+def test_hip_one_tile_row_blocks_match_reference(kv_dtype, scales, gqa, qlen, head_size, block_size, monkeypatch):
+    """17-32 rows at a head size with the 32-row variant, run as two CTAs of the 16-row one."""
+    from pa_hybrid import paged_attention_common, reference_paged_attention
+
+    monkeypatch.setattr(hip, "prefers_one_tile", lambda ctas, sms: True)
+    case = make_decode_case(
+        [0, 1, 17, 255, 257, 2000, 5000], num_heads=2 * gqa, num_kv_heads=2, head_size=head_size,
+        block_size=block_size, kv_dtype=kv_dtype, max_qlen=qlen, scales=scales, strided_q=True, device="cuda",
+    )  # fmt: skip
+    skip_if_unsupported("hip", case)
+    out = torch.full_like(case["Q"], float("nan"))
+    paged_attention_common(exp_sums=None, max_logits=None, tmp_out=None, out_=out, backend="hip", **case)
+    ref = reference_paged_attention(**case)
+    assert not out.isnan().any()
+    rel = ((out.float() - ref).norm() / ref.norm()).item()
+    assert rel < (1e-2 if kv_dtype.itemsize == 2 else 3e-2), rel
+
+
+def test_row_blocking_cuts_the_group_into_blocks_of_the_built_tiles():
+    from pa_hybrid.call import CallKey
+
+    base = dict(
+        device_type="cuda", device_index=0, q_dtype=torch.bfloat16, kv_dtype=torch.bfloat16, head_size=128,
+        block_size=16, gqa=4, num_kv_heads=8, max_qlen=1, scales="none", high_precision=1, kernel_name=None,
+        concurrency=4, max_seq_len=4096,
+    )  # fmt: skip
+
+    assert hip.row_blocking(CallKey(**dict(base, gqa=16))) == (16, 1)
+    assert hip.row_blocking(CallKey(**dict(base, max_qlen=8))) == (32, 1)
+    assert hip.row_blocking(CallKey(**dict(base, max_qlen=8)), one_tile=True) == (16, 2)
+    assert hip.row_blocking(CallKey(**dict(base, gqa=8, max_qlen=5))) == (32, 2)
+    assert hip.row_blocking(CallKey(**dict(base, max_qlen=5, head_size=256))) == (16, 2)  # no 32-row variant
+    assert hip.row_blocking(CallKey(**dict(base, gqa=48, head_size=64)), hip.GFX942) == (32, 2)
+    assert hip.row_blocking(CallKey(**dict(base, gqa=48)), hip.GFX942) == (16, 3)
+    # a 32-row block's shared memory past the device's (e.g. 99 KB a CTA): blocks of 16
+    key = CallKey(**dict(base, max_qlen=8))
+    two_tiles = hip.kernel_config(128, 16, 2, rows=32)["smem_bytes"]
+    assert hip.row_blocking(key, hip.SM90, two_tiles) == (32, 1)
+    assert hip.row_blocking(key, hip.SM90, two_tiles - 1) == (16, 2)
 
 
 def test_no_balanced_kernel_for_fp16_queries_over_8bit_caches():

@@ -86,7 +86,8 @@ SIMULATED_VARIANTS = [  # (q dtype, kv dtype, head, block, wide, rows, scales, g
     # every kv kind, both widths, query rows past 8 (the MMA tile's lower half), qlen > 1, fp16 weights
     # whose V scales (about 2^-18) would make them fp16 subnormals without the kernel's V unit, or
     # ("climb": 2^-12 on each sequence's first 30% of tokens, 2^12 after) pass fp16's range unless it
-    # moves; and two row tiles: full (GQA 32, GQA 4 x 8 new tokens) and partly masked (3 x 6 rows)
+    # moves; two row tiles: full (GQA 32, GQA 4 x 8 new tokens) and partly masked (3 x 6 rows); and
+    # blocks of rows, a CTA each: 5 x 4 rows in two of 16, GQA 40 in two of 32
     (torch.bfloat16, torch.bfloat16, 128, 16, False, 16, "none", 16, 1, 1.0),
     (torch.float16, torch.float8_e4m3fn, 64, 32, True, 16, "per_token", 5, 3, 2.0**-12),
     (torch.bfloat16, torch.int8, 128, 16, False, 16, "per_tensor", 3, 1, 1.0),
@@ -96,6 +97,8 @@ SIMULATED_VARIANTS = [  # (q dtype, kv dtype, head, block, wide, rows, scales, g
     (torch.bfloat16, torch.bfloat16, 128, 16, False, 32, "none", 4, 8, 1.0),
     (torch.float16, torch.float8_e4m3fn, 64, 32, True, 32, "per_token", 32, 1, 1.0),
     (torch.float16, torch.int8, 64, 16, False, 32, "per_token", 3, 6, "climb"),
+    (torch.bfloat16, torch.float8_e4m3fn, 64, 16, False, 16, "per_token", 5, 4, 1.0),
+    (torch.float16, torch.float16, 64, 32, False, 32, "none", 40, 1, 1.0),
 ]
 
 
@@ -140,11 +143,12 @@ def test_hip_kernel_matches_reference_on_simulated_wave64_lanes(
         scratch = call.scratch() if split else (None, None, None)
         for t in scratch if split else ():
             t.fill_(float("nan"))  # sequences written out by stage 1 have no partials to read
-        params = hip._params(call, partition_size, *scratch)
+        row_blocks = -(-gqa * qlen // rows)
+        params = hip._params(call, partition_size, *scratch, row_blocks)
         if programs:
-            grid = (programs, call.key.num_kv_heads, 1)
+            grid = (programs, call.key.num_kv_heads * row_blocks, 1)
         else:
-            grid = (-(-call.key.max_seq_len // partition_size), call.key.num_kv_heads, call.num_seqs)
+            grid = (-(-call.key.max_seq_len // partition_size), call.key.num_kv_heads * row_blocks, call.num_seqs)
         assert run_split_kv(ctypes.byref(params), int(programs > 0), *grid) == 0
         if split:
             launch_split_kv_reduce(

@@ -8,7 +8,8 @@ width, query rows) is its own template instantiation, compiled once and cached o
 GQA, qlen and the 8-bit scale kind (per-tensor or per-token) are run-time values. The wide
 variant (twice the warps, one CTA per SM) runs tiny grids; the 32-row one (two MMA row
 tiles sharing each K and V fragment) runs groups of 17-32 query rows (GQA x max_qlen:
-speculative decoding, GQA 32).
+speculative decoding, GQA 32). Larger groups, and 17-32 rows at head sizes without the
+32-row variant, are cut into blocks of rows, a CTA each (:func:`row_blocking`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ..kernels.common import gpu_shared_memory_per_program
 from ..kernels.decode import LOG2E
 from ..kernels.reduce import launch_split_kv_reduce
 from ..layouts import KV_DTYPES
-from .base import SplitKvBackend, cuda_device_ok, shared_memory_limit, stream_evict_first
+from .base import MAX_GRID_SEQS, SplitKvBackend, cuda_device_ok, shared_memory_limit, stream_evict_first
 
 SOURCE = "paged_decode_split_kv.cu"
 # Partitions double while each SM still gets one CTA (not two): longer walks amortize a
@@ -89,6 +90,7 @@ class SplitKvParams(ctypes.Structure):
         ("num_seqs", ctypes.c_int),
         ("max_seq_len", ctypes.c_int),
         ("stream_evict_first", ctypes.c_int),  # read K/V under an L2 evict-first policy
+        ("row_blocks", ctypes.c_int),  # CTAs per kv head along the query rows (row_blocking)
     ]
 
 
@@ -127,9 +129,25 @@ def tile_target(arch: str) -> TileTarget:
     return GFX942 if arch.startswith("gfx") else SM90
 
 
-def tile_rows(rows: int) -> int:
-    """The variant's query rows (``ROWS`` of the C++ source) for a call's GQA x max_qlen rows."""
-    return MMA_ROWS if rows <= MMA_ROWS else MAX_ROWS
+def row_blocking(key: CallKey, target: TileTarget = SM90, smem_per_cta: int | None = None, one_tile: bool = False) -> tuple[int, int]:
+    """(the variant's ``ROWS``, row blocks) for the call's GQA x max_qlen query rows: blocks of
+    two 16-row MMA tiles where the head size has them built and their shared memory fits
+    ``smem_per_cta`` (unless ``one_tile``), else of one tile; one CTA per block, each reading
+    the span's K and V (a group's blocks run side by side: the second reads hit L2)."""
+    rows = key.gqa * key.max_qlen
+    if rows <= MMA_ROWS:
+        return MMA_ROWS, 1
+    two = not one_tile and key.head_size in target.two_tile_head_sizes
+    if two and smem_per_cta is not None:
+        two = kernel_config(key.head_size, key.block_size, key.kv_dtype.itemsize, False, target, MAX_ROWS)["smem_bytes"] <= smem_per_cta
+    tile = MAX_ROWS if two else MMA_ROWS
+    return tile, -(-rows // tile)
+
+
+def prefers_one_tile(ctas: int, num_sms: int) -> bool:
+    """Whether a call of 17-32 rows at a head size with two-tile variants takes two one-tile
+    CTAs instead (``ctas``: the two-tile grid)."""
+    return False
 
 
 def kernel_config(
@@ -281,25 +299,20 @@ class HipBackend(SplitKvBackend):
         if torch.version.hip and key.head_size not in GFX942.head_sizes:
             yield f"head_size {key.head_size} is not built for {GFX942.name} (it spills to scratch there)"
         rows = key.gqa * key.max_qlen
-        if rows > MAX_ROWS:
-            yield f"GQA x max_qlen = {rows} query rows exceed two 16-row MMA tiles"
-        elif rows > MMA_ROWS and key.head_size in self.head_sizes and key.head_size not in target.two_tile_head_sizes:
-            yield (
-                f"GQA x max_qlen = {rows} query rows take two 16-row MMA tiles, built for head sizes "
-                f"{target.two_tile_head_sizes} on {target.name}, not {key.head_size}"
-            )
+        if key.num_kv_heads * -(-rows // MMA_ROWS) > MAX_GRID_SEQS:
+            yield f"{key.num_kv_heads} kv heads x {-(-rows // MMA_ROWS)} blocks of 16 query rows exceed the grid's limit of {MAX_GRID_SEQS}"
         if not key.kv_is_8bit and key.kv_dtype != key.q_dtype:
             yield f"a 16-bit cache must have the query dtype ({key.q_dtype}), got {key.kv_dtype}"
         limit = shared_memory_limit(key)
         if limit is not None and key.head_size in self.head_sizes and key.block_size in self.block_sizes:
-            need = kernel_config(key.head_size, key.block_size, key.kv_dtype.itemsize, target=target, rows=tile_rows(rows))["smem_bytes"]
+            need = kernel_config(key.head_size, key.block_size, key.kv_dtype.itemsize, target=target)["smem_bytes"]
             if need > limit:  # e.g. sm_89 and sm_120: 99 KB a CTA, where the tiles are sized for sm_90's 227 KB
                 yield f"its tiles need {need} bytes of shared memory a CTA, this GPU allows {limit}"
 
     def offers_balanced(self, call: DecodeCall) -> bool:
-        key = call.key
-        rows = tile_rows(key.gqa * key.max_qlen)
-        return builds_balanced(runtime.arch_of(key.device_index), False, key.q_dtype, key.kv_dtype, rows)
+        key = call.key  # one row block of one tile
+        rows = key.gqa * key.max_qlen
+        return rows <= MMA_ROWS and builds_balanced(runtime.arch_of(key.device_index), False, key.q_dtype, key.kv_dtype, MMA_ROWS)
 
     def balanced_per_sm(self, call: DecodeCall) -> int:
         key = call.key
@@ -307,14 +320,18 @@ class HipBackend(SplitKvBackend):
 
     def launch(self, call: DecodeCall, num_sms: int, partition_size: int, programs_per_head: int = 0) -> None:
         key = call.key
+        target, smem_per_cta = tile_target(runtime.arch_of(key.device_index)), gpu_shared_memory_per_program(key.device_index)
+        rows, row_blocks = row_blocking(key, target, smem_per_cta)
         if programs_per_head:
-            grid = (programs_per_head, key.num_kv_heads, 1)
+            grid = (programs_per_head, key.num_kv_heads * row_blocks, 1)
         else:
-            grid = (-(-key.max_seq_len // partition_size), key.num_kv_heads, call.num_seqs)
-        rows = tile_rows(key.gqa * key.max_qlen)
+            grid = (-(-key.max_seq_len // partition_size), key.num_kv_heads * row_blocks, call.num_seqs)
+            if rows == MAX_ROWS and prefers_one_tile(grid[0] * grid[1] * grid[2], num_sms):
+                rows, row_blocks = row_blocking(key, target, smem_per_cta, one_tile=True)
+                grid = (grid[0], key.num_kv_heads * row_blocks, grid[2])
         wide = not programs_per_head and use_wide_variant(
-            grid[0] * grid[1] * grid[2], num_sms, key.head_size, key.block_size, key.kv_dtype.itemsize,
-            gpu_shared_memory_per_program(key.device_index), tile_target(runtime.arch_of(key.device_index)), rows,
+            grid[0] * grid[1] * grid[2], num_sms, key.head_size, key.block_size, key.kv_dtype.itemsize, smem_per_cta,
+            target, rows,
         )  # fmt: skip
         balanced = self.balanced_per_sm(call) if programs_per_head else 0
         function, threads, smem_bytes = _loaded(
@@ -322,7 +339,7 @@ class HipBackend(SplitKvBackend):
         )
         split = programs_per_head > 0 or partition_size < key.max_seq_len
         exp_sums, max_logits, tmp_out = call.scratch() if split else (None, None, None)
-        params = _params(call, partition_size, exp_sums, max_logits, tmp_out)
+        params = _params(call, partition_size, exp_sums, max_logits, tmp_out, row_blocks)
         runtime.launch(function, grid, threads, smem_bytes, [params])
         if split:
             launch_split_kv_reduce(
@@ -331,9 +348,10 @@ class HipBackend(SplitKvBackend):
             )  # fmt: skip
 
 
-def _params(call: DecodeCall, partition_size: int, exp_sums, max_logits, tmp_out) -> SplitKvParams:
+def _params(call: DecodeCall, partition_size: int, exp_sums, max_logits, tmp_out, row_blocks: int = 1) -> SplitKvParams:
     """The kernel's arguments: partitions (static schedule) or pages (balanced) of
-    ``partition_size`` tokens; without scratch, one partition that writes ``out``."""
+    ``partition_size`` tokens; without scratch, one partition that writes ``out``; the query
+    rows in ``row_blocks`` blocks (:func:`row_blocking`)."""
     q, out = call.Q, call.out
     split = exp_sums is not None
     scaled = call.key.scales != SCALES_NONE
@@ -378,6 +396,7 @@ def _params(call: DecodeCall, partition_size: int, exp_sums, max_logits, tmp_out
         num_seqs=call.num_seqs,
         max_seq_len=call.key.max_seq_len,
         stream_evict_first=1 if stream_evict_first(call) else 0,
+        row_blocks=row_blocks,
     )
 
 
