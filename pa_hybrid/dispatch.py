@@ -44,6 +44,17 @@ class DispatchRules:
     single_pass_8bit_from_pairs: int = 128
     """fp8/int8 KV: "asm" from this many pairs, the split-KV "hip" kernel below."""
 
+    large_group_hip_below_pairs: int = 16
+    """Groups of more than :data:`LARGE_GROUP_ROWS` query rows per kv head: "hip" (a CTA per
+    block of rows, each reading the kv head's K and V) below this many pairs, "triton" (one
+    program per 64 rows) from it. Measured on the H100 over 64-row calls (RESULTS.md section
+    50): below 16 pairs hip took 0.77-1.00x Triton's time; from 16, 0.87-1.20x (geomean 1.03)."""
+
+
+LARGE_GROUP_ROWS = 32
+"""Query rows per kv head (GQA x max_qlen) that one CTA of the asm and hip kernels holds at most.
+The dispatch tables measure decode calls of at most 16 rows: larger groups go by the rule."""
+
 
 RULES_BY_DEVICE: dict[str, DispatchRules] = {"default": DispatchRules()}
 """Per-GPU rules keyed by ``torch.cuda.get_device_name``; "default" elsewhere."""
@@ -133,7 +144,8 @@ def preference(
     K and V at least in bf16.)"""
     if key.kernel_name is not None:
         return ("asm",), "kernelName names an asm kernel", None
-    row = table.lookup(key) if table is not None else None
+    large_group = key.gqa * key.max_qlen > LARGE_GROUP_ROWS
+    row = table.lookup(key) if table is not None and not large_group else None
     order, rule = _rule_order(key, rules)
     if row is None:
         return order, rule, None
@@ -143,6 +155,12 @@ def preference(
 
 def _rule_order(key: CallKey, rules: DispatchRules) -> tuple[tuple[str, ...], str]:
     pairs = key.concurrency * key.num_kv_heads
+    rows = key.gqa * key.max_qlen
+    if rows > LARGE_GROUP_ROWS:
+        threshold = rules.large_group_hip_below_pairs
+        if pairs < threshold:
+            return ("hip", "triton", "asm", "torch"), f"{rows} query rows a kv head, {pairs} pairs < {threshold}: hip first"
+        return ("triton", "hip", "asm", "torch"), f"{rows} query rows a kv head, {pairs} pairs >= {threshold}: Triton first"
     kind, threshold = ("8-bit", rules.single_pass_8bit_from_pairs) if key.kv_is_8bit else ("16-bit", rules.single_pass_from_pairs)
     if pairs >= threshold:
         return (

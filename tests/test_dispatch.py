@@ -79,7 +79,9 @@ TABLE = [
     ({"concurrency": 8}, {}, "asm", []),
     ({"concurrency": 512}, {}, "asm", []),
     ({"concurrency": 8, "max_qlen": 8}, {}, "asm", []),  # sequences, not query rows: 8 x 8 pairs
-    ({"concurrency": 4, "num_kv_heads": 1, "max_qlen": 16}, {}, "hip", []),
+    ({"concurrency": 4, "num_kv_heads": 1, "max_qlen": 16}, {}, "hip", []),  # 64 rows, 4 pairs < 16
+    ({"concurrency": 16, "num_kv_heads": 1, "max_qlen": 16}, {}, "triton", []),  # 64 rows, 16 pairs
+    ({"concurrency": 512, "max_qlen": 9}, {}, "triton", []),  # 36 rows: past asm's kernels
     ({"concurrency": 64, "num_kv_heads": 1}, {}, "asm", []),
     # 8-bit: against 128; below it split-KV, where hip takes per-tensor scales only
     ({"kv_dtype": FP8, "scales": "per_token", "concurrency": 15}, {"hip": {"scales": ("none", "per_tensor")}}, "triton", ["hip"]),

@@ -153,6 +153,9 @@ TABLE_DECISIONS = [
     (gqa_key(8, 8192, kv_dtype=FP8), {"triton": {"head_sizes": (64,)}}, "asm", ["triton"]),
     (gqa_key(8, 8192, kv_dtype=FP8), {"triton": {"head_sizes": (64,)}, "asm": {"max_gqa": 2}}, "hip", ["triton", "asm"]),  # unmeasured: rule order
     (gqa_key(1024, 512, kv_dtype=INT8), {}, "asm", []),  # no int8 group: the rule (1024 pairs >= 128)
+    (gqa_key(8, 512, max_qlen=8), {}, "asm", []),  # 32 rows: the gqa-4 group's point
+    (gqa_key(8, 512, max_qlen=9), {}, "hip", []),  # 36 rows: the rule (8 pairs < 16), not the table's asm
+    (gqa_key(128, 8192, max_qlen=9), {}, "triton", []),  # 36 rows: the rule (128 pairs >= 16)
 ]
 
 

@@ -204,6 +204,8 @@ def test_row_blocking_cuts_the_group_into_blocks_of_the_built_tiles():
     two_tiles = hip.kernel_config(128, 16, 2, rows=32)["smem_bytes"]
     assert hip.row_blocking(key, hip.SM90, two_tiles) == (32, 1)
     assert hip.row_blocking(key, hip.SM90, two_tiles - 1) == (16, 2)
+    # blocks of one tile while the two-tile grid leaves SMs without a CTA
+    assert hip.prefers_one_tile(132, 132) and not hip.prefers_one_tile(133, 132)
 
 
 def test_no_balanced_kernel_for_fp16_queries_over_8bit_caches():
