@@ -48,12 +48,11 @@ class DispatchRules:
     """Groups of more than :data:`LARGE_GROUP_ROWS` query rows per kv head: "hip" (a CTA per
     block of rows, each reading the kv head's K and V) below this many pairs, "triton" (one
     program per 64 rows) from it. Measured on the H100 over 64-row calls (RESULTS.md section
-    50): below 16 pairs hip took 0.77-1.00x Triton's time; from 16, 0.87-1.20x (geomean 1.03)."""
+    50): below 16 pairs hip took 0.77-1.01x Triton's time (geomean 0.86), from 16 pairs 0.87-1.20x (1.03)."""
 
 
 LARGE_GROUP_ROWS = 32
-"""Query rows per kv head (GQA x max_qlen) that one CTA of the asm and hip kernels holds at most.
-The dispatch tables measure decode calls of at most 16 rows: larger groups go by the rule."""
+"""Query rows per kv head (GQA x max_qlen) that one CTA of the asm and hip kernels holds at most."""
 
 
 RULES_BY_DEVICE: dict[str, DispatchRules] = {"default": DispatchRules()}
@@ -144,8 +143,7 @@ def preference(
     K and V at least in bf16.)"""
     if key.kernel_name is not None:
         return ("asm",), "kernelName names an asm kernel", None
-    large_group = key.gqa * key.max_qlen > LARGE_GROUP_ROWS
-    row = table.lookup(key) if table is not None and not large_group else None
+    row = table.lookup(key) if table is not None else None
     order, rule = _rule_order(key, rules)
     if row is None:
         return order, rule, None

@@ -5,11 +5,12 @@ table (JSON) per GPU model; the dispatcher orders its candidates by the table of
 the current GPU and falls back to :class:`~pa_hybrid.dispatch.DispatchRules`
 where no table applies. Shipped tables live in ``pa_hybrid/tables/``.
 
-A table holds groups keyed by (KV class, GQA ratio, head size); each group holds
-measured points (``pairs`` = concurrency x num_kv_heads, ``ctx`` = the longest
-context) with the backends ranked fastest first. A call reads the group of its
-KV class and head size with the smallest measured GQA ratio at least its own (GQA
-rounds up, as the asm kernels do), then the point nearest to it: first the
+A table holds groups keyed by (KV class, query rows per kv head, head size): the rows
+are GQA x max_qlen, the M dim of the kernels' tiles (decode calls: the GQA ratio). Each
+group holds measured points (``pairs`` = concurrency x num_kv_heads, ``ctx`` = the
+longest context) with the backends ranked fastest first. A call reads the group of its
+KV class and head size with the fewest measured rows at least its own (rows round up,
+as the kernels' tiles do; none: the rule decides), then the point nearest to it: first the
 measured ``pairs`` value nearest on a log scale, then, among that row's points,
 the nearest ``ctx``; a tie goes to the larger value. The regions of the table are
 therefore the cells around measured points, with borders at geometric midpoints.
@@ -32,8 +33,9 @@ import torch
 
 from .call import CallKey
 
-TABLE_FORMAT = 1
-"""Version of the JSON layout; a table of another version is refused when loaded."""
+TABLE_FORMAT = 2
+"""Version of the JSON layout; a table of another version is refused when loaded, except
+format 1, whose groups were keyed by GQA (tuned on decode calls: the same as their rows)."""
 
 TABLE_DIR = Path(__file__).resolve().parent / "tables"
 """The tables shipped with the package (one JSON per measured GPU model)."""
@@ -60,6 +62,11 @@ def key_pairs(key: CallKey) -> int:
     return key.concurrency * key.num_kv_heads
 
 
+def key_rows(key: CallKey) -> int:
+    """Query rows per kv head of a call: GQA x max_qlen."""
+    return key.gqa * key.max_qlen
+
+
 @dataclass(frozen=True)
 class TablePoint:
     """One measured point: backends fastest first, with their (geometric-mean) times."""
@@ -83,10 +90,10 @@ def _nearest(values, target: int) -> int:
 
 @dataclass(frozen=True)
 class TableGroup:
-    """The points of one (KV class, GQA ratio, head size)."""
+    """The points of one (KV class, query rows per kv head, head size)."""
 
     kv: str
-    gqa: int
+    rows: int
     head_size: int
     points: tuple
 
@@ -98,7 +105,7 @@ class TableGroup:
         return next(p for p in row if p.ctx == row_ctx)
 
     def describe(self) -> str:
-        return f"kv={self.kv} gqa<={self.gqa} head_size={self.head_size}"
+        return f"kv={self.kv} rows<={self.rows} head_size={self.head_size}"
 
 
 @dataclass(frozen=True)
@@ -125,13 +132,14 @@ class DispatchTable:
         return self.gpu == gpu and tuple(self.compute_capability) == tuple(compute_capability)
 
     def group_for(self, key: CallKey) -> TableGroup | None:
-        """The group of the key's KV class and head size with the smallest GQA ratio >= the key's."""
+        """The group of the key's KV class and head size with the fewest query rows >= the key's."""
         try:
             kv = kv_class(key.kv_dtype)
         except ValueError:
             return None
-        fits = [g for g in self.groups if g.kv == kv and g.head_size == key.head_size and g.gqa >= key.gqa]
-        return min(fits, key=lambda g: g.gqa, default=None)
+        rows = key_rows(key)
+        fits = [g for g in self.groups if g.kv == kv and g.head_size == key.head_size and g.rows >= rows]
+        return min(fits, key=lambda g: g.rows, default=None)
 
     def lookup(self, key: CallKey) -> TableRow | None:
         """The row that orders the backends for this call, or None where the table is silent."""
@@ -151,7 +159,7 @@ class DispatchTable:
             groups=[
                 dict(
                     kv=g.kv,
-                    gqa=g.gqa,
+                    rows=g.rows,
                     head_size=g.head_size,
                     points=[dict(asdict(p), order=list(p.order), us=list(p.us)) for p in g.points],
                 )
@@ -167,8 +175,9 @@ class DispatchTable:
 
     @classmethod
     def from_json(cls, data: dict, source: str = "<memory>") -> "DispatchTable":
-        if data.get("format") != TABLE_FORMAT:
+        if data.get("format") not in (1, TABLE_FORMAT):
             raise ValueError(f"dispatch table {source}: format {data.get('format')!r}, expected {TABLE_FORMAT}")
+        rows_field = "gqa" if data["format"] == 1 else "rows"
         try:
             groups = []
             for g in data["groups"]:
@@ -179,8 +188,8 @@ class DispatchTable:
                     for p in g["points"]
                 )
                 if not points or any(p.pairs < 1 or p.ctx < 1 or not p.order or len(p.order) != len(p.us) for p in points):
-                    raise ValueError(f"group {g['kv']} gqa {g['gqa']}: points need pairs, ctx >= 1 and one time per backend")
-                groups.append(TableGroup(g["kv"], int(g["gqa"]), int(g["head_size"]), points))
+                    raise ValueError(f"group {g['kv']} rows {g[rows_field]}: points need pairs, ctx >= 1 and one time per backend")
+                groups.append(TableGroup(g["kv"], int(g[rows_field]), int(g["head_size"]), points))
             return cls(data["gpu"], tuple(data["compute_capability"]), tuple(groups), data.get("measured", {}), source)
         except (KeyError, TypeError) as e:
             raise ValueError(f"dispatch table {source}: missing or malformed field ({type(e).__name__}: {e})") from None
@@ -225,7 +234,7 @@ def table_for(gpu: str, compute_capability, user_tables=()) -> DispatchTable | N
 def build_table(measurements, gpu: str, compute_capability, measured: dict | None = None) -> DispatchTable:
     """A table from measurements: ``(CallKey, {backend: microseconds})`` per timed case.
 
-    Cases that land on the same point (same KV class, GQA, head size, pairs and
+    Cases that land on the same point (same KV class, query rows, head size, pairs and
     longest context: two models can share one) are merged: backends timed in every
     one of them are ranked by the geometric mean of their time over the case's best,
     and reported with their geometric-mean time; the others follow, slowest last.
@@ -234,16 +243,16 @@ def build_table(measurements, gpu: str, compute_capability, measured: dict | Non
     for key, times in measurements:
         times = {b: t for b, t in times.items() if t is not None and t > 0}
         if times:
-            by_point[(kv_class(key.kv_dtype), key.gqa, key.head_size, key_pairs(key), key.max_seq_len)].append(times)
+            by_point[(kv_class(key.kv_dtype), key_rows(key), key.head_size, key_pairs(key), key.max_seq_len)].append(times)
     groups = defaultdict(list)
-    for (kv, gqa, head_size, pairs, ctx), cases in by_point.items():
-        groups[(kv, gqa, head_size)].append(_merge_point(pairs, ctx, cases))
+    for (kv, rows, head_size, pairs, ctx), cases in by_point.items():
+        groups[(kv, rows, head_size)].append(_merge_point(pairs, ctx, cases))
     return DispatchTable(
         gpu=gpu,
         compute_capability=tuple(compute_capability),
         groups=tuple(
-            TableGroup(kv, gqa, hs, tuple(sorted(points, key=lambda p: (p.pairs, p.ctx))))
-            for (kv, gqa, hs), points in sorted(groups.items(), key=lambda item: (KV_CLASSES.index(item[0][0]), item[0][1:]))
+            TableGroup(kv, rows, hs, tuple(sorted(points, key=lambda p: (p.pairs, p.ctx))))
+            for (kv, rows, hs), points in sorted(groups.items(), key=lambda item: (KV_CLASSES.index(item[0][0]), item[0][1:]))
         ),
         measured=dict(measured or {}),
     )

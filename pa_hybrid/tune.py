@@ -5,7 +5,7 @@ x KV dtype x num_seqs x context length, plus the mixed-length batch: the
 benchmark's grid by default), all backends of a case in alternation (CUDA-graph
 replay, cold L2, median), each checked against the reference first. Writes the
 dispatch table of this GPU model (JSON, :mod:`pa_hybrid.dispatch_table`), prints it
-as one grid per (KV class, GQA, head size), and prints the regret of three
+as one grid per (KV class, query rows, head size), and prints the regret of three
 policies per case, each as its time over the fastest backend's: the new table on
 the cases it was built from, the table rebuilt without each case's own point
 ("leave one out": how it does between measured points) and the fallback rule.
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from .dispatch import BACKEND_NAMES, RULES_BY_DEVICE, available_backends, preference
-from .dispatch_table import DispatchTable, build_table, format_table, kv_class, key_pairs
+from .dispatch_table import DispatchTable, build_table, format_table, key_pairs, key_rows, kv_class
 
 QUICK = {"num_seqs": [1, 16, 128], "ctx": ["512", "8192"], "kv_dtypes": ["bf16"]}
 """``--quick``: the first model of the workload at these points."""
@@ -54,7 +54,7 @@ class Measurement:
 
     def point(self) -> tuple:
         key = self.key
-        return (kv_class(key.kv_dtype), key.gqa, key.head_size, key_pairs(key), key.max_seq_len)
+        return (kv_class(key.kv_dtype), key_rows(key), key.head_size, key_pairs(key), key.max_seq_len)
 
 
 def pick(order, times: dict) -> str:

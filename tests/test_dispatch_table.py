@@ -44,7 +44,7 @@ def synthetic_table(**changes):
 
 def test_build_groups_points_and_ranks_backends():
     table = synthetic_table()
-    assert [(g.kv, g.gqa, g.head_size) for g in table.groups] == [("16bit", 4, 128), ("16bit", 16, 128), ("fp8", 4, 128)]
+    assert [(g.kv, g.rows, g.head_size) for g in table.groups] == [("16bit", 4, 128), ("16bit", 16, 128), ("fp8", 4, 128)]
     bf16 = table.groups[0]
     assert [(p.pairs, p.ctx, p.order[0]) for p in bf16.points] == [(8, 512, "asm"), (8, 8192, "hip"), (128, 512, "asm"), (128, 8192, "asm")]
     assert bf16.points[1].order == ("hip", "triton", "asm") and bf16.points[1].us == (30.0, 34.0, 77.0)
@@ -78,11 +78,13 @@ def test_lookup_takes_the_nearest_row_then_the_nearest_context(pairs, ctx, expec
     assert (point.pairs, point.ctx) == expected
 
 
-def test_group_choice_rounds_gqa_up_and_is_silent_elsewhere():
+def test_group_choice_rounds_query_rows_up_and_is_silent_elsewhere():
     table = synthetic_table()
-    assert table.group_for(gqa_key(8, 512, gqa=1)).gqa == 4
-    assert table.group_for(gqa_key(8, 512, gqa=8)).gqa == 16  # the next measured ratio up
-    assert table.group_for(gqa_key(8, 512, gqa=32)) is None  # above every measured ratio
+    assert table.group_for(gqa_key(8, 512, gqa=1)).rows == 4
+    assert table.group_for(gqa_key(8, 512, gqa=8)).rows == 16  # the next measured group up
+    assert table.group_for(gqa_key(8, 512, gqa=2, max_qlen=3)).rows == 16  # rows: GQA x max_qlen
+    assert table.group_for(gqa_key(8, 512, gqa=32)) is None  # above every measured group
+    assert table.group_for(gqa_key(8, 512, max_qlen=8)) is None
     assert table.group_for(gqa_key(8, 512, head_size=64)) is None
     assert table.group_for(gqa_key(8, 512, kv_dtype=INT8)) is None  # no int8 group measured
     assert table.group_for(gqa_key(8, 512, kv_dtype=torch.float16)).kv == "16bit"
@@ -98,6 +100,7 @@ def test_json_round_trip_and_malformed_tables(tmp_path):
     data = json.loads(path.read_text())
     for breakage, message in [
         (lambda d: d.update(format=99), "format 99"),
+        (lambda d: d["groups"][0].pop("rows"), "missing or malformed field"),
         (lambda d: d.pop("groups"), "missing or malformed field"),
         (lambda d: d["groups"][0].update(kv="fp4"), "kv 'fp4'"),
         (lambda d: d["groups"][0]["points"][0].update(us=[1.0]), "one time per backend"),
@@ -107,6 +110,12 @@ def test_json_round_trip_and_malformed_tables(tmp_path):
         breakage(broken)
         with pytest.raises(ValueError, match=message):
             DispatchTable.from_json(broken, "broken.json")
+    # format 1 keyed its groups by GQA, tuned on decode calls (rows = GQA)
+    old = json.loads(json.dumps(data))
+    old["format"] = 1
+    for g in old["groups"]:
+        g["gqa"] = g.pop("rows")
+    assert DispatchTable.from_json(old).groups == table.groups
 
 
 def test_table_search_order_user_then_environment_then_shipped(tmp_path, monkeypatch):
@@ -153,8 +162,9 @@ TABLE_DECISIONS = [
     (gqa_key(8, 8192, kv_dtype=FP8), {"triton": {"head_sizes": (64,)}}, "asm", ["triton"]),
     (gqa_key(8, 8192, kv_dtype=FP8), {"triton": {"head_sizes": (64,)}, "asm": {"max_gqa": 2}}, "hip", ["triton", "asm"]),  # unmeasured: rule order
     (gqa_key(1024, 512, kv_dtype=INT8), {}, "asm", []),  # no int8 group: the rule (1024 pairs >= 128)
-    (gqa_key(8, 512, max_qlen=8), {}, "asm", []),  # 32 rows: the gqa-4 group's point
-    (gqa_key(8, 512, max_qlen=9), {}, "hip", []),  # 36 rows: the rule (8 pairs < 16), not the table's asm
+    (gqa_key(8, 512, gqa=2, max_qlen=2), {}, "asm", []),  # 4 rows: the rows-4 group's point
+    (gqa_key(8, 512, max_qlen=8), {}, "hip", []),  # 32 rows, past every group: the rule (8 pairs < 64)
+    (gqa_key(8, 512, max_qlen=9), {}, "hip", []),  # 36 rows: the rule (8 pairs < 16)
     (gqa_key(128, 8192, max_qlen=9), {}, "triton", []),  # 36 rows: the rule (128 pairs >= 16)
 ]
 
@@ -173,7 +183,7 @@ def test_explain_names_the_table_row(table_policy):
     assert sel.backend == "asm" and sel.rule == f"measured on {GPU}: asm fastest"
     assert (sel.table_row.point.pairs, sel.table_row.point.ctx) == (8, 512)
     text = str(sel)
-    assert "decided by table <memory>: kv=16bit gqa<=4 head_size=128, nearest point pairs=8 ctx=512" in text
+    assert "decided by table <memory>: kv=16bit rows<=4 head_size=128, nearest point pairs=8 ctx=512" in text
     assert "asm 12.0 us, hip 15.0 us, triton 18.0 us" in text
     uncovered = dispatch.select(gqa_key(1024, 512, kv_dtype=INT8))
     assert uncovered.table_row is None and "pairs >= 128" in uncovered.rule
@@ -194,7 +204,7 @@ def test_format_table_shows_winners_and_leads():
     text = format_table(synthetic_table())
     assert "dispatch table for Test GPU 80GB (sm_90)" in text
     lines = text.splitlines()
-    row8 = lines[lines.index("kv=16bit gqa<=4 head_size=128") + 2]
+    row8 = lines[lines.index("kv=16bit rows<=4 head_size=128") + 2]
     assert row8.split() == ["8", "asm", "1.25", "hip", "1.13"]
 
 

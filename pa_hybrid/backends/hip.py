@@ -148,7 +148,7 @@ def prefers_one_tile(ctas: int, num_sms: int) -> bool:
     """Whether a group that :func:`row_blocking` puts in blocks of two tiles takes blocks of one
     instead, twice the CTAs (``ctas``: the two-tile grid): while the two-tile grid has at most
     one CTA per SM, where a CTA's latency is the call's. Measured on the H100 (RESULTS.md section 50):
-    grids of 8-128 two-tile CTAs 0.86-0.95x the time in one-tile CTAs, of 256-512 1.05-1.14x."""
+    grids of 8-128 two-tile CTAs took 0.86-1.00x the time in one-tile CTAs, of 256 or more 1.05-1.23x."""
     return ctas <= num_sms
 
 
