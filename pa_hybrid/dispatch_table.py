@@ -258,6 +258,20 @@ def build_table(measurements, gpu: str, compute_capability, measured: dict | Non
     )
 
 
+def merge_tables(base: DispatchTable, new: DispatchTable) -> DispatchTable:
+    """``new`` with the groups of ``base`` (the same GPU model) that it did not measure: a
+    tuning run of other shapes added to a table. ``base``'s provenance is kept under
+    ``measured["earlier"]``."""
+    if not base.matches(new.gpu, new.compute_capability):
+        raise ValueError(f"{base.source} was measured on {base.gpu}, not {new.gpu}: tables of one GPU model only")
+    ids = {(g.kv, g.rows, g.head_size) for g in new.groups}
+    kept = [g for g in base.groups if (g.kv, g.rows, g.head_size) not in ids]
+    groups = sorted(kept + list(new.groups), key=lambda g: (KV_CLASSES.index(g.kv), g.rows, g.head_size))
+    base_run = {k: v for k, v in base.measured.items() if k != "earlier"}
+    earlier = [base_run, *base.measured.get("earlier", [])]
+    return DispatchTable(new.gpu, new.compute_capability, tuple(groups), dict(new.measured, earlier=earlier))
+
+
 def _geomean(values) -> float:
     values = list(values)
     return math.exp(sum(math.log(v) for v in values) / len(values))

@@ -13,6 +13,7 @@ the cases it was built from, the table rebuilt without each case's own point
     python -m pa_hybrid.tune                       # the benchmark grid, every KV dtype
     python -m pa_hybrid.tune --quick               # first model, bf16, a few points
     python -m pa_hybrid.tune --shapes 64:8 --kv-dtypes bf16 fp8 --out my-gpu.json
+    python -m pa_hybrid.tune --workload W2.json --add-to my-gpu.json --out my-gpu.json   # W2's groups added
     PA_HYBRID_DISPATCH_TABLE=my-gpu.json python serve.py   # or pa_hybrid.dispatch.set_table(path)
 
 Needs a CUDA GPU: without one there is nothing to measure.
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 
 from .dispatch import BACKEND_NAMES, RULES_BY_DEVICE, available_backends, preference
-from .dispatch_table import DispatchTable, build_table, format_table, key_pairs, key_rows, kv_class
+from .dispatch_table import DispatchTable, build_table, format_table, key_pairs, key_rows, kv_class, merge_tables
 
 QUICK = {"num_seqs": [1, 16, 128], "ctx": ["512", "8192"], "kv_dtypes": ["bf16"]}
 """``--quick``: the first model of the workload at these points."""
@@ -126,6 +127,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=30, help="timed samples per backend and case (median kept)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", default=None, help="table path (default: ./<gpu name>.json)")
+    p.add_argument(
+        "--add-to", metavar="TABLE.json", default=None,
+        help="keep this table's groups (same GPU model) that the run does not measure: tune other shapes into it",
+    )  # fmt: skip
     args = split_grid_options(p.parse_args(argv))
     args.shapes = _split_list(args.shapes)
     return args
@@ -209,6 +214,8 @@ def main(argv=None) -> int:
             backends=backends,
         ),
     )
+    if args.add_to:
+        table = merge_tables(DispatchTable.load(args.add_to), table)
     out = table.save(args.out or default_output(gpu))
     print()
     print(format_table(table))

@@ -297,3 +297,26 @@ def test_tune_options():
     args = parse_args(["--shapes", "64:8,32:4", "--num-seqs", "1,16", "--kv-dtypes", "bf16", "fp8", "--quick"])
     assert args.shapes == ["64:8", "32:4"] and args.num_seqs == [1, 16] and args.kv_dtypes == ["bf16", "fp8"]
     assert args.quick and args.models is None and args.samples == 30
+
+
+def test_merge_tables_adds_the_groups_a_run_did_not_measure():
+    base = synthetic_table()
+    large = build_table(
+        [
+            (gqa_key(8, 512, max_qlen=8), {"hip": 20.0, "asm": 30.0}),  # 32 rows: a new group
+            (gqa_key(8, 512, gqa=16), {"triton": 9.0, "hip": 10.0}),  # 16 rows: replaces base's group
+        ],
+        GPU, CC, measured={"date": "later"},
+    )  # fmt: skip
+    merged = dispatch_table.merge_tables(base, large)
+    assert [(g.kv, g.rows) for g in merged.groups] == [("16bit", 4), ("16bit", 16), ("16bit", 32), ("fp8", 4)]
+    assert merged.group_for(gqa_key(8, 512, gqa=16)).points[0].order[0] == "triton"
+    assert merged.group_for(gqa_key(8, 512)) == base.group_for(gqa_key(8, 512))
+    assert merged.measured == {"date": "later", "earlier": [{"date": "test"}]}
+    again = dispatch_table.merge_tables(merged, build_table([(gqa_key(8, 512), {"asm": 1.0})], GPU, CC, {"date": "last"}))
+    assert again.measured["earlier"] == [{"date": "later"}, {"date": "test"}]
+    with pytest.raises(ValueError, match="tables of one GPU model only"):
+        dispatch_table.merge_tables(base, build_table([(gqa_key(8, 512), {"asm": 1.0})], "Other GPU", CC))
+    from pa_hybrid.tune import parse_args
+
+    assert parse_args(["--add-to", "t.json"]).add_to == "t.json"
