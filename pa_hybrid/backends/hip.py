@@ -323,7 +323,8 @@ class HipBackend(SplitKvBackend):
     def launch(self, call: DecodeCall, num_sms: int, partition_size: int, programs_per_head: int = 0) -> None:
         key = call.key
         target, smem_per_cta = tile_target(runtime.arch_of(key.device_index)), gpu_shared_memory_per_program(key.device_index)
-        rows, row_blocks = row_blocking(key, target, smem_per_cta)
+        # the balanced kernels are built for blocks of one tile (builds_balanced)
+        rows, row_blocks = row_blocking(key, target, smem_per_cta, one_tile=programs_per_head > 0)
         if programs_per_head:
             grid = (programs_per_head, key.num_kv_heads * row_blocks, 1)
         else:
