@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-ENTRY = "  const int row_base = (blockIdx.y - kv_head * p.row_blocks) * ROWS;\n"
+ENTRY = "  const int kv_head = blockIdx.y / p.row_blocks, row_base = (blockIdx.y % p.row_blocks) * ROWS;\n"
 KERNEL_END = "\n  }\n}\n\n}  // namespace pa"
 RECORD = (
     "(reinterpret_cast<unsigned long long*>(const_cast<int*>(p.qo_indptr)) + "

@@ -687,9 +687,7 @@ __global__ void __launch_bounds__((SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, WID
                                   (BALANCED > 0 ? BALANCED : ROWS > 16 ? 1 : 0))  // (): HIP's macro splits at commas
     paged_decode_split_kv(const PA_GRID_CONSTANT SplitKvParams p) {
   using C = SplitKvConfig<IS_BF16, KV_KIND, HEAD, BS, WIDE, ROWS>;
-  // (a uniform branch: most calls have one block of rows, and skip the division)
-  const int kv_head = p.row_blocks == 1 ? blockIdx.y : blockIdx.y / p.row_blocks;
-  const int row_base = (blockIdx.y - kv_head * p.row_blocks) * ROWS;
+  const int kv_head = blockIdx.y / p.row_blocks, row_base = (blockIdx.y % p.row_blocks) * ROWS;
   if constexpr (BALANCED == 0) {
     // partition blockIdx.x of sequence blockIdx.z (decode_span returns at once past the context)
     const int seq = blockIdx.z;
