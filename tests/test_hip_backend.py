@@ -99,7 +99,8 @@ def test_wide_variant_only_for_tiny_grids_whose_tiles_fit():
     assert hip.use_wide_variant(1, 128, 64, 16, 1, 99 * 1024)  # small 8-bit tiles fit there
 
 
-def test_supports_states_what_the_kernel_covers():
+def _key(**changes):
+    """A bf16 decode call's key (GQA 8, head 128, block 16), with ``changes``."""
     from pa_hybrid.call import CallKey
 
     base = dict(
@@ -107,6 +108,13 @@ def test_supports_states_what_the_kernel_covers():
         block_size=16, gqa=8, num_kv_heads=8, max_qlen=1, scales="none", high_precision=1, kernel_name=None,
         concurrency=4, max_seq_len=4096,
     )  # fmt: skip
+    return CallKey(**dict(base, **changes))
+
+
+def test_supports_states_what_the_kernel_covers():
+    from pa_hybrid.call import CallKey
+
+    base = _key()._asdict()
     backend = hip.HipBackend()
     assert backend.supports(CallKey(**base)) is None
     assert backend.supports(CallKey(**dict(base, gqa=8, max_qlen=2))) is None
@@ -143,12 +151,15 @@ def test_supports_states_what_the_kernel_covers():
 )  # fmt: skip
 @pytest.mark.parametrize("width", ["narrow", "wide"])
 def test_hip_matches_reference_long_and_ragged(kv_dtype, scales, gqa, qlen, head_size, block_size, width, monkeypatch):
-    from pa_hybrid import paged_attention_common, reference_paged_attention
-
     # the variant forced whatever the grid (where the wide tiles fit; else the narrow one runs)
     monkeypatch.setattr(hip, "use_wide_variant", lambda ctas, sms, *tiles: width == "wide" and hip.wide_fits(*tiles))
+    _check_hip([0, 1, 16, 17, 255, 256, 257, 2000, 5000], kv_dtype, scales, gqa, qlen, head_size, block_size)
 
-    lens = [0, 1, 16, 17, 255, 256, 257, 2000, 5000]
+
+def _check_hip(lens, kv_dtype, scales, gqa, qlen, head_size, block_size):
+    """Forced hip on a ragged batch of 2 kv heads (strided Q, poisoned out) against the reference."""
+    from pa_hybrid import paged_attention_common, reference_paged_attention
+
     case = make_decode_case(
         lens, num_heads=2 * gqa, num_kv_heads=2, head_size=head_size, block_size=block_size, kv_dtype=kv_dtype,
         max_qlen=qlen, scales=scales, strided_q=True, device="cuda",
@@ -167,40 +178,20 @@ def test_hip_matches_reference_long_and_ragged(kv_dtype, scales, gqa, qlen, head
 @pytest.mark.parametrize("gqa,qlen,head_size,block_size", [(4, 8, 128, 16), (6, 3, 64, 32)])
 def test_hip_one_tile_row_blocks_match_reference(kv_dtype, scales, gqa, qlen, head_size, block_size, monkeypatch):
     """17-32 rows at a head size with the 32-row variant, run as two CTAs of the 16-row one."""
-    from pa_hybrid import paged_attention_common, reference_paged_attention
-
     monkeypatch.setattr(hip, "prefers_one_tile", lambda ctas, sms: True)
-    case = make_decode_case(
-        [0, 1, 17, 255, 257, 2000, 5000], num_heads=2 * gqa, num_kv_heads=2, head_size=head_size,
-        block_size=block_size, kv_dtype=kv_dtype, max_qlen=qlen, scales=scales, strided_q=True, device="cuda",
-    )  # fmt: skip
-    skip_if_unsupported("hip", case)
-    out = torch.full_like(case["Q"], float("nan"))
-    paged_attention_common(exp_sums=None, max_logits=None, tmp_out=None, out_=out, backend="hip", **case)
-    ref = reference_paged_attention(**case)
-    assert not out.isnan().any()
-    rel = ((out.float() - ref).norm() / ref.norm()).item()
-    assert rel < (1e-2 if kv_dtype.itemsize == 2 else 3e-2), rel
+    _check_hip([0, 1, 17, 255, 257, 2000, 5000], kv_dtype, scales, gqa, qlen, head_size, block_size)
 
 
 def test_row_blocking_cuts_the_group_into_blocks_of_the_built_tiles():
-    from pa_hybrid.call import CallKey
-
-    base = dict(
-        device_type="cuda", device_index=0, q_dtype=torch.bfloat16, kv_dtype=torch.bfloat16, head_size=128,
-        block_size=16, gqa=4, num_kv_heads=8, max_qlen=1, scales="none", high_precision=1, kernel_name=None,
-        concurrency=4, max_seq_len=4096,
-    )  # fmt: skip
-
-    assert hip.row_blocking(CallKey(**dict(base, gqa=16))) == (16, 1)
-    assert hip.row_blocking(CallKey(**dict(base, max_qlen=8))) == (32, 1)
-    assert hip.row_blocking(CallKey(**dict(base, max_qlen=8)), one_tile=True) == (16, 2)
-    assert hip.row_blocking(CallKey(**dict(base, gqa=8, max_qlen=5))) == (32, 2)
-    assert hip.row_blocking(CallKey(**dict(base, max_qlen=5, head_size=256))) == (16, 2)  # no 32-row variant
-    assert hip.row_blocking(CallKey(**dict(base, gqa=48, head_size=64)), hip.GFX942) == (32, 2)
-    assert hip.row_blocking(CallKey(**dict(base, gqa=48)), hip.GFX942) == (16, 3)
+    assert hip.row_blocking(_key(gqa=16)) == (16, 1)
+    assert hip.row_blocking(_key(gqa=4, max_qlen=8)) == (32, 1)
+    assert hip.row_blocking(_key(gqa=4, max_qlen=8), one_tile=True) == (16, 2)
+    assert hip.row_blocking(_key(gqa=8, max_qlen=5)) == (32, 2)
+    assert hip.row_blocking(_key(gqa=4, max_qlen=5, head_size=256)) == (16, 2)  # no 32-row variant
+    assert hip.row_blocking(_key(gqa=48, head_size=64), hip.GFX942) == (32, 2)
+    assert hip.row_blocking(_key(gqa=48), hip.GFX942) == (16, 3)
     # a 32-row block's shared memory past the device's (e.g. 99 KB a CTA): blocks of 16
-    key = CallKey(**dict(base, max_qlen=8))
+    key = _key(gqa=4, max_qlen=8)
     two_tiles = hip.kernel_config(128, 16, 2, rows=32)["smem_bytes"]
     assert hip.row_blocking(key, hip.SM90, two_tiles) == (32, 1)
     assert hip.row_blocking(key, hip.SM90, two_tiles - 1) == (16, 2)
