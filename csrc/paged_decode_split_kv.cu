@@ -161,10 +161,10 @@ struct SpanTail {
 };
 
 // Attends query rows [row_base, row_base + ROWS) of (seq, kv_head) to tokens [start, end)
-// (start block aligned) and writes what tail() says; an empty span writes zeros, or returns at once if skip_empty
-// (a static partition past its context, whose partial the reduce never reads). tail() is
-// called after the cache reads, so that the balanced schedule's values need no registers
-// through them.
+// (start block aligned) and writes what tail() says; an empty span writes zeros, or returns
+// at once if skip_empty (a static partition past its context, whose partial the reduce never
+// reads). tail() is called after the cache reads, so that the balanced schedule's values need
+// no registers through them.
 // Called by every thread of the CTA; the caller syncs before the next span reuses shared memory.
 template <bool IS_BF16, int KV_KIND, int HEAD, int BS, bool WIDE, int ROWS, class Tail>
 __device__ __forceinline__ void decode_span(const SplitKvParams& p, int seq, int kv_head, int row_base, int context_len,

@@ -129,11 +129,14 @@ def tile_target(arch: str) -> TileTarget:
     return GFX942 if arch.startswith("gfx") else SM90
 
 
-def row_blocking(key: CallKey, target: TileTarget = SM90, smem_per_cta: int | None = None, one_tile: bool = False) -> tuple[int, int]:
+def row_blocking(
+    key: CallKey, target: TileTarget = SM90, smem_per_cta: int | None = None, one_tile: bool = False
+) -> tuple[int, int]:
     """(the variant's ``ROWS``, row blocks) for the call's GQA x max_qlen query rows: blocks of
     two 16-row MMA tiles where the head size has them built and their shared memory fits
     ``smem_per_cta`` (unless ``one_tile``), else of one tile; one CTA per block, each reading
-    the span's K and V (a group's blocks run side by side: the second reads hit L2)."""
+    the span's K and V (a group's blocks are neighbours in the grid, so that the second read
+    can come from L2)."""
     rows = key.gqa * key.max_qlen
     if rows <= MMA_ROWS:
         return MMA_ROWS, 1
@@ -148,7 +151,7 @@ def prefers_one_tile(ctas: int, num_sms: int) -> bool:
     """Whether a group that :func:`row_blocking` puts in blocks of two tiles takes blocks of one
     instead, twice the CTAs (``ctas``: the two-tile grid): while the two-tile grid has at most
     one CTA per SM, where a CTA's latency is the call's. Measured on the H100 (RESULTS.md section 50):
-    grids of 8-128 two-tile CTAs took 0.86-1.00x the time in one-tile CTAs, of 256 or more 1.05-1.23x."""
+    grids of 8-128 two-tile CTAs took 0.86-1.01x the time in one-tile CTAs, of 256 or more 1.01-1.25x."""
     return ctas <= num_sms
 
 
