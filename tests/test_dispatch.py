@@ -149,8 +149,8 @@ def test_capability_reasons_are_all_reported():
 
 
 def test_split_kv_backends_refuse_more_sequences_than_a_grid_dim_holds():
-    """hip's and Triton's static grids put sequences on the z dim (at most 65535); asm's and
-    the torch backend's calls have no such limit."""
+    """hip's and Triton's static grids put sequences on the z dim (at most 65535), and their
+    reduce the new tokens; asm's and the torch backend's calls have no such limit."""
     from pa_hybrid import backends  # noqa: F401  (registers the real backends)
     from pa_hybrid.backends.base import MAX_GRID_SEQS, SplitKvBackend
 
@@ -160,10 +160,12 @@ def test_split_kv_backends_refuse_more_sequences_than_a_grid_dim_holds():
     for name in split_kv:
         assert "exceed 65535" in real[name].supports(key(concurrency=MAX_GRID_SEQS + 1))
         assert "exceed" not in (real[name].supports(key(concurrency=MAX_GRID_SEQS)) or "")
+        one_row = dict(gqa=1, num_kv_heads=1)
+        assert "reduce grid's z dim" in real[name].supports(key(max_qlen=MAX_GRID_SEQS + 1, **one_row))
+        assert real[name].supports(key(max_qlen=MAX_GRID_SEQS, **one_row)) is None
     assert real["torch"].supports(key(concurrency=MAX_GRID_SEQS + 1)) is None
-    # Triton's other grid dims: kv heads x programs per group (stage 1), new tokens (the reduce)
+    # Triton's stage 1: kv heads x programs per group on grid axis 1
     triton = real["triton"]
-    assert "grid's limit of 65535" in triton.supports(key(max_qlen=MAX_GRID_SEQS + 1, gqa=1))
     assert "131070 programs" in triton.supports(key(num_kv_heads=MAX_GRID_SEQS, gqa=65))
     assert triton.supports(key(num_kv_heads=8, gqa=128, max_qlen=8)) is None
 

@@ -241,6 +241,8 @@ class SplitKvBackend(Backend):
         yield from super()._capability_reasons(key)
         if key.concurrency > MAX_GRID_SEQS:
             yield f"{key.concurrency} sequences exceed {MAX_GRID_SEQS}, the GPU's limit of the stage-1 grid's z dim"
+        if key.max_qlen > MAX_GRID_SEQS:  # the reduce's grid z dim: a program per new token
+            yield f"max_qlen {key.max_qlen} exceeds {MAX_GRID_SEQS}, the GPU's limit of the reduce grid's z dim"
 
     def offers_balanced(self, call: DecodeCall) -> bool:
         """Whether the backend has the balanced schedule for this call's device."""
