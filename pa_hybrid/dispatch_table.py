@@ -117,7 +117,7 @@ class TableRow:
     point: TablePoint
 
     def describe(self) -> str:
-        return f"table {self.table.source}: {self.group.describe()}, nearest point {self.point.describe()}"
+        return f"table {self.table.source}{self.table.when_measured()}: {self.group.describe()}, nearest point {self.point.describe()}"
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,13 @@ class DispatchTable:
     groups: tuple
     measured: dict = field(default_factory=dict)  # provenance: date, commit, command, versions, bandwidth
     source: str = "<memory>"  # where it was loaded from
+
+    def when_measured(self) -> str:
+        """`` (measured DATE at COMMIT)``, as far as the provenance says: a table measured
+        before the kernels last changed may no longer rank them right."""
+        date, commit = self.measured.get("date"), self.measured.get("git_commit")
+        parts = [f for f in (date, commit and f"at {commit}") if f]
+        return f" (measured {' '.join(parts)})" if parts else ""
 
     def matches(self, gpu: str, compute_capability) -> bool:
         return self.gpu == gpu and tuple(self.compute_capability) == tuple(compute_capability)

@@ -183,11 +183,21 @@ def test_explain_names_the_table_row(table_policy):
     assert sel.backend == "asm" and sel.rule == f"measured on {GPU}: asm fastest"
     assert (sel.table_row.point.pairs, sel.table_row.point.ctx) == (8, 512)
     text = str(sel)
-    assert "decided by table <memory>: kv=16bit rows<=4 head_size=128, nearest point pairs=8 ctx=512" in text
+    assert "decided by table <memory> (measured test): kv=16bit rows<=4 head_size=128, nearest point pairs=8 ctx=512" in text
     assert "asm 12.0 us, hip 15.0 us, triton 18.0 us" in text
     uncovered = dispatch.select(gqa_key(1024, 512, kv_dtype=INT8))
     assert uncovered.table_row is None and "pairs >= 128" in uncovered.rule
     assert dispatch.select(gqa_key(8, 600, kernel_name="pa_x")).rule == "kernelName names an asm kernel"
+
+
+def test_a_table_says_when_it_was_measured():
+    """explain() shows the table's date and commit: a table measured before the kernels last
+    changed may rank them wrong, and the user can see that and re-tune."""
+    assert synthetic_table().when_measured() == " (measured test)"
+    both = build_table(SYNTHETIC, GPU, CC, {"date": "2026-12-05", "git_commit": "1b26b45", "torch": "2.11"})
+    assert both.when_measured() == " (measured 2026-12-05 at 1b26b45)"
+    assert build_table(SYNTHETIC, GPU, CC, {"git_commit": "1b26b45"}).when_measured() == " (measured at 1b26b45)"
+    assert build_table(SYNTHETIC, GPU, CC).when_measured() == ""
 
 
 def test_the_table_is_found_once_per_device(table_policy, monkeypatch):
