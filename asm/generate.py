@@ -72,6 +72,8 @@ class Variant:
     kv: str  # "bf16" | "f16" | "e4m3" | "s8"
     row_tiles: int  # 16-row MMA tiles of query rows (gqa * max_qlen <= 16 * row_tiles)
     warps: int  # 16-bit: 4 (2 CTAs per SM) or 8 (1 per SM); 8-bit 16 rows: 4 (4 per SM) or 8 (2 per SM)
+    qk_s8: bool = False  # int8 caches: S = Q K^T by int8 MMAs on K as stored, Q rounded to int8
+
 
     @property
     def threads(self) -> int:
@@ -143,8 +145,17 @@ class Variant:
         return self.eight_bit and (self.warps == 4 or (self.kv == "e4m3" and self.rows == 16))
 
     @property
+    def precision(self) -> str:
+        """The high_precision levels served (DESIGN.md: "0 may compute in 8-bit"): Q in 8 bits
+        at 0 only, and the widening int8 kernels at 1 and 2 only, so each level has one kernel."""
+        if self.qk_s8:
+            return "0"
+        return "1;2" if self.kv == "s8" else "0;1;2"
+
+    @property
     def name(self) -> str:
-        return f"pa_decode_q{self.q}_kv{self.kv}_rows{self.rows}_w{self.warps}"
+        qk = "_qks8" if self.qk_s8 else ""
+        return f"pa_decode_q{self.q}_kv{self.kv}{qk}_rows{self.rows}_w{self.warps}"
 
     @property
     def file(self) -> str:
@@ -152,9 +163,10 @@ class Variant:
 
 
 VARIANTS = [
-    Variant(q, kv, tiles, warps)
+    Variant(q, kv, tiles, warps, qk_s8)
     for q in ("bf16", "f16")
     for kv in (q, "e4m3", "s8")
+    for qk_s8 in ((False, True) if kv == "s8" else (False,))
     for tiles in (1, 2)
     # 8-bit caches: 4 warps only for 16 rows (the 32-row kernels need 240 registers, so 4
     # warps would leave 8 per SM)
@@ -236,13 +248,13 @@ class Kernel:
         """Two f32 -> one register of two ``kind`` ("bf16" | "f16") values (lo in the low half)."""
         self.p(f"cvt.rn.{kind}x2.f32 {dst}, {hi}, {lo}")
 
-    def mma(self, acc: list[str], a: list[str], b: list[str]) -> None:
+    def mma(self, acc: list[str], a: list[str], b: list[str], *, int8: bool = False) -> None:
+        """acc += a b: m16n8k16 in the kernel's 16-bit type with f32 accumulators, or with
+        ``int8`` (registers of four int8 values) m16n8k32 with s32 accumulators."""
         t = self.v.mma_type
+        shape = "m16n8k32.row.col.s32.s8.s8.s32" if int8 else f"m16n8k16.row.col.f32.{t}.{t}.f32"
         accs = ", ".join(acc)
-        self.p(
-            f"mma.sync.aligned.m16n8k16.row.col.f32.{t}.{t}.f32 {{{accs}}}, {{{', '.join(a)}}}, "
-            f"{{{', '.join(b)}}}, {{{accs}}}"
-        )
+        self.p(f"mma.sync.aligned.{shape} {{{accs}}}, {{{', '.join(a)}}}, {{{', '.join(b)}}}, {{{accs}}}")
 
     def widen(self, packed: str, lo_pair: str, hi_pair: str) -> None:
         """Four 8-bit cache values (one ldmatrix register) -> two registers of two fp16
@@ -370,7 +382,9 @@ class Kernel:
     def load_query(self):
         p, v = self.p, self.v
         p.section("phase 2: the group's query rows into shared memory, rows past the group zero")
-        if v.eight_bit:
+        if v.qk_s8:
+            p.comment("int8 Q K^T: a row's dims as int8 in order (bytes 0..127 of the row): A fragments of m16n8k32")
+        elif v.eight_bit:
             p.comment("8-bit caches: the two dims of word w of each 16-dim chunk go to pair slot")
             p.comment("(w % 2) * 4 + w / 2, so the A fragment's k order matches the widened B (see header)")
         # thread: row m = tid / 64 + 2 r, word w = tid % 64 (dims 2w, 2w+1)
@@ -378,7 +392,9 @@ class Kernel:
         p(f"and.b32 {word}, {self.tid}, 63")
         p(f"shr.u32 {m0}, {self.tid}, 6")
         slot = self.tmp("u32", "q_slot")  # byte offset of the word inside a row
-        if v.eight_bit:
+        if v.qk_s8:
+            p(f"shl.b32 {slot}, {word}, 1")
+        elif v.eight_bit:
             chunk, inner, t = self.tmp("u32", "q_chunk"), self.tmp("u32", "q_inner"), self.tmp("u32", "q_t")
             p(f"shr.u32 {chunk}, {word}, 3")
             p(f"and.b32 {inner}, {word}, 7")
@@ -395,7 +411,7 @@ class Kernel:
         p(f"mul.wide.u32 {word_bytes}, {word}, 4")
         m, dst = self.tmp("u32", "q_m"), self.tmp("u32", "q_dst")
         words = range(v.rows * (HEAD // 2) // v.threads)
-        convert = v.q != v.mma_type  # bf16 queries of an fp16 kernel: all loaded, then converted
+        convert = v.q != v.mma_type or v.qk_s8  # all loaded, then scaled and converted
         vals = [self.tmp("b32", f"q_val{r}" if convert else "q_val") for r in words]
         for r in words:
             p(f"add.u32 {m}, {m0}, {v.threads // 64 * r}")
@@ -408,20 +424,29 @@ class Kernel:
                 p(f"add.u32 {dst}, {dst}, {self.smem}")
                 p(f"st.shared.b32 [{dst}], {vals[r]}")
         if convert:
-            self.query_to_f16(vals)
+            self.scale_query(vals)
+            halves = [self.tmp("b16", f"q_half{i}") for i in range(2)] if v.qk_s8 else []
             for r in words:
                 p(f"add.u32 {m}, {m0}, {v.threads // 64 * r}")
                 p(f"mad.lo.u32 {dst}, {m}, {Q_STRIDE * 2}, {slot}")
                 p(f"add.u32 {dst}, {dst}, {self.smem}")
-                p(f"st.shared.b32 [{dst}], {vals[r]}")
+                if v.qk_s8:  # two int8 values in the low half
+                    p(f"mov.b32 {{{halves[0]}, {halves[1]}}}, {vals[r]}")
+                    p(f"st.shared.b16 [{dst}], {halves[0]}")
+                else:
+                    p(f"st.shared.b32 [{dst}], {vals[r]}")
         p("bar.sync 0")
 
-    def query_to_f16(self, vals: list[str]):
-        """bf16 query words -> fp16 words, all scaled by one power of two 2^e that puts the
-        group's largest |q| in [2^14, 2^15): every bf16 value down to 2^-31 of it is exact in
-        fp16 and nothing overflows. The logit scale takes 2^-e."""
+    def scale_query(self, vals: list[str]):
+        """Query words (two values each) -> the Q K^T operand, all scaled by one power of two
+        2^e per CTA that puts the group's largest |q| in [2^T, 2^(T+1)); the logit scale takes
+        2^-e. bf16 -> fp16: T = 14, so every bf16 value down to 2^-31 of the largest is exact
+        and nothing overflows. int8 (``qk_s8``): T = 6, values rounded to the nearest integer
+        (saturated at 127), so each keeps 7-8 significant bits of the largest's scale."""
         p, v = self.p, self.v
-        p.comment("bf16 -> fp16: the CTA's largest |q| (bf16 bit patterns order like their values)")
+        target = 6 if v.qk_s8 else 14
+        mantissa, bias = (7, 127) if v.q == "bf16" else (10, 15)
+        p.comment(f"{v.q} -> {'int8' if v.qk_s8 else 'fp16'}: the CTA's largest |q| ({v.q} bit patterns order like their values)")
         mag, t = self.tmp("b32", "q_mag"), self.tmp("b32", "q_mag_t")
         p(f"and.b32 {mag}, {vals[0]}, 0x7FFF7FFF")
         for val in vals[1:]:
@@ -439,11 +464,12 @@ class Kernel:
         for w in range(v.warps):
             p(f"ld.shared.u32 {t}, [{self.smem}+{w * Q_STRIDE * 2 + HEAD * 2}]")
             p(f"max.u32 {mag}, {mag}, {t}")
-        p.comment("exponent field E of the largest |q|: 2^e = 2^(141 - E) (at most 2^100: smaller q are ~0 anyway)")
+        field_base = target + bias + 127
+        p.comment(f"exponent field E of the largest |q|: 2^e = 2^({field_base - 127} - E) (at most 2^100: smaller q are ~0 anyway)")
         field, inv = self.tmp("s32", "q_scale_field"), self.tmp("s32", "q_inv_field")
         scale, inv_scale = self.tmp("f32", "q_scale"), self.tmp("f32", "q_inv_scale")
-        p(f"shr.b32 {mag}, {mag}, 7")
-        p(f"mov.s32 {field}, 268")
+        p(f"shr.b32 {mag}, {mag}, {mantissa}")
+        p(f"mov.s32 {field}, {field_base}")
         p(f"sub.s32 {field}, {field}, {mag}")
         p(f"min.s32 {field}, {field}, 227")
         p(f"mov.s32 {inv}, 254")
@@ -454,12 +480,28 @@ class Kernel:
         p(f"mov.b32 {inv_scale}, {inv}")
         p(f"mul.f32 {self.qk_scale}, {self.qk_scale}, {inv_scale}")
         lo, hi = self.tmp("f32", "q_lo"), self.tmp("f32", "q_hi")
+        if v.q == "f16":
+            h = [self.tmp("b16", f"q_f16_{i}") for i in range(2)]
+        if v.qk_s8:
+            lo_int, hi_int = self.tmp("s32", "q_lo_int"), self.tmp("s32", "q_hi_int")
         for val in vals:
-            p(f"shl.b32 {lo}, {val}, 16")
-            p(f"and.b32 {hi}, {val}, 0xFFFF0000")
+            if v.q == "bf16":
+                p(f"shl.b32 {lo}, {val}, 16")
+                p(f"and.b32 {hi}, {val}, 0xFFFF0000")
+            else:
+                p(f"mov.b32 {{{h[0]}, {h[1]}}}, {val}")
+                p(f"cvt.f32.f16 {lo}, {h[0]}")
+                p(f"cvt.f32.f16 {hi}, {h[1]}")
             p(f"mul.f32 {lo}, {lo}, {scale}")
             p(f"mul.f32 {hi}, {hi}, {scale}")
-            self.pack(val, lo, hi, "f16")
+            if v.qk_s8:
+                p(f"cvt.rni.s32.f32 {lo_int}, {lo}")
+                p(f"cvt.rni.s32.f32 {hi_int}, {hi}")
+                p(f"min.s32 {lo_int}, {lo_int}, 127")
+                p(f"min.s32 {hi_int}, {hi_int}, 127")
+                p(f"prmt.b32 {val}, {lo_int}, {hi_int}, 0x0040")
+            else:
+                self.pack(val, lo, hi, "f16")
 
     def row_limits(self):
         """Per lane, for each of its rows (quad_row + 8h of each tile): tokens it sees."""
@@ -790,13 +832,27 @@ class Kernel:
         for mt in range(v.row_tiles):
             for nt in range(2):
                 s[mt, nt] = [self.tmp("f32", f"s_m{mt}_n{nt}_{c}") for c in range(4)]
-                for r in s[mt, nt]:
-                    p(f"mov.f32 {r}, 0f00000000")
+        acc = {key: [self.tmp("s32", f"si_m{key[0]}_n{key[1]}_{c}") for c in range(4)] for key in s} if v.qk_s8 else s
+        for regs in acc.values():
+            for r in regs:
+                p(f"mov.s32 {r}, 0" if v.qk_s8 else f"mov.f32 {r}, 0f00000000")
         a = [self.tmp("b32", f"a{i}") for i in range(4)]
         kb = [self.tmp("b32", f"kb{i}") for i in range(4)]
         addr = self.tmp("u32", "lds_addr")
         p(f"add.u32 {addr}, {stage}, {self.k_lds}")
-        if v.eight_bit:
+        if v.qk_s8:
+            p.comment("int8 Q and K as stored: kb[nt] and kb[2 + nt] are n-tile nt's dims 0-15 and 16-31 of a k32 step;")
+            p.comment("S exact in s32, then one cvt per logit")
+            for ks2 in range(HEAD // 32):
+                p(f"ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{', '.join(kb)}}}, [{addr}+{ks2 * 2 * BS * 16}]")
+                for mt in range(v.row_tiles):
+                    p(f"ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{', '.join(a)}}}, [{self.q_lds}+{mt * 16 * Q_STRIDE * 2 + ks2 * 32}]")
+                    for nt in range(2):
+                        self.mma(acc[mt, nt], a, [kb[nt], kb[2 + nt]], int8=True)
+            for key, regs in s.items():
+                for r, i in zip(regs, acc[key]):
+                    p(f"cvt.rn.f32.s32 {r}, {i}")
+        elif v.eight_bit:
             wide = [self.tmp("b32", f"kw{i}") for i in range(4)]  # widened one k-step at a time
             for ks2 in range(HEAD // 32):
                 p(f"ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{', '.join(kb)}}}, [{addr}+{ks2 * 2 * BS * 16}]")
@@ -1021,6 +1077,7 @@ P_WEIGHTS = """; P x per-token V scale, divided by the
 def header_comment(v: Variant) -> str:
     kv = DTYPE_NAMES[v.kv]
     eight = v.eight_bit
+    qk_steps = f"{HEAD // 32} int8 k32-steps x 2 n-tiles" if v.qk_s8 else f"{HEAD // 16} k-steps x 2 n-tiles"
     lines = f"""
 {v.name}: single-pass paged-attention decode for sm_90 (pa_hybrid "asm" backend).
 Generated by asm/generate.py from one template; edit that, then run it.
@@ -1041,7 +1098,7 @@ and never stored). No scratch, one launch.
      launcher flags (stream_evict_first), else the normal one; tokens past the context
      are zero-filled by the copy's src-size, so no stale value (NaN * 0) reaches an MMA.
      Per block:
-       S = Q K^T        ldmatrix.x4 of Q (A) and K (B) fragments, {HEAD // 16} k-steps x 2 n-tiles
+       S = Q K^T        ldmatrix.x4 of Q (A) and K (B) fragments, {qk_steps}
        softmax          S * scale*log2(e) (x per-token K scale), masked past each row's
                         visible length (causal with max_qlen > 1), running max/sum per
                         row in base 2, O rescaled by exp2(old max - new max)
@@ -1059,14 +1116,31 @@ and never stored). No scratch, one launch.
 Layouts feed ldmatrix without transposes:
   K: the 16 bytes of (dim chunk, token) are one row of an 8x8 B matrix (k = dims, n = tokens).
   V: the 16 bytes of (token group, dim) are one row of an 8x8 B matrix (k = tokens, n = dims).""".strip("\n")
+    if v.qk_s8:
+        q_order = "the widening kernels store Q's dims\n  permuted (Q K^T here takes K's bytes as they are and Q's dims in order)"
+        precision_text = """high_precision 0 only (1 and 2 run the widening
+  kernel): Q K^T runs on int8 MMAs (m16n8k32.s8, s32 accumulators, exact) on K's ldmatrix
+  registers as stored (kb[nt] and kb[2 + nt]: n-tile nt's dims 0-15 and 16-31 of a k32
+  step), Q rounded to int8 after one power-of-two scale per CTA that puts the largest
+  |q| in [64, 128) (the logit scale takes its inverse); S converts to f32 once per logit.
+  V widens exactly to fp16 (int8 by the magic number 1024) and P V runs in fp16 with
+  fp32 accumulators."""
+    else:
+        q_order = "Q's dims within each 16-dim chunk are stored\n  permuted in shared memory"
+        levels = "0, 1 and 2 all run" if v.kv == "e4m3" else "1 and 2 run (0: the _qks8_ kernel,\n  Q K^T in int8)"
+        precision_text = f"""high_precision {levels} this kernel: nothing is computed in
+  8-bit. K and V widen exactly to fp16 (one cvt per e4m3 pair; int8 by the magic
+  number 1024) and both MMAs run in fp16 with fp32 accumulators, whatever the query
+  dtype: bf16 queries are stored as fp16 after one power-of-two scale per CTA that puts
+  the largest |q| in [2^14, 2^15) (the logit scale takes its inverse)."""
     if eight:
-        lines += """
+        lines += f"""
   8-bit: an ldmatrix row is 16 one-byte values, and lane (4 g + t) receives bytes
   4t..4t+3 of row g: dims 4t..4t+3 of one token (K) or tokens 4t..4t+3 of one dim (V).
   Widened (exact) they form B fragments whose k order is permuted: k slots (2t, 2t+1)
   hold elements 4t, 4t+1 and slots (2t+8, 2t+9) hold 4t+2, 4t+3. The same permutation
-  is applied to the other operand: Q's dims within each 16-dim chunk are stored
-  permuted in shared memory, and K's tokens are placed so that S's n-tile 0 columns
+  is applied to the other operand: {q_order},
+  and K's tokens are placed so that S's n-tile 0 columns
   (2t, 2t+1) are tokens 4t, 4t+1 and n-tile 1's are 4t+2, 4t+3 (token tok is copied to
   row 8 (tok/2 % 2) + 2 (tok/4) + tok % 2 of its chunk: each n-tile's rows are adjacent,
   so ldmatrix is free of bank conflicts; the K copies are not, at 4x their ideal
@@ -1074,11 +1148,7 @@ Layouts feed ldmatrix without transposes:
   section 41). P's A fragments then match V's B fragments.
   Scales: per-token (K_QScale_asm/V_QScale_asm [num_blocks, num_kv_heads, 16] fp32) or
   per-tensor (per_token_scales = 0: K's scale multiplies the logit scale, V's the final
-  weights). high_precision 0, 1 and 2 all run this kernel: nothing is computed in
-  8-bit. K and V widen exactly to fp16 (one cvt per e4m3 pair; int8 by the magic
-  number 1024) and both MMAs run in fp16 with fp32 accumulators, whatever the query
-  dtype: bf16 queries are stored as fp16 after one power-of-two scale per CTA that puts
-  the largest |q| in [2^14, 2^15) (the logit scale takes its inverse), and the weights
+  weights). {precision_text} The weights
   p * v_scale are divided by their row's running largest one, so they are at most 1
   and none that matters is subnormal in fp16 for any scales."""
     regs = f"""
@@ -1112,7 +1182,7 @@ def manifest() -> str:
     for v in VARIANTS:
         writer.writerow({
             "q_dtype": DTYPE_NAMES[v.q], "kv_dtype": DTYPE_NAMES[v.kv], "max_gqa": v.rows, "max_qlen": v.rows,
-            "max_rows": v.rows, "mask": "causal", "precision": "0;1;2", "block_size": BS,
+            "max_rows": v.rows, "mask": "causal", "precision": v.precision, "block_size": BS,
             "head_size": HEAD, "file": v.file, "entry": v.name, "threads": v.threads,
             "shared_bytes": v.smem_bytes,
         })

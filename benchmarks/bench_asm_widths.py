@@ -28,12 +28,12 @@ def widths() -> list:
 
 
 def entry(kwargs: dict, width: str) -> str:
-    """The 16-row kernel of ``width`` for the call's query and cache dtypes."""
-    q_dtype, kv_dtype = kwargs["Q"].dtype, kwargs["K"].dtype
+    """The 16-row kernel of ``width`` for the call's query and cache dtypes and precision level."""
+    q_dtype, kv_dtype, level = kwargs["Q"].dtype, kwargs["K"].dtype, kwargs.get("high_precision", 1)
     found = [
         k.entry
         for k in asm.manifest()
-        if k.q_dtype == q_dtype and k.kv_dtype == kv_dtype and k.entry.endswith(ROWS16 + width)
+        if k.q_dtype == q_dtype and k.kv_dtype == kv_dtype and level in k.precision and k.entry.endswith(ROWS16 + width)
     ]
     if not found:
         raise ValueError(f"no 16-row asm kernel of width {width} for {q_dtype} queries over a {kv_dtype} cache")

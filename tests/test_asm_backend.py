@@ -15,9 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from pa_hybrid import dispatch
+from pa_hybrid import dispatch, paged_attention_common
 from pa_hybrid.backends import asm, base, hip
 from pa_hybrid.call import CallKey
+from pa_hybrid.reference import reference_paged_attention
 from pa_hybrid.runtime.env import asm_dir, find_tool
 from pa_hybrid.runtime.usage import parse_ptxas_report
 from pa_hybrid.testing import make_decode_case
@@ -41,14 +42,23 @@ def test_committed_ptx_and_manifest_are_what_the_generator_renders():
 
 def test_manifest_matches_the_files():
     kernels = asm.manifest()
-    assert len(kernels) == len(GENERATE.VARIANTS) == 20
+    assert len(kernels) == len(GENERATE.VARIANTS) == 26
     assert len({k.entry for k in kernels}) == len(kernels)
     for kernel in kernels:
         text = (asm_dir() / kernel.file).read_text()
         assert f".visible .entry {kernel.entry}(" in text
         assert re.search(rf"\.maxntid {kernel.threads}, 1, 1", text)
         assert kernel.shared_bytes <= 227 * 1024
-        assert (kernel.head_size, kernel.block_size, kernel.precision) == (128, 16, (0, 1, 2))
+        assert (kernel.head_size, kernel.block_size) == (128, 16)
+        # int8 Q K^T (Q rounded to 8 bits) at high_precision 0 only; every other kernel is exact
+        # up to its accumulators, and int8's widening kernels leave level 0 to the int8 MMAs
+        int8_mma = "_qks8_" in kernel.entry
+        assert int8_mma == ("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32" in text), kernel.entry
+        expected = (0,) if int8_mma else (1, 2) if kernel.kv_dtype == torch.int8 else (0, 1, 2)
+        assert kernel.precision == expected, kernel.entry
+    # every (query dtype, kv dtype, rows, threads) has one kernel per precision level
+    served = [(k.q_dtype, k.kv_dtype, k.max_rows, k.threads, level) for k in kernels for level in k.precision]
+    assert len(served) == len(set(served)) == 20 * 3
 
 
 def test_python_argument_block_mirrors_the_ptx():
@@ -171,6 +181,10 @@ def test_supports_states_what_the_kernels_cover():
         (dict(kernel_name="pa_decode_qbf16_kvbf16_rows16_w4", gqa=16, max_qlen=2), "does not serve gqa x max_qlen = 32"),
         (dict(kernel_name="pa_decode_qf16_kvf16_rows16_w8"), "does not serve query dtype"),
         (dict(kernel_name="pa_decode_qbf16_kvbf16_rows16_w8", kv_dtype=torch.int8, scales="per_token"), "does not serve kv dtype"),
+        (dict(kernel_name="pa_decode_qbf16_kvs8_qks8_rows16_w8", kv_dtype=torch.int8, scales="per_token"),
+         "does not serve high_precision=1"),
+        (dict(kernel_name="pa_decode_qbf16_kvs8_rows16_w8", kv_dtype=torch.int8, scales="per_token", high_precision=0),
+         "does not serve high_precision=0"),
         (dict(device_type="cpu"), "runs on cuda"),
     ]:
         found = backend.supports(_key(**change))
@@ -197,6 +211,16 @@ def test_supports_states_what_the_kernels_cover():
         (dict(kv_dtype=torch.float8_e4m3fn, scales="per_tensor", max_seq_len=512), 66, "pa_decode_qbf16_kve4m3_rows16_w4"),
         (dict(kv_dtype=torch.int8, scales="per_token", max_seq_len=2048), 132, "pa_decode_qbf16_kvs8_rows16_w4"),
         (dict(kv_dtype=torch.int8, scales="per_token", max_seq_len=2049), 1024, "pa_decode_qbf16_kvs8_rows16_w8"),
+        # int8 at high_precision 0: Q K^T on int8 MMAs, same widths and rows
+        (dict(kv_dtype=torch.int8, scales="per_token", high_precision=0, max_seq_len=2048), 132,
+         "pa_decode_qbf16_kvs8_qks8_rows16_w4"),
+        (dict(kv_dtype=torch.int8, scales="per_tensor", high_precision=0, q_dtype=torch.float16), 1024,
+         "pa_decode_qf16_kvs8_qks8_rows16_w8"),
+        (dict(kv_dtype=torch.int8, scales="per_token", high_precision=0, gqa=8, max_qlen=3), 64,
+         "pa_decode_qbf16_kvs8_qks8_rows32_w8"),
+        (dict(kv_dtype=torch.int8, scales="per_token", high_precision=2, max_seq_len=2048), 132,
+         "pa_decode_qbf16_kvs8_rows16_w4"),
+        (dict(kv_dtype=torch.float8_e4m3fn, scales="per_token", high_precision=0), 1024, "pa_decode_qbf16_kve4m3_rows16_w8"),
         (dict(kv_dtype=torch.float8_e4m3fn, scales="per_tensor", max_seq_len=512), 65, "pa_decode_qbf16_kve4m3_rows16_w8"),
         (dict(kv_dtype=torch.float8_e4m3fn, scales="per_tensor", max_seq_len=512, gqa=8, max_qlen=4), 256,
          "pa_decode_qbf16_kve4m3_rows32_w8"),
@@ -251,11 +275,63 @@ def test_forced_asm_matches_reference(q_dtype, kv_dtype, gqa, qlen, warps):
 
 @requires_gpu
 @pytest.mark.parametrize("high_precision", [0, 1, 2])
-def test_forced_asm_every_precision_level(high_precision):
-    case = make_decode_case(
-        [37, 500, 0, 1024], num_heads=32, num_kv_heads=4, kv_dtype=torch.float8_e4m3fn, device="cuda"
-    )
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.int8], ids=lambda d: str(d)[6:])
+def test_forced_asm_every_precision_level(high_precision, kv_dtype):
+    case = make_decode_case([37, 500, 0, 1024], num_heads=32, num_kv_heads=4, kv_dtype=kv_dtype, device="cuda")
     check_against_reference(dict(case, high_precision=high_precision), "asm")
+
+
+# Q rounded to int8 (the group's largest |q| at 64-127 units): a logit's error is up to about
+# 0.4% of max|q| |k|, so outputs move with how peaked the softmax is. On these cases (Q and K
+# of unit spread) a float64 simulation of the rounding alone gave per-row relative errors of
+# at most 2.2e-2 and 2e-3 to 6e-3 overall (.scratch/s53_int8q_sim.py, 60 random cases).
+INT8_QK_ROW_BOUND = 4e-2
+INT8_QK_TOTAL_BOUND = 1.5e-2
+
+
+@requires_gpu
+@pytest.mark.parametrize("warps", [4, 8])
+@pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("gqa,qlen", GROUPS, ids=lambda g: str(g))
+def test_forced_asm_int8_qk_matches_reference(q_dtype, gqa, qlen, warps):
+    rows = 16 if gqa * qlen <= 16 else 32
+    if warps == 4 and rows == 32:
+        pytest.skip("8-bit caches have 4-warp kernels of 16 rows only")
+    scales = "per_token" if (gqa + qlen) % 2 == 0 else "per_tensor"
+    case = make_decode_case(
+        LENGTHS, num_heads=2 * gqa, num_kv_heads=2, q_dtype=q_dtype, kv_dtype=torch.int8, max_qlen=qlen,
+        scales=scales, strided_q=(gqa % 2 == 1), device="cuda",
+    )
+    name = f"pa_decode_q{SHORT[q_dtype]}_kvs8_qks8_rows{rows}_w{warps}"
+    _check_int8_qk(dict(case, kernelName=name))
+
+
+@requires_gpu
+@pytest.mark.parametrize(
+    "q_dtype,q_factor", [(torch.bfloat16, 2.0**-40), (torch.bfloat16, 2.0**40), (torch.float16, 2.0**-10)],
+    ids=["bf16-tiny", "bf16-huge", "f16-small"],
+)
+def test_int8_qk_takes_any_query_magnitude(q_dtype, q_factor):
+    """One power of two per CTA puts Q's largest |q| at 64-127 units whatever its size: Q
+    scaled by q_factor and K's scales by its inverse give the same logits and bounds."""
+    case = make_decode_case(
+        [1, 17, 300, 1500], num_heads=16, num_kv_heads=2, q_dtype=q_dtype, kv_dtype=torch.int8, device="cuda"
+    )
+    case.update(Q=(case["Q"].double() * q_factor).to(q_dtype), K_QScale_asm=case["K_QScale_asm"] / q_factor)
+    _check_int8_qk(case)
+
+
+def _check_int8_qk(case):
+    out = torch.full(case["Q"].shape, float("nan"), dtype=case["Q"].dtype, device="cuda")
+    result = paged_attention_common(**case, out_=out, high_precision=0, backend="asm").float()
+    ref = reference_paged_attention(**case)
+    norms = ref.norm(dim=-1)
+    seen = norms > 0  # rows of empty contexts are exactly zero
+    assert torch.equal(result[~seen], ref[~seen]), "rows of empty contexts are not zero"
+    rel = (result - ref).norm(dim=-1)[seen] / norms[seen]
+    assert rel.max().item() < INT8_QK_ROW_BOUND, f"worst (row, head) relative error {rel.max().item():.3e}"
+    total = ((result - ref).norm() / ref.norm()).item()
+    assert total < INT8_QK_TOTAL_BOUND, f"relative error {total:.3e}"
 
 
 @requires_gpu

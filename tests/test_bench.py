@@ -480,5 +480,10 @@ def test_a_variant_checked_but_not_timed_is_reported_as_an_error(monkeypatch):
             return {name: RuntimeError("operation not permitted when stream is capturing") for name in calls}
 
     monkeypatch.setattr(variants, "InterleavedTimer", CaptureFails)
-    (row,) = variants.compare_variants(argparse.Namespace(samples=3, json=None), {"torch/a": ("torch", contextlib.nullcontext)})
+    levels = []
+    variant_call = variants.variant_call
+    monkeypatch.setattr(variants, "variant_call", lambda kw, v: levels.append(kw["high_precision"]) or variant_call(kw, v))
+    args = argparse.Namespace(samples=3, json=None, high_precision=0)
+    (row,) = variants.compare_variants(args, {"torch/a": ("torch", contextlib.nullcontext)})
     assert row["torch/a"] == "error: operation not permitted when stream is capturing"
+    assert levels == [0]  # --high-precision reaches the calls

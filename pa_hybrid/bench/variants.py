@@ -50,6 +50,10 @@ def add_case_options(parser: argparse.ArgumentParser, *, num_seqs=(16, 64, 256),
     parser.add_argument("--num-seqs", nargs="+", type=int, default=list(num_seqs))
     parser.add_argument("--ctx", nargs="+", default=list(ctx))
     parser.add_argument("--samples", type=int, default=30)
+    parser.add_argument(
+        "--high-precision", type=int, choices=(0, 1, 2), default=1,
+        help="the calls' high_precision (8-bit caches; 0 lets asm compute int8 Q K^T in int8)",
+    )
     parser.add_argument("--json", default=None)
 
 
@@ -83,7 +87,7 @@ def compare_variants(args: argparse.Namespace, variants: dict, meta: dict | None
     rows = []
     for spec in selected_cases(args):
         case = spec.build("cuda")
-        kwargs = _call_kwargs(case, "cuda")
+        kwargs = dict(_call_kwargs(case, "cuda"), high_precision=args.high_precision)
         floor_us = decode_bytes(case) / bandwidth * 1e6
         sampled = spread_indices(spec.num_seqs)
         ref = reference_paged_attention(**slice_case(case, sampled))
@@ -117,5 +121,8 @@ def compare_variants(args: argparse.Namespace, variants: dict, meta: dict | None
         torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(read_bandwidth=bandwidth, allocator=allocator_conf, **(meta or {}), rows=rows), f, indent=1)
+            json.dump(
+                dict(read_bandwidth=bandwidth, allocator=allocator_conf, high_precision=args.high_precision, **(meta or {}), rows=rows),
+                f, indent=1,
+            )  # fmt: skip
     return rows
