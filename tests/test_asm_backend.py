@@ -323,7 +323,9 @@ def test_int8_qk_takes_any_query_magnitude(q_dtype, q_factor):
 
 def _check_int8_qk(case):
     out = torch.full(case["Q"].shape, float("nan"), dtype=case["Q"].dtype, device="cuda")
-    result = paged_attention_common(**case, out_=out, high_precision=0, backend="asm").float()
+    result = paged_attention_common(
+        **case, exp_sums=None, max_logits=None, tmp_out=None, out_=out, high_precision=0, backend="asm"
+    ).float()
     ref = reference_paged_attention(**case)
     norms = ref.norm(dim=-1)
     seen = norms > 0  # rows of empty contexts are exactly zero
