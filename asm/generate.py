@@ -74,7 +74,6 @@ class Variant:
     warps: int  # 16-bit: 4 (2 CTAs per SM) or 8 (1 per SM); 8-bit 16 rows: 4 (4 per SM) or 8 (2 per SM)
     qk_s8: bool = False  # int8 caches: S = Q K^T by int8 MMAs on K as stored, Q rounded to int8
 
-
     @property
     def threads(self) -> int:
         return 32 * self.warps
@@ -832,7 +831,9 @@ class Kernel:
         for mt in range(v.row_tiles):
             for nt in range(2):
                 s[mt, nt] = [self.tmp("f32", f"s_m{mt}_n{nt}_{c}") for c in range(4)]
-        acc = {key: [self.tmp("s32", f"si_m{key[0]}_n{key[1]}_{c}") for c in range(4)] for key in s} if v.qk_s8 else s
+        acc = s  # the int8 MMAs accumulate in s32 registers, converted into s after the k-steps
+        if v.qk_s8:
+            acc = {(mt, nt): [self.tmp("s32", f"si_m{mt}_n{nt}_{c}") for c in range(4)] for mt, nt in s}
         for regs in acc.values():
             for r in regs:
                 p(f"mov.s32 {r}, 0" if v.qk_s8 else f"mov.f32 {r}, 0f00000000")
