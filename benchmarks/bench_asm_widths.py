@@ -36,7 +36,9 @@ def entry(kwargs: dict, width: str) -> str:
         if k.q_dtype == q_dtype and k.kv_dtype == kv_dtype and level in k.precision and k.entry.endswith(ROWS16 + width)
     ]
     if not found:
-        raise ValueError(f"no 16-row asm kernel of width {width} for {q_dtype} queries over a {kv_dtype} cache")
+        raise ValueError(
+            f"no 16-row asm kernel of width {width} for {q_dtype} queries over a {kv_dtype} cache at high_precision={level}"
+        )
     return found[0]
 
 
