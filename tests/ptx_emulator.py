@@ -1,0 +1,643 @@
+"""A PTX emulator for the asm backend's kernels, so that CPU CI runs them against the reference.
+
+It interprets the subset of PTX that ``asm/generate.py`` emits, one CTA at a time, with
+numpy arrays of one value per thread for each register. Threads keep their own program
+counters; each step runs the instruction at the lowest counter for every thread there
+(divergent branches reconverge where their paths meet), ``bar.sync`` holds threads until
+its count arrives, and warp-wide instructions (shuffles, votes, ldmatrix, mma) check that
+the whole warp is there. Global memory is the CPU tensors the argument block points at
+(their real addresses; anything else, or a shared-memory access past the CTA's
+allocation, raises). ``cp.async`` copies at once, so the emulator checks a kernel's
+arithmetic and addressing, not its synchronization or its speed.
+
+MMA fragment layouts are those the PTX ISA documents.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+NUMPY = {
+    "u32": np.uint32, "s32": np.int32, "b32": np.uint32, "f32": np.float32,
+    "u64": np.uint64, "s64": np.int64, "b64": np.uint64,
+    "u16": np.uint16, "s16": np.int16, "b16": np.uint16, "f16": np.float16,
+}  # fmt: skip
+STORAGE = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+class EmulationError(RuntimeError):
+    pass
+
+
+@dataclass
+class Instruction:
+    guard: tuple[str, bool] | None  # (predicate register, negated)
+    op: str
+    args: list[str]
+    text: str
+
+
+def _split_args(text: str) -> list[str]:
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        if ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+        if ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    if cur.strip():
+        out.append(cur.strip())
+    return out
+
+
+def parse(ptx: str, entry: str):
+    """The entry's register kinds, instructions and labels."""
+    start = ptx.index(f".entry {entry}(")
+    body = ptx[ptx.index("{", ptx.index(")", start)) + 1:ptx.rindex("}")]
+    regs: dict[str, str] = {}
+    code: list[Instruction] = []
+    labels: dict[str, int] = {}
+    for raw in body.split("\n"):
+        line = raw.split("//")[0].strip()
+        if not line:
+            continue
+        if line.endswith(":"):
+            labels[line[:-1]] = len(code)
+            continue
+        line = line.rstrip(";").strip()
+        if line.startswith(".reg"):
+            m = re.match(r"\.reg\s+\.(\w+)\s+(.*)", line)
+            kind, names = m.group(1), m.group(2)
+            for name in names.split(","):
+                name = name.strip()
+                ranged = re.match(r"(%\w+)<(\d+)>", name)
+                if ranged:
+                    for i in range(int(ranged.group(2))):
+                        regs[f"{ranged.group(1)}{i}"] = kind
+                else:
+                    regs[name] = kind
+            continue
+        guard = None
+        m = re.match(r"@(!?)(%\w+)\s+(.*)", line)
+        if m:
+            guard, line = (m.group(2), m.group(1) == "!"), m.group(3)
+        op, _, rest = line.partition(" ")
+        code.append(Instruction(guard, op, _split_args(rest), line))
+    return regs, code, labels
+
+
+class Memory:
+    """Global memory: CPU tensors at their own addresses."""
+
+    def __init__(self, tensors):
+        spans = {}
+        for t in tensors:
+            if t is None or t.numel() == 0:
+                continue
+            storage = t.untyped_storage()
+            base = storage.data_ptr()
+            spans[base] = _bytes_of(storage)
+        self.bases = np.array(sorted(spans), dtype=np.uint64)
+        self.buffers = [spans[int(b)] for b in self.bases]
+
+    def _locate(self, addr: np.ndarray, width: int):
+        idx = np.searchsorted(self.bases, addr, side="right").astype(np.int64) - 1
+        if (idx < 0).any():
+            raise EmulationError(f"global access below every tensor: {hex(int(addr[idx < 0][0]))}")
+        offsets = (addr - self.bases[idx]).astype(np.int64)
+        sizes = np.array([len(b) for b in self.buffers])[idx]
+        bad = offsets + width > sizes
+        if bad.any():
+            raise EmulationError(f"global access out of bounds at {hex(int(addr[bad][0]))} ({width} bytes)")
+        return idx, offsets
+
+    def load(self, addr: np.ndarray, width: int) -> np.ndarray:
+        out = np.zeros((len(addr), width), np.uint8)
+        if len(addr):
+            idx, offsets = self._locate(addr, width)
+            for i in np.unique(idx):
+                sel = idx == i
+                out[sel] = self.buffers[i][offsets[sel, None] + np.arange(width)]
+        return out
+
+    def store(self, addr: np.ndarray, data: np.ndarray) -> None:
+        if len(addr):
+            idx, offsets = self._locate(addr, data.shape[1])
+            for i in np.unique(idx):
+                sel = idx == i
+                self.buffers[i][offsets[sel, None] + np.arange(data.shape[1])] = data[sel]
+
+
+def _bytes_of(storage) -> np.ndarray:
+    """A writable uint8 view of a CPU storage."""
+    return torch.tensor([], dtype=torch.uint8).set_(storage).numpy()
+
+
+def _to_bytes(values: np.ndarray, width: int) -> np.ndarray:
+    """Each value's bits (its own type's, which must be ``width`` bytes) as bytes."""
+    values = np.ascontiguousarray(values)
+    assert values.dtype.itemsize == width, (values.dtype, width)
+    return values.view(np.uint8).reshape(-1, width)
+
+
+def _from_bytes(data: np.ndarray, width: int) -> np.ndarray:
+    return np.ascontiguousarray(data).view(STORAGE[width]).reshape(-1)
+
+
+def _e4m3_to_float(byte: np.ndarray) -> np.ndarray:
+    return torch.from_numpy(byte.astype(np.uint8)).view(torch.float8_e4m3fn).float().numpy()
+
+
+def _ftz(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    return np.where(np.abs(x) < np.float32(2.0**-126), np.float32(0) * np.sign(x), x).astype(np.float32)
+
+
+class Cta:
+    """One CTA of a kernel: registers, shared memory, and the step loop."""
+
+    def __init__(self, kernel: "Kernel", ctaid: tuple[int, int], memory: Memory, args: bytes):
+        self.k, self.ctaid, self.mem, self.args = kernel, ctaid, memory, args
+        T = self.T = kernel.threads
+        self.regs = {
+            name: np.zeros(T, dtype=np.bool_ if kind == "pred" else STORAGE[_width(kind)])
+            for name, kind in kernel.regs.items()
+        }
+        self.shared = np.zeros(kernel.shared_bytes, np.uint8)
+        self.pc = np.zeros(T, np.int64)
+        self.done = np.zeros(T, bool)
+        self.waiting: dict[int, np.ndarray] = {}  # barrier id -> threads arrived
+        self.tid = np.arange(T, dtype=np.uint32)
+
+    # ------------------------------------------------------------ operands
+    def value(self, arg: str, typ: str, mask: np.ndarray) -> np.ndarray:
+        """Operand ``arg`` read as PTX type ``typ`` for the threads in ``mask``."""
+        n = int(mask.sum())
+        if arg.startswith("%"):
+            special = {"%tid.x": self.tid, "%ctaid.x": np.full(self.T, self.ctaid[0], np.uint32),
+                       "%ctaid.y": np.full(self.T, self.ctaid[1], np.uint32)}  # fmt: skip
+            if arg in special:
+                return special[arg][mask].astype(NUMPY[typ])
+            raw = self.regs[arg][mask]
+            if raw.dtype == np.bool_:
+                return raw
+            return raw.view(NUMPY[typ]) if raw.itemsize == np.dtype(NUMPY[typ]).itemsize else raw.astype(NUMPY[typ])
+        if arg == "smem":
+            return np.zeros(n, NUMPY[typ])
+        if arg.startswith("0f"):  # an f32 bit pattern
+            return np.full(n, int(arg[2:], 16), np.uint32).view(np.float32).astype(NUMPY[typ])
+        if typ == "f32":
+            return np.full(n, int(arg, 0), np.float32)
+        width = np.dtype(NUMPY[typ]).itemsize
+        bits = int(arg, 0) & ((1 << (8 * width)) - 1)  # two's complement for negative immediates
+        return np.full(n, bits, STORAGE[width]).view(NUMPY[typ])
+
+    def write(self, dst: str, values: np.ndarray, mask: np.ndarray) -> None:
+        reg = self.regs[dst]
+        if reg.dtype == np.bool_:
+            reg[mask] = values
+            return
+        values = np.asarray(values)
+        assert values.dtype.itemsize == reg.itemsize, (dst, values.dtype)
+        reg[mask] = values.view(reg.dtype)
+
+    def address(self, arg: str, mask: np.ndarray) -> np.ndarray:
+        m = re.match(r"\[([%\w]+)(?:\+(-?\d+))?\]", arg)
+        base, off = m.group(1), int(m.group(2) or 0)
+        if base == "args":
+            return np.full(int(mask.sum()), off, np.int64)
+        kind = self.k.regs[base]
+        base_v = self.value(base, "u64" if _width(kind) == 8 else "u32", mask).astype(np.uint64)
+        return base_v + np.uint64(off) if off >= 0 else base_v - np.uint64(-off)
+
+    def _shared_bytes(self, addr: np.ndarray, width: int) -> np.ndarray:
+        """Byte indices of ``width`` bytes at each shared address; raises past the allocation."""
+        addr = addr.astype(np.int64)
+        if ((addr < 0) | (addr + width > len(self.shared))).any():
+            raise EmulationError(f"shared access out of bounds: {addr.min()}..{addr.max() + width} of {len(self.shared)}")
+        return addr[:, None] + np.arange(width)
+
+    def shared_load(self, addr: np.ndarray, width: int) -> np.ndarray:
+        return self.shared[self._shared_bytes(addr, width)]
+
+    def shared_store(self, addr: np.ndarray, data: np.ndarray) -> None:
+        self.shared[self._shared_bytes(addr, data.shape[1])] = data
+
+    def lanes(self, mask: np.ndarray, group: int = 32) -> np.ndarray:
+        """The warps (or warpgroups) of ``mask``: all their threads must be there."""
+        units = np.unique(np.nonzero(mask)[0] // group)
+        for u in units:
+            if not mask[u * group:(u + 1) * group].all():
+                raise EmulationError(f"a {group}-thread collective reached by part of its group")
+        return units
+
+    # ------------------------------------------------------------ running
+    def run(self, max_steps: int = 10_000_000) -> None:
+        code = self.k.code
+        for _ in range(max_steps):
+            runnable = ~self.done & ~self._blocked()
+            if not runnable.any():
+                if self.done.all():
+                    return
+                raise EmulationError(f"deadlock at barriers {sorted(self.waiting)}")
+            pc = self.pc[runnable].min()
+            mask = runnable & (self.pc == pc)
+            self.step(code[pc], mask)
+        raise EmulationError("step limit")
+
+    def _blocked(self) -> np.ndarray:
+        blocked = np.zeros(self.T, bool)
+        for arrived in self.waiting.values():
+            blocked |= arrived
+        return blocked
+
+    def step(self, ins: Instruction, mask: np.ndarray) -> None:
+        active = mask.copy()
+        if ins.guard is not None:
+            g = self.regs[ins.guard[0]]
+            active &= ~g if ins.guard[1] else g
+        op = ins.op
+        root = op.split(".")[0]
+        handler = getattr(self, "op_" + root, None)
+        if handler is None:
+            raise EmulationError(f"unsupported instruction: {ins.text}")
+        next_pc = handler(ins, active, mask)
+        if next_pc is None:
+            self.pc[mask] += 1
+
+    # ------------------------------------------------------------ control
+    def op_bra(self, ins, active, mask):
+        target = self.k.labels[ins.args[0]]
+        self.pc[active] = target
+        self.pc[mask & ~active] += 1
+        return True
+
+    def op_ret(self, ins, active, mask):
+        self.done[active] = True
+        self.pc[mask & ~active] += 1
+        return True
+
+    def op_bar(self, ins, active, mask):
+        if ins.op == "bar.warp.sync":
+            return None
+        barrier = int(ins.args[0])
+        count = int(ins.args[1]) if len(ins.args) > 1 else self.T
+        arrived = self.waiting.setdefault(barrier, np.zeros(self.T, bool))
+        arrived |= active
+        self.pc[mask & ~active] += 1
+        if arrived.sum() == count:
+            self.pc[arrived] += 1
+            del self.waiting[barrier]
+        elif arrived.sum() > count:
+            raise EmulationError(f"barrier {barrier}: {arrived.sum()} threads for a count of {count}")
+        return True
+
+    def _noop(self, ins, active, mask):
+        return None
+
+    op_createpolicy = _noop
+
+    def op_cp(self, ins, active, mask):
+        if ins.op in ("cp.async.commit_group",) or ins.op.startswith("cp.async.wait"):
+            return None
+        dst = self.address(ins.args[0], active)
+        src = self.address(ins.args[1], active)
+        size = int(ins.args[2])
+        # [dst], [src], cp-size, src-size (bytes read; the rest zero-filled), cache policy
+        src_size = self.value(ins.args[3], "u32", active).astype(np.int64)
+        data = np.zeros((int(active.sum()), size), np.uint8)
+        for width in np.unique(src_size[src_size > 0]):
+            sel = src_size == width
+            data[sel, :width] = self.mem.load(src[sel], int(width))
+        self.shared_store(dst, data)
+        return None
+
+    # ------------------------------------------------------------ data movement
+    def op_mov(self, ins, active, mask):
+        typ = ins.op.split(".")[1]
+        dst, src = ins.args
+        if dst.startswith("{"):  # unpack
+            parts = [p.strip() for p in dst[1:-1].split(",")]
+            whole = self.value(src, typ, active)
+            w = np.dtype(NUMPY[typ]).itemsize // len(parts)
+            data = _to_bytes(whole, np.dtype(NUMPY[typ]).itemsize)
+            for i, p in enumerate(parts):
+                self.write(p, _from_bytes(data[:, i * w:(i + 1) * w], w), active)
+            return None
+        if src.startswith("{"):  # pack
+            parts = [p.strip() for p in src[1:-1].split(",")]
+            w = np.dtype(NUMPY[typ]).itemsize // len(parts)
+            pieces = [_to_bytes(self.value(p, {2: "b16", 4: "b32"}[w], active), w) for p in parts]
+            self.write(dst, _from_bytes(np.concatenate(pieces, axis=1), w * len(parts)), active)
+            return None
+        self.write(dst, self.value(src, typ, active), active)
+        return None
+
+    def op_ld(self, ins, active, mask):
+        parts = ins.op.split(".")
+        space, typ = parts[1], parts[-1]
+        vec = int(parts[-2][1:]) if parts[-2].startswith("v") else 1
+        w = np.dtype(NUMPY[typ]).itemsize
+        dsts = [p.strip() for p in ins.args[0].strip("{}").split(",")]
+        if space == "param":
+            off = int(re.match(r"\[args\+(\d+)\]", ins.args[1]).group(1))
+            raw = np.frombuffer(self.args[off:off + w], STORAGE[w])[0]
+            self.write(dsts[0], np.full(int(active.sum()), raw, STORAGE[w]), active)
+            return None
+        addr = self.address(ins.args[1], active)
+        data = self.shared_load(addr, w * vec) if space == "shared" else self.mem.load(addr, w * vec)
+        for i, d in enumerate(dsts):
+            self.write(d, _from_bytes(data[:, i * w:(i + 1) * w], w), active)
+        return None
+
+    def op_st(self, ins, active, mask):
+        parts = ins.op.split(".")
+        space, typ = parts[1], parts[-1]
+        w = np.dtype(NUMPY[typ]).itemsize
+        srcs = [p.strip() for p in ins.args[1].strip("{}").split(",")]
+        data = np.concatenate([_to_bytes(self.value(s, typ, active), w) for s in srcs], axis=1)
+        addr = self.address(ins.args[0], active)
+        if space == "shared":
+            self.shared_store(addr, data)
+        else:
+            self.mem.store(addr, data)
+        return None
+
+    def op_cvta(self, ins, active, mask):
+        self.write(ins.args[0], self.value(ins.args[1], "u64", active), active)
+        return None
+
+    # ------------------------------------------------------------ integer / float arithmetic
+    def _binary(self, ins, active, fn, typ=None):
+        typ = typ or ins.op.split(".")[-1]
+        a, b = (self.value(x, typ, active) for x in ins.args[1:3])
+        with np.errstate(over="ignore", invalid="ignore"):
+            self.write(ins.args[0], fn(a, b).astype(NUMPY[typ]), active)
+        return None
+
+    def op_add(self, ins, active, mask):
+        return self._binary(ins, active, lambda a, b: a + b)
+
+    def op_sub(self, ins, active, mask):
+        if ins.op == "sub.f16x2":
+            a, b = (self.value(x, "b32", active).view(np.float16).reshape(-1, 2) for x in ins.args[1:3])
+            self.write(ins.args[0], (a - b).astype(np.float16).reshape(-1).view(np.uint32), active)
+            return None
+        return self._binary(ins, active, lambda a, b: a - b)
+
+    def op_mul(self, ins, active, mask):
+        parts = ins.op.split(".")
+        typ = parts[-1]
+        if parts[1] == "wide":
+            wide = {"u32": "u64", "s32": "s64"}[typ]
+            a, b = (self.value(x, typ, active).astype(NUMPY[wide]) for x in ins.args[1:3])
+            self.write(ins.args[0], a * b, active)
+            return None
+        return self._binary(ins, active, lambda a, b: a * b)
+
+    def op_mad(self, ins, active, mask):
+        typ = ins.op.split(".")[-1]
+        a, b, c = (self.value(x, typ, active) for x in ins.args[1:4])
+        with np.errstate(over="ignore"):
+            self.write(ins.args[0], (a * b + c).astype(NUMPY[typ]), active)
+        return None
+
+    def op_fma(self, ins, active, mask):
+        a, b, c = (self.value(x, "f32", active).astype(np.float64) for x in ins.args[1:4])
+        self.write(ins.args[0], (a * b + c).astype(np.float32), active)
+        return None
+
+    def op_div(self, ins, active, mask):
+        return self._binary(ins, active, lambda a, b: a // b)
+
+    def op_min(self, ins, active, mask):
+        return self._binary(ins, active, lambda a, b: np.minimum(a, b) if a.dtype.kind != "f" else np.fmin(a, b))
+
+    def op_max(self, ins, active, mask):
+        if ins.op == "max.u16x2":
+            a, b = (self.value(x, "b32", active).view(np.uint16).reshape(-1, 2) for x in ins.args[1:3])
+            self.write(ins.args[0], np.maximum(a, b).reshape(-1).view(np.uint32), active)
+            return None
+        return self._binary(ins, active, lambda a, b: np.maximum(a, b) if a.dtype.kind != "f" else np.fmax(a, b))
+
+    def op_and(self, ins, active, mask):
+        return self._binary(ins, active, lambda a, b: a & b)
+
+    def op_or(self, ins, active, mask):
+        return self._binary(ins, active, lambda a, b: a | b)
+
+    def op_xor(self, ins, active, mask):
+        return self._binary(ins, active, lambda a, b: a ^ b)
+
+    def op_shl(self, ins, active, mask):
+        return self._binary(ins, active, lambda a, b: a << b.astype(a.dtype))
+
+    def op_shr(self, ins, active, mask):
+        return self._binary(ins, active, lambda a, b: a >> b.astype(a.dtype))
+
+    def op_bfe(self, ins, active, mask):
+        a, pos, length = (self.value(x, "u32", active) for x in ins.args[1:4])
+        self.write(ins.args[0], (a >> pos) & ((np.uint32(1) << length) - np.uint32(1)), active)
+        return None
+
+    def op_prmt(self, ins, active, mask):
+        a, b, c = (self.value(x, "b32", active) for x in ins.args[1:4])
+        pool = np.concatenate([_to_bytes(a, 4), _to_bytes(b, 4)], axis=1)
+        out = np.zeros((len(a), 4), np.uint8)
+        for i in range(4):
+            sel = (c >> np.uint32(4 * i)) & np.uint32(0xF)
+            byte = pool[np.arange(len(a)), (sel & 7).astype(np.int64)]
+            sign = (sel & 8) != 0
+            out[:, i] = np.where(sign, np.where(byte & 0x80, 0xFF, 0), byte)
+        self.write(ins.args[0], _from_bytes(out, 4), active)
+        return None
+
+    def op_ex2(self, ins, active, mask):
+        a = self.value(ins.args[1], "f32", active)
+        with np.errstate(over="ignore"):
+            self.write(ins.args[0], _ftz(np.exp2(_ftz(a))), active)
+        return None
+
+    def op_rcp(self, ins, active, mask):
+        a = self.value(ins.args[1], "f32", active)
+        with np.errstate(divide="ignore"):
+            self.write(ins.args[0], (np.float32(1) / a).astype(np.float32), active)
+        return None
+
+    def op_setp(self, ins, active, mask):
+        parts = ins.op.split(".")
+        cmp, typ = parts[1], parts[-1]
+        combine = parts[2] if len(parts) == 4 else None
+        a, b = (self.value(x, typ, active) for x in ins.args[1:3])
+        result = {"lt": a < b, "le": a <= b, "gt": a > b, "ge": a >= b, "eq": a == b, "ne": a != b}[cmp]
+        if combine:
+            c = self.value(ins.args[3], "pred", active)
+            result = (result & c) if combine == "and" else (result | c)
+        self.write(ins.args[0], result, active)
+        return None
+
+    def op_selp(self, ins, active, mask):
+        typ = ins.op.split(".")[-1]
+        a, b = (self.value(x, typ, active) for x in ins.args[1:3])
+        p = self.value(ins.args[3], "pred", active)
+        self.write(ins.args[0], np.where(p, a, b), active)
+        return None
+
+    def op_cvt(self, ins, active, mask):
+        op, (dst, *src) = ins.op, ins.args
+        if op in ("cvt.s64.s32", "cvt.u64.u32"):
+            typ = op.split(".")[2]
+            self.write(dst, self.value(src[0], typ, active).astype(NUMPY[op.split(".")[1]]), active)
+        elif op == "cvt.f32.f16":
+            self.write(dst, self.value(src[0], "b16", active).view(np.float16).astype(np.float32), active)
+        elif op in ("cvt.rn.f16x2.f32", "cvt.rn.bf16x2.f32"):
+            hi, lo = (self.value(x, "f32", active) for x in src)
+            dt = torch.float16 if op == "cvt.rn.f16x2.f32" else torch.bfloat16
+            pair = torch.from_numpy(np.stack([lo, hi], axis=1)).to(dt).view(torch.int16).numpy().view(np.uint16)
+            self.write(dst, _from_bytes(np.ascontiguousarray(pair).view(np.uint8).reshape(-1, 4), 4), active)
+        elif op == "cvt.rni.s32.f32":
+            a = self.value(src[0], "f32", active)
+            self.write(dst, np.clip(np.rint(a), -(2**31), 2**31 - 1).astype(np.int32), active)
+        elif op == "cvt.rn.f32.s32":
+            self.write(dst, self.value(src[0], "s32", active).astype(np.float32), active)
+        elif op == "cvt.rn.f16x2.e4m3x2":
+            pair = _to_bytes(self.value(src[0], "b16", active), 2)
+            vals = _e4m3_to_float(pair.reshape(-1)).reshape(-1, 2).astype(np.float16)
+            self.write(dst, np.ascontiguousarray(vals).view(np.uint32).reshape(-1), active)
+        else:
+            raise EmulationError(f"unsupported conversion: {ins.text}")
+        return None
+
+    # ------------------------------------------------------------ warp collectives
+    def op_shfl(self, ins, active, mask):
+        mode = ins.op.split(".")[2]
+        warps = self.lanes(active)
+        a = self.regs[ins.args[1]].copy()
+        out = self.regs[ins.args[0]].copy()
+        lane = np.arange(32, dtype=np.uint32)
+        for w in warps:
+            sl = slice(32 * w, 32 * w + 32)
+            warp = np.zeros(self.T, bool)
+            warp[sl] = True
+            b = self.value(ins.args[2], "u32", warp)
+            src = lane ^ b if mode == "bfly" else b
+            src = np.where(src < 32, src, lane)
+            out[sl] = a[sl][src]
+        self.regs[ins.args[0]][active] = out[active]
+        return None
+
+    def op_vote(self, ins, active, mask):
+        for w in self.lanes(active):
+            sl = slice(32 * w, 32 * w + 32)
+            q = self.regs[ins.args[1]][sl]
+            self.regs[ins.args[0]][sl] = q.all()
+        return None
+
+    def op_redux(self, ins, active, mask):
+        for w in self.lanes(active):
+            sl = slice(32 * w, 32 * w + 32)
+            self.regs[ins.args[0]][sl] = self.regs[ins.args[1]][sl].max()
+        return None
+
+    def _warp_regs(self, names: str, w: int, dtype=np.uint32) -> np.ndarray:
+        """[lane, register] values of a brace list of registers, for warp w."""
+        regs = [p.strip() for p in names.strip("{}").split(",")]
+        return np.stack([self.regs[r][32 * w:32 * w + 32].view(dtype) for r in regs], axis=1)
+
+    def _set_warp_regs(self, names: str, w: int, values: np.ndarray) -> None:
+        regs = [p.strip() for p in names.strip("{}").split(",")]
+        for i, r in enumerate(regs):
+            self.regs[r][32 * w:32 * w + 32] = values[:, i].view(self.regs[r].dtype)
+
+    def op_ldmatrix(self, ins, active, mask):
+        for w in self.lanes(active):
+            wmask = np.zeros(self.T, bool)
+            wmask[32 * w:32 * w + 32] = True
+            rows = self.address(ins.args[1], wmask).astype(np.int64)  # lane l: row l % 8 of matrix l / 8
+            data = self.shared_load(rows, 16)  # [32 rows, 16 bytes]
+            out = np.zeros((32, 4), np.uint32)
+            for i in range(4):
+                for lane in range(32):
+                    g, t = lane // 4, lane % 4
+                    out[lane, i] = data[8 * i + g, 4 * t:4 * t + 4].view(np.uint32)[0]
+            self._set_warp_regs(ins.args[0], w, out)
+        return None
+
+    def op_mma(self, ins, active, mask):
+        kind = ins.op.split(".")
+        for w in self.lanes(active):
+            a = self._warp_regs(ins.args[1], w)
+            b = self._warp_regs(ins.args[2], w)
+            if "s8" in kind:
+                A = np.zeros((16, 32)); B = np.zeros((32, 8))  # noqa: E702
+                av = a.view(np.int8).reshape(32, 4, 4)
+                bv = b.view(np.int8).reshape(32, 2, 4)
+                for lane in range(32):
+                    g, t = lane // 4, lane % 4
+                    for i, (r, k) in enumerate(((g, 0), (g + 8, 0), (g, 16), (g + 8, 16))):
+                        A[r, k + 4 * t:k + 4 * t + 4] = av[lane, i]
+                    for i, k in enumerate((0, 16)):
+                        B[k + 4 * t:k + 4 * t + 4, g] = bv[lane, i]
+                C = self._warp_regs(ins.args[3], w).view(np.int32).astype(np.float64)
+                dtype = np.int32
+            else:
+                half = np.float16 if kind[-2] == "f16" else None
+                A = np.zeros((16, 16)); B = np.zeros((16, 8))  # noqa: E702
+                av = self._halves(a, half).reshape(32, 4, 2)
+                bv = self._halves(b, half).reshape(32, 2, 2)
+                for lane in range(32):
+                    g, t = lane // 4, lane % 4
+                    for i, (r, k) in enumerate(((g, 0), (g + 8, 0), (g, 8), (g + 8, 8))):
+                        A[r, k + 2 * t:k + 2 * t + 2] = av[lane, i]
+                    for i, k in enumerate((0, 8)):
+                        B[k + 2 * t:k + 2 * t + 2, g] = bv[lane, i]
+                C = self._warp_regs(ins.args[3], w).view(np.float32).astype(np.float64)
+                dtype = np.float32
+            D = A @ B
+            out = np.zeros((32, 4))
+            for lane in range(32):
+                g, t = lane // 4, lane % 4
+                out[lane] = [D[g, 2 * t], D[g, 2 * t + 1], D[g + 8, 2 * t], D[g + 8, 2 * t + 1]]
+            out += C
+            self._set_warp_regs(ins.args[0], w, out.astype(dtype).view(np.uint32))
+        return None
+
+    @staticmethod
+    def _halves(words: np.ndarray, half) -> np.ndarray:
+        pairs = np.ascontiguousarray(words).view(np.uint16)
+        if half is np.float16:
+            return pairs.view(np.float16).astype(np.float64)
+        return (pairs.astype(np.uint32) << np.uint32(16)).view(np.float32).astype(np.float64)
+
+def _width(kind: str) -> int:
+    return {"pred": 1, "b16": 2, "u16": 2, "s16": 2, "f16": 2}.get(kind, 8 if kind.endswith("64") else 4)
+
+
+@dataclass
+class Kernel:
+    regs: dict
+    code: list
+    labels: dict
+    threads: int
+    shared_bytes: int
+
+    @classmethod
+    def load(cls, ptx: str, entry: str, threads: int, shared_bytes: int) -> "Kernel":
+        regs, code, labels = parse(ptx, entry)
+        return cls(regs, code, labels, threads, shared_bytes)
+
+
+def launch(kernel: Kernel, grid: tuple[int, int], args: bytes, tensors) -> None:
+    """Run every CTA of ``grid`` in turn over the CPU ``tensors`` the arguments point at."""
+    memory = Memory(tensors)
+    for x in range(grid[0]):
+        for y in range(grid[1]):
+            Cta(kernel, (x, y), memory, args).run()
