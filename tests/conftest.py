@@ -29,6 +29,15 @@ PLATFORM = f"ROCm (torch.version.hip {torch.version.hip})" if ROCM else (
 """What this torch was built for, as the report header and skip reasons name it."""
 
 
+if DEVICE == "cpu":  # the asm backend's PTX runs in the emulator: every "asm" test checks it on CPU
+    sys.path.insert(0, str(Path(__file__).parent))
+    from ptx_emulator import EmulatedAsmBackend  # noqa: E402
+
+    from pa_hybrid import dispatch  # noqa: E402
+
+    dispatch.register(EmulatedAsmBackend())
+
+
 @pytest.fixture
 def device():
     return DEVICE

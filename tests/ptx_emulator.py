@@ -21,6 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pa_hybrid.backends import asm
+from pa_hybrid.backends.base import sm_count
+from pa_hybrid.runtime import env
+
 NUMPY = {
     "u32": np.uint32, "s32": np.int32, "b32": np.uint32, "f32": np.float32,
     "u64": np.uint64, "s64": np.int64, "b64": np.uint64,
@@ -572,50 +576,44 @@ class Cta:
         return None
 
     def op_mma(self, ins, active, mask):
+        """m16n8k16 (f16 / bf16, f32 accumulators) or m16n8k32 (s8, s32 accumulators)."""
         kind = ins.op.split(".")
+        int8 = "s8" in kind
+        e = 4 if int8 else 2  # values a register holds: a k-step of 8 e
         for w in self.lanes(active):
             a = self._warp_regs(ins.args[1], w)
             b = self._warp_regs(ins.args[2], w)
-            if "s8" in kind:
-                A = np.zeros((16, 32)); B = np.zeros((32, 8))  # noqa: E702
-                av = a.view(np.int8).reshape(32, 4, 4)
-                bv = b.view(np.int8).reshape(32, 2, 4)
-                for lane in range(32):
-                    g, t = lane // 4, lane % 4
-                    for i, (r, k) in enumerate(((g, 0), (g + 8, 0), (g, 16), (g + 8, 16))):
-                        A[r, k + 4 * t:k + 4 * t + 4] = av[lane, i]
-                    for i, k in enumerate((0, 16)):
-                        B[k + 4 * t:k + 4 * t + 4, g] = bv[lane, i]
-                C = self._warp_regs(ins.args[3], w).view(np.int32).astype(np.float64)
-                dtype = np.int32
+            c = self._warp_regs(ins.args[3], w)
+            if int8:
+                av, bv = (x.view(np.int8).astype(np.float64).reshape(32, -1, e) for x in (a, b))
+                c = c.view(np.int32).astype(np.float64)
             else:
-                half = np.float16 if kind[-2] == "f16" else None
-                A = np.zeros((16, 16)); B = np.zeros((16, 8))  # noqa: E702
-                av = self._halves(a, half).reshape(32, 4, 2)
-                bv = self._halves(b, half).reshape(32, 2, 2)
-                for lane in range(32):
-                    g, t = lane // 4, lane % 4
-                    for i, (r, k) in enumerate(((g, 0), (g + 8, 0), (g, 8), (g + 8, 8))):
-                        A[r, k + 2 * t:k + 2 * t + 2] = av[lane, i]
-                    for i, k in enumerate((0, 8)):
-                        B[k + 2 * t:k + 2 * t + 2, g] = bv[lane, i]
-                C = self._warp_regs(ins.args[3], w).view(np.float32).astype(np.float64)
-                dtype = np.float32
+                av, bv = (self._halves(x, kind[-2]).reshape(32, -1, e) for x in (a, b))
+                c = c.view(np.float32).astype(np.float64)
+            A, B = np.zeros((16, 8 * e)), np.zeros((8 * e, 8))
+            for lane in range(32):
+                g, t = lane // 4, lane % 4
+                for i, (r, k) in enumerate(((g, 0), (g + 8, 0), (g, 4 * e), (g + 8, 4 * e))):
+                    A[r, k + e * t:k + e * t + e] = av[lane, i]
+                for i, k in enumerate((0, 4 * e)):
+                    B[k + e * t:k + e * t + e, g] = bv[lane, i]
             D = A @ B
             out = np.zeros((32, 4))
             for lane in range(32):
                 g, t = lane // 4, lane % 4
                 out[lane] = [D[g, 2 * t], D[g, 2 * t + 1], D[g + 8, 2 * t], D[g + 8, 2 * t + 1]]
-            out += C
-            self._set_warp_regs(ins.args[0], w, out.astype(dtype).view(np.uint32))
+            out += c
+            self._set_warp_regs(ins.args[0], w, out.astype(np.int32 if int8 else np.float32).view(np.uint32))
         return None
 
     @staticmethod
-    def _halves(words: np.ndarray, half) -> np.ndarray:
+    def _halves(words: np.ndarray, half: str) -> np.ndarray:
+        """The 16-bit values ("f16" or "bf16") of 32-bit registers, low half first."""
         pairs = np.ascontiguousarray(words).view(np.uint16)
-        if half is np.float16:
+        if half == "f16":
             return pairs.view(np.float16).astype(np.float64)
         return (pairs.astype(np.uint32) << np.uint32(16)).view(np.float32).astype(np.float64)
+
 
 def _width(kind: str) -> int:
     return {"pred": 1, "b16": 2, "u16": 2, "s16": 2, "f16": 2}.get(kind, 8 if kind.endswith("64") else 4)
@@ -641,3 +639,21 @@ def launch(kernel: Kernel, grid: tuple[int, int], args: bytes, tensors) -> None:
     for x in range(grid[0]):
         for y in range(grid[1]):
             Cta(kernel, (x, y), memory, args).run()
+
+
+class EmulatedAsmBackend(asm.AsmBackend):
+    """The asm backend on CPU tensors: the same capability checks and kernel choice, the
+    kernel run by this emulator (tests/conftest.py registers it where there is no GPU, so
+    every test of a forced or chosen "asm" runs its PTX)."""
+
+    device_types = ("cpu",)
+
+    def available(self, device_type, device_index):
+        return None if device_type == "cpu" else "the PTX emulator runs on CPU tensors"
+
+    def run(self, call) -> None:
+        key = call.key
+        kernel = asm.kernel_for(key, asm.prefers_four_warps(key, call.num_seqs * key.num_kv_heads, sm_count("cpu", 0)))
+        program = Kernel.load((env.asm_dir() / kernel.file).read_text(), kernel.entry, kernel.threads, kernel.shared_bytes)
+        tensors = [call.Q, call.K, call.V, call.out, call.block_tables, call.context_lens, call.qo_indptr]
+        launch(program, (call.num_seqs, key.num_kv_heads), bytes(asm.params(call)), tensors + [call.k_scale, call.v_scale])
