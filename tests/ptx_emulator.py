@@ -165,29 +165,31 @@ def _ftz(x: np.ndarray) -> np.ndarray:
     return np.where(np.abs(x) < np.float32(2.0**-126), np.float32(0) * np.sign(x), x).astype(np.float32)
 
 
-class Cta:
-    """One CTA of a kernel: registers, shared memory, and the step loop."""
+class Ctas:
+    """Some CTAs of a kernel, run side by side: every register an array over all their
+    threads (CTA-major), shared memory and barriers per CTA, and the step loop."""
 
-    def __init__(self, kernel: "Kernel", ctaid: tuple[int, int], memory: Memory, args: bytes):
-        self.k, self.ctaid, self.mem, self.args = kernel, ctaid, memory, args
-        T = self.T = kernel.threads
+    def __init__(self, kernel: "Kernel", ctaids: list[tuple[int, int]], memory: Memory, args: bytes):
+        self.k, self.mem, self.args = kernel, memory, args
+        T = self.T = kernel.threads * len(ctaids)
         self.regs = {
             name: np.zeros(T, dtype=np.bool_ if kind == "pred" else STORAGE[_width(kind)])
             for name, kind in kernel.regs.items()
         }
-        self.shared = np.zeros(kernel.shared_bytes, np.uint8)
+        self.shared = np.zeros(len(ctaids) * kernel.shared_bytes, np.uint8)
         self.pc = np.zeros(T, np.int64)
         self.done = np.zeros(T, bool)
         self.waiting: dict[int, np.ndarray] = {}  # barrier id -> threads arrived
-        self.tid = np.arange(T, dtype=np.uint32)
+        self.cta = np.arange(T) // kernel.threads  # each thread's CTA, 0.. within this batch
+        self.tid = (np.arange(T) % kernel.threads).astype(np.uint32)
+        self.ctaid = [np.array([c[axis] for c in ctaids], np.uint32)[self.cta] for axis in (0, 1)]
 
     # ------------------------------------------------------------ operands
     def value(self, arg: str, typ: str, mask: np.ndarray) -> np.ndarray:
         """Operand ``arg`` read as PTX type ``typ`` for the threads in ``mask``."""
         n = int(mask.sum())
         if arg.startswith("%"):
-            special = {"%tid.x": self.tid, "%ctaid.x": np.full(self.T, self.ctaid[0], np.uint32),
-                       "%ctaid.y": np.full(self.T, self.ctaid[1], np.uint32)}  # fmt: skip
+            special = {"%tid.x": self.tid, "%ctaid.x": self.ctaid[0], "%ctaid.y": self.ctaid[1]}
             if arg in special:
                 return special[arg][mask].astype(NUMPY[typ])
             raw = self.regs[arg][mask]
@@ -222,18 +224,19 @@ class Cta:
         base_v = self.value(base, "u64" if _width(kind) == 8 else "u32", mask).astype(np.uint64)
         return base_v + np.uint64(off) if off >= 0 else base_v - np.uint64(-off)
 
-    def _shared_bytes(self, addr: np.ndarray, width: int) -> np.ndarray:
-        """Byte indices of ``width`` bytes at each shared address; raises past the allocation."""
-        addr = addr.astype(np.int64)
-        if ((addr < 0) | (addr + width > len(self.shared))).any():
-            raise EmulationError(f"shared access out of bounds: {addr.min()}..{addr.max() + width} of {len(self.shared)}")
-        return addr[:, None] + np.arange(width)
+    def _shared_bytes(self, addr: np.ndarray, width: int, mask: np.ndarray) -> np.ndarray:
+        """Indices of ``width`` bytes at each shared address of the threads in ``mask`` (in
+        their own CTA's shared memory); raises past the CTA's allocation."""
+        addr, size = addr.astype(np.int64), self.k.shared_bytes
+        if ((addr < 0) | (addr + width > size)).any():
+            raise EmulationError(f"shared access out of bounds: {addr.min()}..{addr.max() + width} of {size}")
+        return (self.cta[mask] * size + addr)[:, None] + np.arange(width)
 
-    def shared_load(self, addr: np.ndarray, width: int) -> np.ndarray:
-        return self.shared[self._shared_bytes(addr, width)]
+    def shared_load(self, addr: np.ndarray, width: int, mask: np.ndarray) -> np.ndarray:
+        return self.shared[self._shared_bytes(addr, width, mask)]
 
-    def shared_store(self, addr: np.ndarray, data: np.ndarray) -> None:
-        self.shared[self._shared_bytes(addr, data.shape[1])] = data
+    def shared_store(self, addr: np.ndarray, data: np.ndarray, mask: np.ndarray) -> None:
+        self.shared[self._shared_bytes(addr, data.shape[1], mask)] = data
 
     def lanes(self, mask: np.ndarray, group: int = 32) -> np.ndarray:
         """The warps (or warpgroups) of ``mask``: all their threads must be there."""
@@ -244,7 +247,7 @@ class Cta:
         return units
 
     # ------------------------------------------------------------ running
-    def run(self, max_steps: int = 10_000_000) -> None:
+    def run(self, max_steps: int = 100_000_000) -> None:
         code = self.k.code
         for _ in range(max_steps):
             runnable = ~self.done & ~self._blocked()
@@ -293,15 +296,18 @@ class Cta:
         if ins.op == "bar.warp.sync":
             return None
         barrier = int(ins.args[0])
-        count = int(ins.args[1]) if len(ins.args) > 1 else self.T
+        count = int(ins.args[1]) if len(ins.args) > 1 else self.k.threads
         arrived = self.waiting.setdefault(barrier, np.zeros(self.T, bool))
         arrived |= active
         self.pc[mask & ~active] += 1
-        if arrived.sum() == count:
-            self.pc[arrived] += 1
+        per_cta = arrived.reshape(-1, self.k.threads).sum(axis=1)
+        if (per_cta > count).any():
+            raise EmulationError(f"barrier {barrier}: {per_cta.max()} threads of a CTA for a count of {count}")
+        full = np.repeat(per_cta == count, self.k.threads) & arrived  # CTAs whose count has arrived go on
+        self.pc[full] += 1
+        arrived &= ~full
+        if not arrived.any():
             del self.waiting[barrier]
-        elif arrived.sum() > count:
-            raise EmulationError(f"barrier {barrier}: {arrived.sum()} threads for a count of {count}")
         return True
 
     def _noop(self, ins, active, mask):
@@ -321,7 +327,7 @@ class Cta:
         for width in np.unique(src_size[src_size > 0]):
             sel = src_size == width
             data[sel, :width] = self.mem.load(src[sel], int(width))
-        self.shared_store(dst, data)
+        self.shared_store(dst, data, active)
         return None
 
     # ------------------------------------------------------------ data movement
@@ -357,7 +363,7 @@ class Cta:
             self.write(dsts[0], np.full(int(active.sum()), raw, STORAGE[w]), active)
             return None
         addr = self.address(ins.args[1], active)
-        data = self.shared_load(addr, w * vec) if space == "shared" else self.mem.load(addr, w * vec)
+        data = self.shared_load(addr, w * vec, active) if space == "shared" else self.mem.load(addr, w * vec)
         for i, d in enumerate(dsts):
             self.write(d, _from_bytes(data[:, i * w:(i + 1) * w], w), active)
         return None
@@ -370,7 +376,7 @@ class Cta:
         data = np.concatenate([_to_bytes(self.value(s, typ, active), w) for s in srcs], axis=1)
         addr = self.address(ins.args[0], active)
         if space == "shared":
-            self.shared_store(addr, data)
+            self.shared_store(addr, data, active)
         else:
             self.mem.store(addr, data)
         return None
@@ -521,58 +527,49 @@ class Cta:
         return None
 
     # ------------------------------------------------------------ warp collectives
+    # (each over all the warps at this instruction at once: registers as [warp, lane])
+    def _by_warp(self, name: str, warps: np.ndarray) -> np.ndarray:
+        return self.regs[name].reshape(-1, 32)[warps]
+
     def op_shfl(self, ins, active, mask):
         mode = ins.op.split(".")[2]
         warps = self.lanes(active)
-        a = self.regs[ins.args[1]].copy()
-        out = self.regs[ins.args[0]].copy()
+        a = self._by_warp(ins.args[1], warps)
+        b = self.value(ins.args[2], "u32", active).reshape(-1, 32)
         lane = np.arange(32, dtype=np.uint32)
-        for w in warps:
-            sl = slice(32 * w, 32 * w + 32)
-            warp = np.zeros(self.T, bool)
-            warp[sl] = True
-            b = self.value(ins.args[2], "u32", warp)
-            src = lane ^ b if mode == "bfly" else b
-            src = np.where(src < 32, src, lane)
-            out[sl] = a[sl][src]
-        self.regs[ins.args[0]][active] = out[active]
+        src = lane ^ b if mode == "bfly" else b
+        src = np.where(src < 32, src, lane)  # out of range: the lane's own value
+        self.regs[ins.args[0]].reshape(-1, 32)[warps] = np.take_along_axis(a, src.astype(np.int64), axis=1)
         return None
 
     def op_vote(self, ins, active, mask):
-        for w in self.lanes(active):
-            sl = slice(32 * w, 32 * w + 32)
-            q = self.regs[ins.args[1]][sl]
-            self.regs[ins.args[0]][sl] = q.all()
+        warps = self.lanes(active)
+        q = self._by_warp(ins.args[1], warps)
+        self.regs[ins.args[0]].reshape(-1, 32)[warps] = q.all(axis=1, keepdims=True)
         return None
 
     def op_redux(self, ins, active, mask):
-        for w in self.lanes(active):
-            sl = slice(32 * w, 32 * w + 32)
-            self.regs[ins.args[0]][sl] = self.regs[ins.args[1]][sl].max()
+        warps = self.lanes(active)
+        a = self._by_warp(ins.args[1], warps)
+        self.regs[ins.args[0]].reshape(-1, 32)[warps] = a.max(axis=1, keepdims=True)
         return None
 
-    def _warp_regs(self, names: str, w: int, dtype=np.uint32) -> np.ndarray:
-        """[lane, register] values of a brace list of registers, for warp w."""
+    def _fragment(self, names: str, warps: np.ndarray) -> np.ndarray:
+        """[warp, lane, register] bits of a brace list of registers."""
         regs = [p.strip() for p in names.strip("{}").split(",")]
-        return np.stack([self.regs[r][32 * w:32 * w + 32].view(dtype) for r in regs], axis=1)
+        return np.stack([self._by_warp(r, warps).view(np.uint32) for r in regs], axis=2)
 
-    def _set_warp_regs(self, names: str, w: int, values: np.ndarray) -> None:
+    def _set_fragment(self, names: str, warps: np.ndarray, values: np.ndarray) -> None:
         regs = [p.strip() for p in names.strip("{}").split(",")]
         for i, r in enumerate(regs):
-            self.regs[r][32 * w:32 * w + 32] = values[:, i].view(self.regs[r].dtype)
+            self.regs[r].reshape(-1, 32)[warps] = values[:, :, i].view(self.regs[r].dtype)
 
     def op_ldmatrix(self, ins, active, mask):
-        for w in self.lanes(active):
-            wmask = np.zeros(self.T, bool)
-            wmask[32 * w:32 * w + 32] = True
-            rows = self.address(ins.args[1], wmask).astype(np.int64)  # lane l: row l % 8 of matrix l / 8
-            data = self.shared_load(rows, 16)  # [32 rows, 16 bytes]
-            out = np.zeros((32, 4), np.uint32)
-            for i in range(4):
-                for lane in range(32):
-                    g, t = lane // 4, lane % 4
-                    out[lane, i] = data[8 * i + g, 4 * t:4 * t + 4].view(np.uint32)[0]
-            self._set_warp_regs(ins.args[0], w, out)
+        """x4: lane l gives row l % 8 of matrix l / 8; lane (4 g + t) gets bytes 4t..4t+3 of row g."""
+        warps = self.lanes(active)
+        rows = self.address(ins.args[1], active).astype(np.int64)
+        data = self.shared_load(rows, 16, active).view(np.uint32).reshape(len(warps), 32, 4)  # [warp, row, word]
+        self._set_fragment(ins.args[0], warps, data[:, LDSM_ROW, LDSM_WORD])
         return None
 
     def op_mma(self, ins, active, mask):
@@ -580,30 +577,20 @@ class Cta:
         kind = ins.op.split(".")
         int8 = "s8" in kind
         e = 4 if int8 else 2  # values a register holds: a k-step of 8 e
-        for w in self.lanes(active):
-            a = self._warp_regs(ins.args[1], w)
-            b = self._warp_regs(ins.args[2], w)
-            c = self._warp_regs(ins.args[3], w)
-            if int8:
-                av, bv = (x.view(np.int8).astype(np.float64).reshape(32, -1, e) for x in (a, b))
-                c = c.view(np.int32).astype(np.float64)
-            else:
-                av, bv = (self._halves(x, kind[-2]).reshape(32, -1, e) for x in (a, b))
-                c = c.view(np.float32).astype(np.float64)
-            A, B = np.zeros((16, 8 * e)), np.zeros((8 * e, 8))
-            for lane in range(32):
-                g, t = lane // 4, lane % 4
-                for i, (r, k) in enumerate(((g, 0), (g + 8, 0), (g, 4 * e), (g + 8, 4 * e))):
-                    A[r, k + e * t:k + e * t + e] = av[lane, i]
-                for i, k in enumerate((0, 4 * e)):
-                    B[k + e * t:k + e * t + e, g] = bv[lane, i]
-            D = A @ B
-            out = np.zeros((32, 4))
-            for lane in range(32):
-                g, t = lane // 4, lane % 4
-                out[lane] = [D[g, 2 * t], D[g, 2 * t + 1], D[g + 8, 2 * t], D[g + 8, 2 * t + 1]]
-            out += c
-            self._set_warp_regs(ins.args[0], w, out.astype(np.int32 if int8 else np.float32).view(np.uint32))
+        warps = self.lanes(active)
+        a, b, c = (self._fragment(x, warps) for x in ins.args[1:4])
+        if int8:
+            av, bv = (x.view(np.int8).astype(np.float64) for x in (a, b))
+            c = c.view(np.int32).astype(np.float64)
+        else:
+            av, bv = (self._halves(x, kind[-2]) for x in (a, b))
+            c = c.view(np.float32).astype(np.float64)
+        (a_row, a_col), (b_row, b_col) = MMA_A[e], MMA_B[e]
+        A, B = np.zeros((len(warps), 16, 8 * e)), np.zeros((len(warps), 8 * e, 8))
+        A[:, a_row, a_col] = av.reshape(len(warps), 32, 4, e)
+        B[:, b_row, b_col] = bv.reshape(len(warps), 32, 2, e)
+        d = (A @ B)[:, MMA_D[0], MMA_D[1]] + c
+        self._set_fragment(ins.args[0], warps, d.astype(np.int32 if int8 else np.float32).view(np.uint32))
         return None
 
     @staticmethod
@@ -613,6 +600,29 @@ class Cta:
         if half == "f16":
             return pairs.view(np.float16).astype(np.float64)
         return (pairs.astype(np.uint32) << np.uint32(16)).view(np.float32).astype(np.float64)
+
+
+def _mma_maps(e: int):
+    """Where lane (4 g + t)'s fragment values sit in A [16, 8e] and B [8e, 8] of an mma.sync
+    whose registers hold e values: A's registers (g, 0), (g + 8, 0), (g, 4e), (g + 8, 4e), B's
+    (0, g), (4e, g), each e values along k from e t."""
+    lane = np.arange(32)[:, None, None]
+    g, t, j = lane // 4, lane % 4, np.arange(e)[None, None, :]
+    reg = np.arange(4)[None, :, None]
+    a = (np.broadcast_to(g + 8 * (reg % 2), (32, 4, e)), np.broadcast_to((reg // 2) * 4 * e + e * t + j, (32, 4, e)))
+    reg = np.arange(2)[None, :, None]
+    b = (np.broadcast_to(reg * 4 * e + e * t + j, (32, 2, e)), np.broadcast_to(g, (32, 2, e)))
+    return a, b
+
+
+MMA_A, MMA_B = ({e: _mma_maps(e)[i] for e in (2, 4)} for i in (0, 1))
+_LANE = np.arange(32)
+MMA_D = (  # D's row and column for lane (4 g + t)'s accumulators c0..c3
+    np.stack([_LANE // 4, _LANE // 4, _LANE // 4 + 8, _LANE // 4 + 8], axis=1),
+    np.stack([2 * (_LANE % 4), 2 * (_LANE % 4) + 1, 2 * (_LANE % 4), 2 * (_LANE % 4) + 1], axis=1),
+)
+LDSM_ROW = 8 * np.arange(4)[None, :] + (_LANE // 4)[:, None]  # ldmatrix.x4: lane's register i is row 8 i + g
+LDSM_WORD = np.broadcast_to((_LANE % 4)[:, None], (32, 4))  # ... word t of that row
 
 
 def _width(kind: str) -> int:
@@ -633,12 +643,13 @@ class Kernel:
         return cls(regs, code, labels, threads, shared_bytes)
 
 
-def launch(kernel: Kernel, grid: tuple[int, int], args: bytes, tensors) -> None:
-    """Run every CTA of ``grid`` in turn over the CPU ``tensors`` the arguments point at."""
+def launch(kernel: Kernel, grid: tuple[int, int], args: bytes, tensors, ctas_at_once: int = 32) -> None:
+    """Run every CTA of ``grid`` over the CPU ``tensors`` the arguments point at,
+    ``ctas_at_once`` side by side."""
     memory = Memory(tensors)
-    for x in range(grid[0]):
-        for y in range(grid[1]):
-            Cta(kernel, (x, y), memory, args).run()
+    ctaids = [(x, y) for x in range(grid[0]) for y in range(grid[1])]
+    for i in range(0, len(ctaids), ctas_at_once):
+        Ctas(kernel, ctaids[i:i + ctas_at_once], memory, args).run()
 
 
 class EmulatedAsmBackend(asm.AsmBackend):
