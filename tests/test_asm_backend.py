@@ -1,8 +1,8 @@
 """The "asm" backend: its PTX is what asm/generate.py renders, assembles for sm_90a
 without spills, matches the manifest and the Python argument block; supports() and
-the kernel choice as a table; and (on a GPU) forced backend="asm" matches the
-reference over dtypes, GQA 1..16, qlen 1..4, ragged/zero/non-multiple lengths and
-strided Q (the shared tests in test_paged_attention_common.py and
+the kernel choice as a table; and forced backend="asm" matches the reference over
+dtypes, GQA 1..16, qlen 1..4, ragged/zero/non-multiple lengths and strided Q (on a GPU,
+or without one in the PTX emulator, tests/ptx_emulator.py) (the shared tests in test_paged_attention_common.py and
 test_torch_integration.py, graph capture included, run it too). On a ROCm build of
 torch the "asm" slot is aiter's backend (test_aiter_code_objects.py): the GPU tests
 here name PTX kernels, so there they are skipped with its reason."""
@@ -23,7 +23,7 @@ from pa_hybrid.runtime.env import asm_dir, find_tool
 from pa_hybrid.runtime.usage import parse_ptxas_report
 from pa_hybrid.testing import make_decode_case
 
-from conftest import load_script, requires_gpu
+from conftest import DEVICE, load_script
 from test_paged_attention_common import check_against_reference
 
 
@@ -239,7 +239,7 @@ def test_kernel_name_routes_to_asm_only():
     assert order == ("asm",) and "kernelName" in rule and row is None
 
 
-# ---- on the GPU: forced backend="asm" against the reference ---------------------------------
+# ---- forced backend="asm" against the reference: on the GPU, or on CPU in the PTX emulator ------
 
 # (q dtype, kv dtype) x (gqa, max_qlen): every row-tile kernel, GQA 1..16, qlen 1..4
 DTYPES = [
@@ -256,7 +256,6 @@ SHORT = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float8_e4m3fn: "e4m
 LENGTHS = [0, 1, 15, 16, 17, 63, 64, 65, 300, 2049]
 
 
-@requires_gpu
 @pytest.mark.parametrize("warps", [4, 8])
 @pytest.mark.parametrize("q_dtype,kv_dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("gqa,qlen", GROUPS, ids=lambda g: str(g))
@@ -267,17 +266,16 @@ def test_forced_asm_matches_reference(q_dtype, kv_dtype, gqa, qlen, warps):
     scales = "per_token" if (gqa + qlen) % 2 == 0 else "per_tensor"
     case = make_decode_case(
         LENGTHS, num_heads=2 * gqa, num_kv_heads=2, q_dtype=q_dtype, kv_dtype=kv_dtype, max_qlen=qlen,
-        scales=scales, strided_q=(gqa % 2 == 1), device="cuda",
+        scales=scales, strided_q=(gqa % 2 == 1), device=DEVICE,
     )
     name = f"pa_decode_q{SHORT[q_dtype]}_kv{SHORT[kv_dtype]}_rows{rows}_w{warps}"
     check_against_reference(dict(case, kernelName=name), "asm")
 
 
-@requires_gpu
 @pytest.mark.parametrize("high_precision", [0, 1, 2])
 @pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.int8], ids=lambda d: str(d)[6:])
 def test_forced_asm_every_precision_level(high_precision, kv_dtype):
-    case = make_decode_case([37, 500, 0, 1024], num_heads=32, num_kv_heads=4, kv_dtype=kv_dtype, device="cuda")
+    case = make_decode_case([37, 500, 0, 1024], num_heads=32, num_kv_heads=4, kv_dtype=kv_dtype, device=DEVICE)
     check_against_reference(dict(case, high_precision=high_precision), "asm")
 
 
@@ -289,7 +287,6 @@ INT8_QK_ROW_BOUND = 4e-2
 INT8_QK_TOTAL_BOUND = 1.5e-2
 
 
-@requires_gpu
 @pytest.mark.parametrize("warps", [4, 8])
 @pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float16], ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("gqa,qlen", GROUPS, ids=lambda g: str(g))
@@ -300,13 +297,12 @@ def test_forced_asm_int8_qk_matches_reference(q_dtype, gqa, qlen, warps):
     scales = "per_token" if (gqa + qlen) % 2 == 0 else "per_tensor"
     case = make_decode_case(
         LENGTHS, num_heads=2 * gqa, num_kv_heads=2, q_dtype=q_dtype, kv_dtype=torch.int8, max_qlen=qlen,
-        scales=scales, strided_q=(gqa % 2 == 1), device="cuda",
+        scales=scales, strided_q=(gqa % 2 == 1), device=DEVICE,
     )
     name = f"pa_decode_q{SHORT[q_dtype]}_kvs8_qks8_rows{rows}_w{warps}"
     _check_int8_qk(dict(case, kernelName=name))
 
 
-@requires_gpu
 @pytest.mark.parametrize(
     "q_dtype,q_factor", [(torch.bfloat16, 2.0**-40), (torch.bfloat16, 2.0**40), (torch.float16, 2.0**-10)],
     ids=["bf16-tiny", "bf16-huge", "f16-small"],
@@ -315,14 +311,14 @@ def test_int8_qk_takes_any_query_magnitude(q_dtype, q_factor):
     """One power of two per CTA puts Q's largest |q| at 64-127 units whatever its size: Q
     scaled by q_factor and K's scales by its inverse give the same logits and bounds."""
     case = make_decode_case(
-        [1, 17, 300, 1500], num_heads=16, num_kv_heads=2, q_dtype=q_dtype, kv_dtype=torch.int8, device="cuda"
+        [1, 17, 300, 1500], num_heads=16, num_kv_heads=2, q_dtype=q_dtype, kv_dtype=torch.int8, device=DEVICE
     )
     case.update(Q=(case["Q"].double() * q_factor).to(q_dtype), K_QScale_asm=case["K_QScale_asm"] / q_factor)
     _check_int8_qk(case)
 
 
 def _check_int8_qk(case):
-    out = torch.full(case["Q"].shape, float("nan"), dtype=case["Q"].dtype, device="cuda")
+    out = torch.full(case["Q"].shape, float("nan"), dtype=case["Q"].dtype, device=DEVICE)
     result = paged_attention_common(
         **case, exp_sums=None, max_logits=None, tmp_out=None, out_=out, high_precision=0, backend="asm"
     ).float()
@@ -336,7 +332,6 @@ def _check_int8_qk(case):
     assert total < INT8_QK_TOTAL_BOUND, f"relative error {total:.3e}"
 
 
-@requires_gpu
 def test_kernel_name_forces_a_row():
-    case = make_decode_case([100, 33], num_heads=8, num_kv_heads=2, device="cuda")
+    case = make_decode_case([100, 33], num_heads=8, num_kv_heads=2, device=DEVICE)
     check_against_reference(dict(case, kernelName="pa_decode_qbf16_kvbf16_rows32_w4"), "asm")
