@@ -4,12 +4,11 @@ float64 reference: the kernels' arithmetic, layouts and addressing checked where
 
 import pytest
 import torch
-from ptx_emulator import EmulationError, Kernel, launch
+from ptx_emulator import EmulatedAsmBackend, EmulationError
 
 from pa_hybrid.backends import asm
 from pa_hybrid.call import build_call
 from pa_hybrid.reference import reference_paged_attention
-from pa_hybrid.runtime import env
 from pa_hybrid.testing import make_decode_case
 
 KERNELS = asm.manifest()
@@ -24,12 +23,9 @@ def emulate(case, kernel_name, high_precision):
         **case, exp_sums=None, max_logits=None, tmp_out=None, out_=out, high_precision=high_precision,
         kernelName=kernel_name,
     )
-    kernel = asm.kernel_for(call.key)
-    assert not isinstance(kernel, str), kernel
-    program = Kernel.load((env.asm_dir() / kernel.file).read_text(), kernel.entry, kernel.threads, kernel.shared_bytes)
-    tensors = [call.Q, call.K, call.V, call.out, call.block_tables, call.context_lens, call.qo_indptr]
-    tensors += [call.k_scale, call.v_scale]
-    launch(program, (len(case["context_lens"]), case["K"].shape[1]), bytes(asm.params(call)), tensors)
+    backend = EmulatedAsmBackend()
+    assert backend.supports(call.key) is None, backend.supports(call.key)
+    backend.run(call)
     return out
 
 
