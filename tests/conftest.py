@@ -30,8 +30,7 @@ PLATFORM = f"ROCm (torch.version.hip {torch.version.hip})" if ROCM else (
 
 
 if DEVICE == "cpu":  # the asm backend's PTX runs in the emulator: every "asm" test checks it on CPU
-    sys.path.insert(0, str(Path(__file__).parent))
-    from ptx_emulator import EmulatedAsmBackend  # noqa: E402
+    from ptx_emulator import EmulatedAsmBackend  # noqa: E402  (tests/ is on sys.path, as for conftest)
 
     from pa_hybrid import dispatch  # noqa: E402
 

@@ -1,9 +1,10 @@
 """The "asm" backend: its PTX is what asm/generate.py renders, assembles for sm_90a
 without spills, matches the manifest and the Python argument block; supports() and
 the kernel choice as a table; and forced backend="asm" matches the reference over
-dtypes, GQA 1..16, qlen 1..4, ragged/zero/non-multiple lengths and strided Q (on a GPU,
-or without one in the PTX emulator, tests/ptx_emulator.py) (the shared tests in test_paged_attention_common.py and
-test_torch_integration.py, graph capture included, run it too). On a ROCm build of
+dtypes, GQA 1..16, qlen 1..4, ragged/zero/non-multiple lengths and strided Q, on a GPU
+or, without one, in the PTX emulator (tests/ptx_emulator.py); the shared tests in
+test_paged_attention_common.py and test_torch_integration.py, graph capture included,
+run it too. On a ROCm build of
 torch the "asm" slot is aiter's backend (test_aiter_code_objects.py): the GPU tests
 here name PTX kernels, so there they are skipped with its reason."""
 
