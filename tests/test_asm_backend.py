@@ -283,7 +283,7 @@ def test_forced_asm_every_precision_level(high_precision, kv_dtype):
 # Q rounded to int8 (the group's largest |q| at 64-127 units): a logit's error is up to about
 # 0.4% of max|q| |k|, so outputs move with how peaked the softmax is. On these cases (Q and K
 # of unit spread) a float64 simulation of the rounding alone gave per-row relative errors of
-# at most 2.2e-2 and 2e-3 to 6e-3 overall (.scratch/s53_int8q_sim.py, 60 random cases).
+# at most 2.2e-2 and 2e-3 to 6e-3 overall (60 random cases; benchmarks/RESULTS.md section 53).
 INT8_QK_ROW_BOUND = 4e-2
 INT8_QK_TOTAL_BOUND = 1.5e-2
 
