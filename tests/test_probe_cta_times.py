@@ -42,3 +42,28 @@ def test_wave_end(probe):
     assert w["idle_at_end"] == pytest.approx((0 + 5 + 10 + 0) / 40)
     assert w["sms_done_before_90pct"] == 2
     assert w["tail_after_median_end_us"] == pytest.approx(10.0 - 5.0)
+
+
+def test_cta_tokens_static(probe):
+    # 3 partitions of 100 tokens, 2 kv heads, 2 sequences of 250 and 30 tokens; x fastest, then y, then z
+    tokens = probe.cta_tokens((3, 2, 2), 100, [250, 30], balanced=False)
+    assert tokens.tolist() == [100, 100, 50] * 2 + [30, 0, 0] * 2
+
+
+def test_cta_tokens_balanced(probe):
+    # pages of 100 tokens: 250 -> 100, 100, 50; 0 -> none; 130 -> 100, 30; 5 pages over 2 programs: 3 + 2
+    tokens = probe.cta_tokens((2, 3, 1), 100, [250, 0, 130], balanced=True)
+    assert tokens.tolist() == [250, 130] * 3
+    # more programs than pages: one page each, the rest empty
+    assert probe.cta_tokens((4, 1, 1), 100, [150], balanced=True).tolist() == [100, 50, 0, 0]
+    assert probe.cta_tokens((2, 1, 1), 100, [0, 0], balanced=True).tolist() == [0, 0]
+
+
+def test_sm_load(probe):
+    # SM 0: 300 tokens, ends at 9 us; SM 1: 100, ends at 3; SM 2: 200, ends at 6; SM 3: no CTA
+    tokens = torch.tensor([100, 200, 100, 200])
+    end = torch.tensor([4000, 9000, 3000, 6000])
+    s = probe.sm_load(tokens, end, torch.tensor([0, 0, 1, 2]), num_sms=4)
+    assert s["sm_tokens"] == (0.0, 100.0, 300.0)  # (torch's median of an even count: the lower middle)
+    assert s["sm_tokens_max_over_mean"] == pytest.approx(300 / 150)
+    assert s["sm_end_tokens_corr"] == pytest.approx(1.0)  # end = 30 ns per token on every SM that ran
